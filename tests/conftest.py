@@ -35,5 +35,7 @@ def glue_dir() -> pathlib.Path:
 def minilm_dir() -> pathlib.Path:
     path = _models_dir() / "all-MiniLM-L6-v2"
     if not (path / "model.safetensors").is_file():
-        pytest.skip(f"no checkpoint at {path} (run shared/tools/fetch_models.sh, set FLORANNA_MODELS_DIR)")
+        pytest.skip(
+            f"no checkpoint at {path} (run shared/tools/fetch_models.sh, set FLORANNA_MODELS_DIR)"
+        )
     return path

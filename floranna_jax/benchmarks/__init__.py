@@ -1,0 +1,1 @@
+"""Benchmarks: print figures and write JSON; they assert nothing about time."""

@@ -1,0 +1,295 @@
+"""Benchmark of one federated round of local training: vmap runner vs loop runner.
+
+    python -m floranna_jax.benchmarks.clients [--model PATH] [--out bench_out/clients.json]
+
+Runs one round of ``U=10`` clients on all-MiniLM-L6-v2 (sequence length 64, batch 16,
+5 local AdamW steps, LoRA r=16 on query/value, 2-label head, dropout on, synthetic
+random token ids) with ``clients.make_runner(mode="vmap")`` and ``mode="loop"`` (the
+same jitted one-client math, one client after another). Prints and writes to ``--out``:
+
+- examples/s of each mode and their ratio (best of ``--repeats`` timed calls, after a
+  compile-and-warm-up call);
+- FLOP/s achieved, FLOPs counted by XLA's ``cost_analysis()`` of one vmapped gradient
+  step times the number of steps (the compiled round itself is a ``while`` loop whose
+  body XLA's cost analysis counts once, so its own figure is printed for reference
+  only), against this machine's float32 matmul peak timed in the same run;
+- memory at ``U=10`` and ``U=50`` from ``compiled.memory_analysis()`` and the process
+  max RSS, with the base bytes against the per-client state bytes, and a scan of the
+  compiled HLO for any buffer shaped ``[U, *base_leaf_shape]`` (a per-client model copy).
+
+Asserts nothing about time: the figures are for docs/clients_benchmark.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from floranna_jax import clients, models
+
+DEFAULT_MODEL = pathlib.Path.home() / ".cache" / "floranna" / "models" / "all-MiniLM-L6-v2"
+
+
+def machine() -> dict:
+    """CPU model, cores visible to this process, JAX backend and version."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "backend": jax.default_backend(),
+        "devices": [d.device_kind for d in jax.devices()],
+        "jax": jax.__version__,
+        "load_avg_1m_at_start": os.getloadavg()[0],
+    }
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """Best wall time of ``fn()`` (which must block) over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 FLOP/s of a jitted ``[n, n] @ [n, n]``."""
+    rng = np.random.default_rng(0)
+    x, y = (jnp.asarray(rng.standard_normal((n, n)), jnp.float32) for _ in range(2))
+    f = jax.jit(jnp.matmul)
+    f(x, y).block_until_ready()
+    return 2.0 * n**3 / best_seconds(lambda: f(x, y).block_until_ready(), repeats)
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def make_batches(vocab: int, U: int, S: int, b: int, L: int, seed: int = 0) -> dict:
+    """Synthetic ``[U, S, b, L]`` token ids (no padding) and binary labels."""
+    rng = np.random.default_rng(seed)
+    return {
+        "input_ids": jnp.asarray(
+            rng.integers(min(1000, vocab // 2), vocab, (U, S, b, L)), jnp.int32
+        ),
+        "attention_mask": jnp.ones((U, S, b, L), jnp.int32),
+        "label": jnp.asarray(rng.integers(0, 2, (U, S, b)), jnp.int32),
+        "mask": jnp.ones((U, S, b), jnp.float32),
+    }
+
+
+def make_loss(model):
+    def loss_fn(base, trainable, batch, dropout_key):
+        logits = model.apply(base, trainable, batch, deterministic=False, dropout_key=dropout_key)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return jnp.sum(per_example * batch["mask"]) / jnp.maximum(jnp.sum(batch["mask"]), 1.0)
+
+    return loss_fn
+
+
+def round_args(model, opt, U: int, S: int, b: int, L: int) -> tuple:
+    """``(base, trainable_U, opt_state_U, batches_U, step_mask_U, keys_U)`` for one round."""
+    trainable = model.trainable
+    return (
+        model.base,
+        clients.broadcast(trainable, U),
+        clients.broadcast(clients.init_opt_state(opt, trainable), U),
+        make_batches(model.config["vocab_size"], U, S, b, L),
+        jnp.ones((U, S), jnp.float32),
+        clients.client_keys(jax.random.key(0), 0, jnp.arange(U)),
+    )
+
+
+def step_flops(loss_fn, args: tuple) -> float:
+    """XLA-counted FLOPs of one vmapped gradient step over all clients (no scan)."""
+    base, trainable, _, batches, _, keys = args
+    first = jax.tree.map(lambda x: x[:, 0], batches)
+    grad = jax.vmap(jax.value_and_grad(loss_fn, argnums=1), in_axes=(None, 0, 0, 0))
+    return _flops(jax.jit(grad).lower(base, trainable, first, keys).compile())
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def memory(compiled, base, U: int) -> dict:
+    """``memory_analysis()`` bytes, and how many HLO buffers look like ``[U, *base_leaf]``."""
+    m = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    copies = 0
+    for leaf in jax.tree.leaves(base):
+        copies += hlo.count(f"f32[{U},{','.join(map(str, leaf.shape))}]")
+    return {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+        "per_client_base_shaped_buffers_in_hlo": copies,
+    }
+
+
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def timed(runner, args) -> tuple[float, float, object]:
+    """Wall and process CPU seconds (all threads) of one blocking call, and its output."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = jax.block_until_ready(runner(*args))
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def bench_modes(runners: dict, args, repeats: int) -> tuple[dict, dict]:
+    """First-call (compile + run) and best-of-``repeats`` wall and CPU times per mode.
+
+    The timed calls alternate between modes so that a change in machine load (this
+    CPU may be shared) hits both modes alike; CPU seconds are less sensitive to it.
+    """
+    stats, outs = {}, {}
+    for mode, runner in runners.items():
+        first, _, outs[mode] = timed(runner, args)
+        stats[mode] = {"first_call_s": first, "times_s": [], "cpu_s": []}
+    for _ in range(repeats):
+        for mode, runner in runners.items():
+            wall, cpu, _ = timed(runner, args)
+            stats[mode]["times_s"].append(wall)
+            stats[mode]["cpu_s"].append(cpu)
+    for s in stats.values():
+        s["best_s"] = min(s["times_s"], default=s["first_call_s"])
+        s["best_cpu_s"] = min(s["cpu_s"], default=float("nan"))
+    return stats, outs
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face folder")
+    parser.add_argument("--out", default="bench_out/clients.json")
+    parser.add_argument("--clients", type=int, default=10, help="U for the timed round")
+    parser.add_argument("--big_clients", type=int, default=50, help="U for the memory check")
+    parser.add_argument(
+        "--run_big", type=int, default=0, help="1: also execute the big round (needs its temp)"
+    )
+    parser.add_argument("--local_steps", type=int, default=5)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seq_len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    a = parser.parse_args(argv)
+    U, S, b, L = a.clients, a.local_steps, a.batch_size, a.seq_len
+
+    report = {"machine": machine(), "setup": vars(a)}
+    report["matmul_peak_flops"] = matmul_peak()
+    spec = models.LoraSpec(rank=16, alpha=16.0, targets=("query", "value"))
+    model = models.load_pretrained(a.model, num_labels=2, lora=spec, key=jax.random.key(0))
+    opt = clients.make_optimizer("adamw", learning_rate=2e-2, weight_decay=0.0)
+    loss_fn = make_loss(model)
+    local_update = clients.make_local_update(loss_fn, opt)
+    args = round_args(model, opt, U, S, b, L)
+    examples = U * S * b
+
+    vmap_runner = clients.make_runner(local_update, mode="vmap")
+    compiled = vmap_runner.lower(*args).compile()
+    flops = step_flops(loss_fn, args) * S
+    runners = {"vmap": vmap_runner, "loop": clients.make_runner(local_update, "loop")}
+    stats, results = bench_modes(runners, args, a.repeats)
+    report["load_avg_1m_after_timing"] = os.getloadavg()[0]
+    for mode, r in stats.items():
+        r["examples_per_s"] = examples / r["best_s"]
+        r["examples_per_cpu_s"] = examples / r["best_cpu_s"]
+        r["flops_per_s"] = flops / r["best_s"]
+        r["fraction_of_matmul_peak"] = r["flops_per_s"] / report["matmul_peak_flops"]
+        report[mode] = r
+    report["vmap_over_loop"] = report["vmap"]["examples_per_s"] / report["loop"]["examples_per_s"]
+    report["vmap_over_loop_cpu"] = report["loop"]["best_cpu_s"] / report["vmap"]["best_cpu_s"]
+    diff = jax.tree.map(
+        lambda x, y: float(jnp.max(jnp.abs(x - y))), results["vmap"], results["loop"]
+    )
+    report["vmap_vs_loop_max_abs_diff"] = max(jax.tree.leaves(diff))
+    report["vmap_vs_loop_max_abs_diff_loss"] = diff[2]["loss"]
+    report["flops_per_round"] = flops
+    report["flops_per_round_xla_while_body_once"] = _flops(compiled)
+    report["max_rss_bytes_after_U"] = max_rss_bytes()
+
+    one = jax.tree.map(lambda x: x[0], args[1:])
+    report["loop_one_client_memory"] = memory(
+        jax.jit(local_update).lower(args[0], *one).compile(), args[0], 1
+    )
+    report["memory"] = {U: memory(compiled, args[0], U)}
+    big = round_args(model, opt, a.big_clients, S, b, L)
+    big_compiled = vmap_runner.lower(*big).compile()
+    report["memory"][a.big_clients] = memory(big_compiled, big[0], a.big_clients)
+    if a.run_big:
+        report["big_round_s"] = timed(big_compiled, big)[0]  # compiled: no compile
+        report["max_rss_bytes_after_big_U"] = max_rss_bytes()
+    report["base_bytes"] = tree_bytes(model.base)
+    report["per_client_state_bytes"] = tree_bytes(args[1:3]) // U
+    report["per_client_batch_bytes"] = tree_bytes(args[3]) // U
+    print_report(report, U, a.big_clients)
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def print_report(r: dict, U: int, big_U: int) -> None:
+    mib = lambda x: f"{x / 2**20:.1f} MiB"  # noqa: E731
+    m = r["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}")
+    print(f"matmul peak (f32 2048^3): {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
+    print(f"FLOPs per round (XLA cost_analysis of one step x steps): {r['flops_per_round']:.3e}")
+    for mode in ("vmap", "loop"):
+        x = r[mode]
+        print(
+            f"{mode}: best {x['best_s']:.2f} s (first call {x['first_call_s']:.1f} s), "
+            f"{x['examples_per_s']:.1f} examples/s ({x['examples_per_cpu_s']:.1f} per CPU-s), "
+            f"{x['flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"= {100 * x['fraction_of_matmul_peak']:.1f}% of matmul peak"
+        )
+    print(
+        f"vmap / loop: {r['vmap_over_loop']:.2f}x wall, {r['vmap_over_loop_cpu']:.2f}x CPU time "
+        f"(max |diff|: loss {r['vmap_vs_loop_max_abs_diff_loss']:.1e}, "
+        f"params+state {r['vmap_vs_loop_max_abs_diff']:.1e})"
+    )
+    print(
+        f"base {mib(r['base_bytes'])}; per client: state {mib(r['per_client_state_bytes'])}, "
+        f"batch {mib(r['per_client_batch_bytes'])}"
+    )
+    for n in (U, big_U):
+        x = r["memory"][n]
+        print(
+            f"U={n}: args {mib(x['argument_bytes'])}, temp {mib(x['temp_bytes'])}, "
+            f"out {mib(x['output_bytes'])}, "
+            f"[U,*base] buffers {x['per_client_base_shaped_buffers_in_hlo']}"
+        )
+    x = r["loop_one_client_memory"]
+    print(f"one client (loop): args {mib(x['argument_bytes'])}, temp {mib(x['temp_bytes'])}")
+    print(f"max RSS after U={U}: {mib(r['max_rss_bytes_after_U'])}", end="")
+    if "max_rss_bytes_after_big_U" in r:
+        print(
+            f"; after U={big_U}: {mib(r['max_rss_bytes_after_big_U'])} "
+            f"(round {r['big_round_s']:.1f} s)"
+        )
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""What one client computes in a round, and how many clients are run at once.
+
+A client starts from the broadcast global trainable tree (LoRA factors ``A``, ``B``
+and any head) and takes ``E`` optimizer steps on its own data (:func:`make_local_update`,
+a ``lax.scan`` over steps). The frozen base is an argument, never part of the carried
+state, so it is neither differentiated nor stored in optimizer state.
+
+The runner (:func:`make_runner`) maps that one-client function over ``U`` clients
+stacked along a leading axis: ``jax.vmap`` with the base unbatched (``in_axes=None``),
+so every client reads the same base buffer and XLA batches the base matmuls across
+clients. With a :class:`jax.sharding.Mesh` whose axis is ``"clients"`` the stacked axis
+is sharded over devices and the base replicated; ``U`` is padded to a multiple of the
+device count with do-nothing clients and stripped after. ``mode="loop"`` runs the
+same jitted one-client function client by client, for debugging and benchmarking.
+
+Shapes: ``U`` clients, ``S`` local steps (padded), ``b`` examples per step. Unequal
+clients are padded to ``S`` steps with ``step_mask`` (1 real, 0 padded); a padded
+step leaves parameters and optimizer state bit-identical, and a padded client is a
+client whose ``step_mask`` is all zero.
+
+Randomness: the caller gives client ``u`` the key ``fold_in(fold_in(root, round), u)``
+(:func:`client_keys`); step ``t`` uses ``fold_in(client_key, t)`` for dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array], jax.Array]
+Frozen = Callable[[tuple[str, ...], jax.Array], bool] | PyTree | None
+LocalUpdate = Callable[..., tuple[PyTree, PyTree, dict[str, jax.Array]]]
+
+CLIENTS_AXIS = "clients"
+
+
+def _adamw(learning_rate, weight_decay):
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
+def _sgd(learning_rate, weight_decay):
+    if weight_decay == 0.0:
+        return optax.sgd(learning_rate)
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adamw": _adamw,
+    "sgd": _sgd,
+}
+MODES = ("vmap", "loop")
+
+
+def make_optimizer(
+    name: str, learning_rate: float, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+    """The client optimizer chosen by name from :data:`OPTIMIZERS` (``"adamw"``, ``"sgd"``).
+
+    ``weight_decay`` is decoupled for AdamW and added to the gradient for SGD.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown client optimizer {name!r}; valid: {sorted(OPTIMIZERS)}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    return OPTIMIZERS[name](learning_rate, weight_decay)
+
+
+def _path_names(path) -> tuple[str, ...]:
+    names = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                names.append(str(getattr(entry, attr)))
+                break
+        else:
+            names.append(str(entry))
+    return tuple(names)
+
+
+def frozen_mask(frozen: Frozen, trainable: PyTree) -> PyTree:
+    """Static bool tree shaped like ``trainable``: True where the leaf is frozen.
+
+    ``frozen`` is None (nothing frozen), a callable ``(path, leaf) -> bool`` whose
+    path is a tuple of str keys (e.g. ``("lora", "l0", "A")``), or a bool tree.
+    """
+    if frozen is None:
+        return jax.tree.map(lambda _: False, trainable)
+    if callable(frozen):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: bool(frozen(_path_names(p), x)), trainable
+        )
+    return jax.tree.map(bool, frozen)
+
+
+def _state_mask(opt: optax.GradientTransformation, state: PyTree, mask: PyTree) -> PyTree:
+    """``mask`` copied onto every parameter-shaped tree inside ``state``; False elsewhere."""
+    return optax.tree_utils.tree_map_params(
+        opt,
+        lambda _, m: m,
+        state,
+        mask,
+        transform_non_params=lambda v: jax.tree.map(lambda _: False, v),
+    )
+
+
+def init_opt_state(opt: optax.GradientTransformation, trainable: PyTree) -> PyTree:
+    """One client's optimizer state: ``opt.init(trainable)``.
+
+    Frozen leaves keep a state slot, but :func:`make_local_update` never changes it,
+    so the same state serves any ``frozen`` choice.
+    """
+    return opt.init(trainable)
+
+
+def _select(keep_new: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+def make_local_update(
+    loss_fn: LossFn, opt: optax.GradientTransformation, frozen: Frozen = None
+) -> LocalUpdate:
+    """Build ``local_update`` for ONE client: ``S`` masked optimizer steps in a ``lax.scan``.
+
+    Args:
+      loss_fn: ``(base, trainable, batch, dropout_key) -> scalar`` mean loss over the
+        batch; the batch carries ``"mask": [b]`` for padded examples.
+      opt: the client optimizer (:func:`make_optimizer`).
+      frozen: leaves that never train (FFA-LoRA: ``lambda path, _: path[-1] == "A"``);
+        their gradient is zeroed before ``opt.update``, their update after it, and
+        their optimizer state is kept as it was, so they stay bit-identical.
+
+    Returns:
+      ``local_update(base, trainable, opt_state, batches, step_mask, key)`` ->
+      ``(trainable, opt_state, metrics)`` with ``batches`` a tree of ``[S, b, ...]``,
+      ``step_mask: [S]`` float32 and ``key`` the client's typed PRNG key. ``metrics``:
+      ``"loss"`` the mean pre-update loss over real steps (0 if none; NaN/inf if any
+      real step was non-finite) and ``"steps"`` the number of real steps (int32).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1)
+
+    def local_update(base, trainable, opt_state, batches, step_mask, key):
+        mask = frozen_mask(frozen, trainable)
+        state_mask = _state_mask(opt, opt_state, mask)
+
+        def step(carry, xs):
+            params, state = carry
+            batch, real, t = xs
+            loss, grads = grad_fn(base, params, batch, jax.random.fold_in(key, t))
+            grads = jax.tree.map(lambda g, m: jnp.zeros_like(g) if m else g, grads, mask)
+            updates, new_state = opt.update(grads, state, params)
+            updates = jax.tree.map(lambda u, m: jnp.zeros_like(u) if m else u, updates, mask)
+            new_params = optax.apply_updates(params, updates)
+            new_state = jax.tree.map(lambda m, n, o: o if m else n, state_mask, new_state, state)
+            # A padded step must not move anything, even if its loss or grads are NaN.
+            is_real = real > 0
+            carry = (_select(is_real, new_params, params), _select(is_real, new_state, state))
+            return carry, jnp.where(is_real, loss, 0.0)
+
+        num_steps = step_mask.shape[0]
+        xs = (batches, step_mask, jnp.arange(num_steps, dtype=jnp.int32))
+        (trainable, opt_state), losses = jax.lax.scan(step, (trainable, opt_state), xs)
+        real_steps = jnp.sum(step_mask > 0)
+        loss = jnp.sum(losses) / jnp.maximum(real_steps, 1).astype(losses.dtype)
+        return trainable, opt_state, {"loss": loss, "steps": real_steps.astype(jnp.int32)}
+
+    return local_update
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh with axis ``"clients"`` over the first ``num_devices`` of ``jax.devices()``."""
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are visible")
+    return Mesh(np.asarray(devices[:n]), (CLIENTS_AXIS,))
+
+
+def _pad_clients(tree: PyTree, pad: int, fill_zero: bool) -> PyTree:
+    """Append ``pad`` clients: zeros (step masks) or copies of the last client (the rest)."""
+    if pad == 0:
+        return tree
+
+    def pad_leaf(x):
+        extra = jnp.zeros((pad, *x.shape[1:]), x.dtype) if fill_zero else jnp.repeat(x[-1:], pad, 0)
+        return jnp.concatenate([x, extra])
+
+    return jax.tree.map(pad_leaf, tree)
+
+
+def _sharded(mapped: Callable, mesh: Mesh) -> Callable:
+    """``mapped`` with the client axis sharded on ``mesh`` and ``U`` padded to fit."""
+    if CLIENTS_AXIS not in mesh.axis_names:
+        raise ValueError(f"mesh needs an axis named {CLIENTS_AXIS!r}, has {mesh.axis_names}")
+    n = mesh.shape[CLIENTS_AXIS]
+    data, replicated = NamedSharding(mesh, P(CLIENTS_AXIS)), NamedSharding(mesh, P())
+
+    def run(base, trainable, opt_state, batches, step_mask, keys):
+        U = step_mask.shape[0]
+        pad = -U % n
+        stacked = [_pad_clients(t, pad, False) for t in (trainable, opt_state, batches)]
+        stacked += [_pad_clients(step_mask, pad, True), _pad_clients(keys, pad, False)]
+        base = jax.lax.with_sharding_constraint(base, replicated)
+        stacked = jax.lax.with_sharding_constraint(stacked, data)
+        out = jax.lax.with_sharding_constraint(mapped(base, *stacked), data)
+        return jax.tree.map(lambda x: x[:U], out)
+
+    return run
+
+
+def make_runner(local_update: LocalUpdate, mode: str = "vmap", mesh: Mesh | None = None):
+    """Run ``local_update`` for ``U`` stacked clients; jitted once per input shapes.
+
+    ``runner(base, trainable_U, opt_state_U, batches_U, step_mask_U, keys_U)`` ->
+    ``(trainable_U, opt_state_U, metrics_U)``. Stacked trees have a leading ``[U]``
+    axis; ``batches_U: [U, S, b, ...]``; ``step_mask_U: [U, S]``; ``keys_U: [U]`` typed
+    keys; ``metrics_U: {"loss": [U], "steps": [U]}``. ``base`` is unbatched.
+
+    Modes: ``"vmap"`` (optionally sharded over ``mesh``'s ``"clients"`` axis) and
+    ``"loop"`` (one jitted client call after another, single device).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown runner mode {mode!r}; valid: {list(MODES)}")
+    if mode == "loop":
+        if mesh is not None:
+            raise ValueError("mode='loop' runs on one device; pass mesh=None or use mode='vmap'")
+        return _loop_runner(jax.jit(local_update))
+    mapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0, 0))
+    return jax.jit(mapped if mesh is None else _sharded(mapped, mesh))
+
+
+def _loop_runner(one_client: Callable) -> Callable:
+    def run(base, trainable, opt_state, batches, step_mask, keys):
+        outs = []
+        for u in range(step_mask.shape[0]):
+            client = jax.tree.map(lambda x, u=u: x[u], (trainable, opt_state, batches))
+            outs.append(one_client(base, *client, step_mask[u], keys[u]))
+        return stack(outs)
+
+    return run
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stack same-structured pytrees along a new leading client axis ``[U, ...]``."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def broadcast(tree: PyTree, U: int) -> PyTree:
+    """``U`` copies of ``tree`` along a leading axis (the global state sent to ``U`` clients)."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (U, *jnp.shape(x))), tree)
+
+
+def client_keys(root: jax.Array, round_index: int | jax.Array, client_ids: jax.Array) -> jax.Array:
+    """``[U]`` keys ``fold_in(fold_in(root, round_index), client_id)``."""
+    round_key = jax.random.fold_in(root, round_index)
+    return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(jnp.asarray(client_ids))

@@ -1,0 +1,212 @@
+"""Hugging Face model folders <-> parameter trees: ``config.json`` + safetensors, strictly.
+
+Loading never guesses. Every parameter of the frozen base must be in the checkpoint with
+the right shape, and every checkpoint tensor must be used, or be one the architecture
+declares unused (buffers, pre-training heads); otherwise :func:`load_params` raises
+``ValueError`` naming the keys. Only the task head may be missing, and then it is freshly
+initialized and that is logged. Checkpoint names are normalized by the architecture
+(``bert.``/``roberta.`` prefixes, LayerNorm ``gamma``/``beta``), so prefixed and unprefixed
+checkpoints both load. PyTorch ``Linear`` weights ``[d_out, d_in]`` become Flax kernels
+``[d_in, d_out]`` (every leaf named ``kernel``). Parameters are float32 whatever the
+checkpoint dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from floranna_jax.models.architecture import Architecture, Params
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_LOCAL_HINT = (
+    "pass a local model folder instead, e.g. one written by "
+    "`bash shared/tools/fetch_models.sh` under ~/.cache/floranna/models/<name>"
+)
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer
+
+
+def resolve_folder(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
+    """A local model folder, or a Hugging Face hub id fetched with ``snapshot_download``.
+
+    Offline (``HF_HUB_OFFLINE=1``) or unreachable hubs raise ``FileNotFoundError`` saying
+    to pass a local folder; a hub id already in the local hub cache still resolves.
+    """
+    text = os.fspath(path_or_hub_id)
+    path = pathlib.Path(text).expanduser()
+    if path.is_dir():
+        return path
+    looks_local = path.is_absolute() or text.startswith((".", "~")) or not _HUB_ID.match(text)
+    if looks_local or path.exists():
+        raise FileNotFoundError(f"no model folder at {path}")
+    try:
+        import huggingface_hub  # only needed for hub ids
+
+        return pathlib.Path(
+            huggingface_hub.snapshot_download(repo_id=text, allow_patterns=_HUB_FILES)
+        )
+    except Exception as e:  # offline mode, no network, unknown repo, auth: one message
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub download failed"
+        raise FileNotFoundError(
+            f"{text!r} is not a local folder and {why}: {type(e).__name__}: {e}. {_LOCAL_HINT}."
+        ) from e
+
+
+def read_config(folder: pathlib.Path) -> dict:
+    """The folder's ``config.json`` as a dict."""
+    path = pathlib.Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    return json.loads(path.read_text())
+
+
+def checkpoint_index(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, tuple[int, ...]]]:
+    """``key -> (file, shape)`` over ``model.safetensors`` or its sharded index."""
+    folder = pathlib.Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        others = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.h5")
+        )
+        raise FileNotFoundError(
+            f"no model.safetensors (or sharded index) in {folder}; found {others or 'nothing'}. "
+            "Only safetensors are read: re-save with transformers' save_pretrained."
+        )
+    keys = {}
+    for name in files:
+        with safe_open(folder / name, framework="numpy") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                keys[key] = (folder / name, tuple(f.get_slice(key).get_shape()))
+    return keys
+
+
+def read_tensor(file: pathlib.Path, key: str) -> np.ndarray:
+    """One tensor as float32 numpy (bf16 goes through jax, which numpy cannot read)."""
+    try:
+        with safe_open(file, framework="numpy") as f:
+            return np.asarray(f.get_tensor(key), np.float32)
+    except TypeError:
+        with safe_open(file, framework="flax") as f:
+            return np.asarray(f.get_tensor(key).astype(jnp.float32))
+
+
+def _listing(names, limit: int = 20) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _expected(arch: Architecture, shapes: Params, prefix: tuple[str, ...]) -> dict:
+    """Canonical name -> (path, checkpoint shape) for every leaf of ``shapes``."""
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(shapes).items():
+        shape = tuple(leaf.shape)[::-1] if path[-1] == "kernel" else tuple(leaf.shape)
+        out[arch.checkpoint_name(prefix + path)] = (path, shape)
+    return out
+
+
+def _canonical(arch: Architecture, index: dict) -> dict[str, str]:
+    """Canonical name -> raw key; logs the keys the architecture declares unused."""
+    canon, unused = {}, []
+    for raw in index:
+        name = arch.canonical_key(raw)
+        if name is None:
+            unused.append(raw)
+        elif name in canon:
+            raise ValueError(f"checkpoint keys {canon[name]!r} and {raw!r} both mean {name!r}")
+        else:
+            canon[name] = raw
+    if unused:
+        logging.info("checkpoint keys not used by the model: %s", _listing(unused))
+    return canon
+
+
+def load_params(
+    arch: Architecture,
+    folder: pathlib.Path,
+    *,
+    head_key: jax.Array,
+    load_head: bool = True,
+) -> tuple[Params, Params]:
+    """``(base, head)`` from the folder's safetensors; raises ``ValueError`` on mismatch.
+
+    The head is read from the checkpoint when all its tensors are there (a fine-tuned
+    ``*ForSequenceClassification``) and ``load_head``; when none is there, or with
+    ``load_head=False``, it is initialized from ``head_key`` and that is logged.
+    """
+    index = checkpoint_index(folder)
+    canon = _canonical(arch, index)
+    base_want = _expected(arch, arch.base_shapes, ())
+    head_want = _expected(arch, arch.head_shapes, ("head",))
+    head_found = set(head_want) & set(canon)
+    if not load_head:
+        for name in head_found:
+            del canon[name]
+        head_found = set()
+    want = base_want | (head_want if head_found else {})
+    missing = set(want) - set(canon)
+    unexpected = set(canon) - set(want)
+    wrong = {
+        n: f"{canon[n]} {index[canon[n]][1]} (model expects {shape})"
+        for n, (_, shape) in want.items()
+        if n in canon and index[canon[n]][1] != shape
+    }
+    if missing or unexpected or wrong:
+        parts = [f"checkpoint in {folder} does not match the {arch.checkpoint_prefix[:-1]} model"]
+        if missing:
+            parts.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listing(canon[n] for n in unexpected)}")
+        if wrong:
+            parts.append(f"wrong shapes: {_listing(wrong.values())}")
+        if (missing | set(wrong)) & set(head_want):
+            parts.append("the checkpoint's task head differs: load_head=False starts a fresh one")
+        raise ValueError("\n  ".join(parts))
+
+    def read(names: dict) -> Params:
+        flat = {}
+        for name, (path, _) in names.items():
+            value = read_tensor(index[canon[name]][0], canon[name])
+            flat[path] = jnp.asarray(value.T if path[-1] == "kernel" else value)
+        return traverse_util.unflatten_dict(flat)
+
+    base = read(base_want)
+    if head_found:
+        return base, read(head_want)
+    logging.warning("task head %s is not in %s: initialized fresh", _listing(head_want), folder)
+    return base, arch.init_head(head_key)
+
+
+def save_folder(
+    folder: pathlib.Path, hf_config: dict, arch: Architecture, base: Params, head: Params
+) -> None:
+    """Write ``config.json`` + ``model.safetensors`` laid out as Hugging Face does.
+
+    Base names get ``arch.checkpoint_prefix``; head names are bare (``classifier.*``),
+    as in ``*ForSequenceClassification``, so transformers and :func:`load_params` read it.
+    """
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for tree, prefix, key_prefix in ((base, (), arch.checkpoint_prefix), (head, ("head",), "")):
+        for path, value in traverse_util.flatten_dict(tree).items():
+            value = np.asarray(value, np.float32)
+            value = value.T if path[-1] == "kernel" else value
+            tensors[key_prefix + arch.checkpoint_name(prefix + path)] = np.ascontiguousarray(value)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,159 @@
+"""Run reporting: one row of metrics per round, written everywhere a reader looks.
+
+``Reporter(workdir, ...)`` appends each round's row to ``metrics.jsonl`` (one JSON object
+per line, ``"round"`` = rounds completed), writes it as TensorBoard scalars (tensorboardX,
+``workdir/tensorboard``) and advances a tqdm bar. ``finish()`` writes ``summary.md`` (a
+small table, also returned and logged) and PNG plots: the task metric against the round
+(global and mean local) and ``rho_rel`` against the round.
+
+Keys of a row: ``train/loss``, ``server/rho``, ``server/rho_rel``, ``server/rho_svd``, ...
+(scalar estimator metrics; ``server/bytes_*`` are per client per round),
+``comm/bytes_{up,down}_total`` (cumulative over rounds and sampled clients), ``time/*_s``
+(wall seconds per phase, the only fields that differ between identical runs), and on
+evaluation rounds ``eval/global/<metric>``, ``eval/local/<metric>`` and
+``eval/gap/<metric>`` (local minus global).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+import tqdm
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.md"
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl (empty list if there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate(path: str, last_round: int) -> None:
+    """Keep only rows up to ``last_round``: a resumed run rewrites the rows after it."""
+    rows = [r for r in read_rows(path) if r["round"] <= last_round]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+class Reporter:
+    """Writes round rows to JSONL, TensorBoard and a progress bar; summary at the end."""
+
+    def __init__(self, workdir: str, *, start_round: int, num_rounds: int, main_metric: str):
+        os.makedirs(workdir, exist_ok=True)
+        self.workdir, self.main_metric = workdir, main_metric
+        self.path = os.path.join(workdir, METRICS_FILE)
+        _truncate(self.path, start_round)
+        from tensorboardX import SummaryWriter  # noqa: PLC0415  (slow import)
+
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.bar = tqdm.tqdm(total=num_rounds, initial=start_round, desc="rounds", unit="round")
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "round" and isinstance(v, int | float):
+                self.writer.add_scalar(k, v, row["round"])
+        self.writer.flush()
+        shown = {"loss": row.get("train/loss"), "rho_rel": row.get("server/rho_rel")}
+        glob = row.get(f"eval/global/{self.main_metric}")
+        if glob is not None:
+            shown[self.main_metric] = glob
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None})
+        self.bar.update(1)
+
+    def finish(self, title: str) -> str:
+        """Write summary.md and the plots; return the summary table."""
+        self.bar.close()
+        self.writer.close()
+        rows = read_rows(self.path)
+        text = summary_table(rows, self.main_metric, title)
+        with open(os.path.join(self.workdir, SUMMARY_FILE), "w") as f:
+            f.write(text + "\n")
+        plot_rows(rows, self.main_metric, self.workdir)
+        logging.info("summary\n%s", text)
+        return text
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def _fmt(value: float | None, kind: str = "g") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if kind == "bytes":
+        units = ["B", "KB", "MB", "GB", "TB"]
+        i = min(int(math.log(max(value, 1), 1000)), len(units) - 1)
+        return f"{value / 1000**i:.3g} {units[i]}"
+    return f"{value:.4g}"
+
+
+def summary_table(rows: list[dict[str, Any]], main_metric: str, title: str) -> str:
+    """A markdown table of the run's final figures (metric, gap, rho, bytes, time)."""
+    m = main_metric
+    rho_rel = [r["server/rho_rel"] for r in rows if "server/rho_rel" in r]
+    last_rho, mean_rho = (rho_rel[-1], float(np.mean(rho_rel))) if rho_rel else (None, None)
+    lines = [
+        ("rounds", str(_last(rows, "round") or 0)),
+        (f"global {m}", _fmt(_last(rows, f"eval/global/{m}"))),
+        (f"local {m} (mean over clients)", _fmt(_last(rows, f"eval/local/{m}"))),
+        (f"gap local - global {m}", _fmt(_last(rows, f"eval/gap/{m}"))),
+        ("train loss (last round)", _fmt(_last(rows, "train/loss"))),
+        ("rho_rel (last / mean)", f"{_fmt(last_rho)} / {_fmt(mean_rho)}"),
+        ("bytes up (total)", _fmt(_last(rows, "comm/bytes_up_total"), "bytes")),
+        ("bytes down (total)", _fmt(_last(rows, "comm/bytes_down_total"), "bytes")),
+    ]  # fmt: skip
+    for phase in ("clients", "server", "eval"):
+        total = sum(r.get(f"time/{phase}_s", 0.0) for r in rows)
+        lines.append((f"time {phase} (s, all rounds)", f"{total:.2f}"))
+    width = max(len(k) for k, _ in lines)
+    out = [
+        f"## {title}",
+        "",
+        f"| {'quantity'.ljust(width)} | value |",
+        f"|{'-' * (width + 2)}|-------|",
+    ]
+    out += [f"| {k.ljust(width)} | {v} |" for k, v in lines]
+    return "\n".join(out)
+
+
+def _series(rows, key):
+    pts = [(r["round"], r[key]) for r in rows if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_rows(rows: list[dict[str, Any]], main_metric: str, workdir: str) -> list[str]:
+    """``metric.png`` (global and local task metric vs round) and ``rho_rel.png``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    paths = []
+    panels = {
+        "metric.png": ([f"eval/global/{main_metric}", f"eval/local/{main_metric}"], main_metric),
+        "rho_rel.png": (["server/rho_rel"], "rho / ||dW_ideal||"),
+    }
+    for name, (keys, ylabel) in panels.items():
+        fig = Figure(figsize=(5, 3.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for key in keys:
+            x, y = _series(rows, key)
+            ax.plot(x, y, marker="o", label=key.split("/")[1] if key.startswith("eval") else key)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        paths.append(os.path.join(workdir, name))
+        fig.savefig(paths[-1])
+    return paths

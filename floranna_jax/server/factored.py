@@ -1,0 +1,189 @@
+"""Factored linear algebra of the aggregation problem: no ``[d_out, d_in]`` array, ever.
+
+Notation (METHOD.md): ``U`` clients, rank ``r``; per layer ``B_u: [d_out, r]``,
+``A_u: [r, d_in]``; ``dW_q = sum_u q_u B_u A_u``.
+
+Every estimate here lies in the span of ``M = U + 1`` *members*: a centre ``c`` and the
+client offsets ``X_u - c`` (for both factors). The centre is the p-weighted mean of the
+clients (so ``sum_u p_u (X_u - c) = 0``), or the previous global factors for FLoRA-NA's
+``combine="deltas"``. Centring matters numerically: the Gram blocks of the offsets carry
+the client disagreement at its own scale, instead of as a float32 cancellation between
+large nearly-equal Gram entries. With identical clients the offsets are ~0 and every
+error formula below is ~0, not ~sqrt(eps).
+
+A matrix ``sum_{u,v} C[u,v] Bm_u Am_v`` (``C: [M, M]``) has squared Frobenius norm
+
+    ||.||^2 = sum_{u,v,w,x} C[u,v] C[w,x] K[u,v,w,x],
+    K[u,v,w,x] = <GB[u,w], GA[v,x]>,  GB[u,w] = Bm_u^T Bm_w,  GA[v,x] = Am_v Am_x^T,
+
+with ``GB``/``GA`` the ``r x r`` Gram blocks. ``K`` is ``M^4`` numbers per layer: a
+solver step costs O(M^4), independent of the model width. Matrix coefficients
+(``X: [M r, M r]``, the SVD) use ``||.||^2 = tr(X^T G_B X G_A)`` with the flat Grams.
+
+The best rank-r approximation uses square roots ``R^T R = G`` of the flat Grams
+(Jacobi-scaled ``eigh``; ``R`` plays the part of the QR's triangular factor of the stacked
+factors), then an SVD of the ``[M r, M r]`` core ``R_B X R_A^T``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from floranna_jax.server import common
+
+HI = jax.lax.Precision.HIGHEST  # full float32 on every backend (no TF32 / bf16 passes)
+
+
+class Basis(NamedTuple):
+    """One layer group's members and Gram blocks, leading layer axis ``L``.
+
+    Bm: [L, d_out, M, r]   member 0 is the centre, members 1..U the offsets B_u - c_B
+                           (member axis inside, so ``[L, d_out, M r]`` is a free reshape)
+    Am: [L, M, r, d_in]
+    GB: [L, M, M, r, r]    GB[l, u, w] = Bm_u^T Bm_w
+    GA: [L, M, M, r, r]    GA[l, v, x] = Am_v Am_x^T
+    K:  [L, M, M, M, M]    K[l, u, v, w, x] = <GB[l, u, w], GA[l, v, x]>
+    w0: [U]                weights whose offsets sum to zero: p (mean centre) or 0
+    """
+
+    Bm: jax.Array
+    Am: jax.Array
+    GB: jax.Array
+    GA: jax.Array
+    K: jax.Array
+    w0: jax.Array
+
+
+def build_basis(group: common.LayerGroup, p: jax.Array, use_previous: bool = False) -> Basis:
+    """Members and Grams of one layer group (centre: mean, or previous global factors)."""
+    A, B = group.A, group.B
+    if use_previous:
+        cA, cB, w0 = group.prev_A, group.prev_B, jnp.zeros_like(p)
+    else:
+        cA, cB, w0 = common.weighted_mean(p, A), common.weighted_mean(p, B), p
+    L, U, r, d_in = A.shape
+    d_out = B.shape[2]
+    Am = jnp.concatenate([cA[:, None], A - cA[:, None]], axis=1)
+    Bt = jnp.swapaxes(B, 1, 2)  # [L, d_out, U, r]
+    Bm = jnp.concatenate([cB[:, :, None], Bt - cB[:, :, None]], axis=2)
+    M = U + 1
+    # Two plain batched GEMMs over the flat member stacks ([L, d_out, M r], [L, M r, d_in]).
+    Bf, Af = Bm.reshape(L, d_out, M * r), Am.reshape(L, M * r, d_in)
+    GBf = jnp.einsum("lok,loj->lkj", Bf, Bf, precision=HI)
+    GAf = jnp.einsum("lkd,ljd->lkj", Af, Af, precision=HI)
+    GB = GBf.reshape(L, M, r, M, r).transpose(0, 1, 3, 2, 4)
+    GA = GAf.reshape(L, M, r, M, r).transpose(0, 1, 3, 2, 4)
+    K = jnp.einsum("luwij,lvxij->luvwx", GB, GA, precision=HI)
+    return Basis(Bm, Am, GB, GA, K, w0)
+
+
+def target_coeffs(q: jax.Array, w0: jax.Array) -> jax.Array:
+    """``C_t: [M, M]`` with ``sum_u q_u B_u A_u = sum C_t[u,v] Bm_u Am_v``.
+
+    ``X_u = c + D_u`` gives ``sum_u q_u X^B_u X^A_u`` = ``(sum q) c_B c_A + c_B (sum q D^A)
+    + (sum q D^B) c_A + sum q D^B D^A``; offsets with ``sum w0_u D_u = 0`` let the middle
+    terms use ``q - w0`` (exactly zero for the weighted target on the mean centre).
+    """
+    U = q.shape[0]
+    C = jnp.zeros((U + 1, U + 1), jnp.float32)
+    C = C.at[0, 0].set(jnp.sum(q))
+    C = C.at[0, 1:].set(q - w0).at[1:, 0].set(q - w0)
+    return C.at[1:, 1:].set(jnp.diag(q))
+
+
+def quad(K: jax.Array, C: jax.Array) -> jax.Array:
+    """``||sum C[u,v] Bm_u Am_v||_F^2`` per layer: ``K [L,M,M,M,M]``, ``C [L,M,M] or [M,M]``."""
+    L, M = K.shape[0], K.shape[1]
+    c = jnp.broadcast_to(C, K.shape[:3]).reshape(L, M * M)
+    Kc = jnp.einsum("lij,lj->li", K.reshape(L, M * M, M * M), c, precision=HI)  # batched matvec
+    return jnp.sum(Kc * c, axis=-1)
+
+
+def combine(basis: Basis, beta: jax.Array, alpha: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum_m beta[l,m] Bm_m, sum_m alpha[l,m] Am_m)``: ``[L, d_out, r]``, ``[L, r, d_in]``."""
+    B = jnp.einsum("lm,lomr->lor", beta, basis.Bm, precision=HI)
+    A = jnp.einsum("lm,lmrd->lrd", alpha, basis.Am, precision=HI)
+    return B, A
+
+
+def flat_gram(G: jax.Array) -> jax.Array:
+    """``[L, M, M, r, r]`` blocks -> ``[L, M r, M r]``."""
+    L, M, _, r, _ = G.shape
+    return G.transpose(0, 1, 3, 2, 4).reshape(L, M * r, M * r)
+
+
+def sqrt_factor(G: jax.Array) -> jax.Array:
+    """``R: [L, n, n]`` with ``R^T R = G`` for PSD ``G: [L, n, n]``.
+
+    Jacobi scaling (unit diagonal) before ``eigh`` keeps each column's error relative to
+    that column's own norm, so small offsets are not drowned by the centre's rounding.
+    """
+    d = jnp.diagonal(G, axis1=-2, axis2=-1)
+    s = jnp.where(d > 0, jax.lax.rsqrt(jnp.where(d > 0, d, 1.0)), 0.0)
+    lam, V = jnp.linalg.eigh(G * s[..., :, None] * s[..., None, :])
+    root = jnp.sqrt(jnp.clip(lam, 0.0))[..., :, None] * jnp.swapaxes(V, -1, -2)
+    return root * jnp.sqrt(jnp.clip(d, 0.0))[..., None, :]
+
+
+def core(basis: Basis, Ct: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(R_B, R_A, R_B (C_t kron I_r) R_A^T)``; the core has the singular values of dW."""
+    L, M, _, _, r = basis.GB.shape
+    RB = sqrt_factor(flat_gram(basis.GB))
+    RA = sqrt_factor(flat_gram(basis.GA))
+    n = RB.shape[-2]
+    mid = jnp.einsum(
+        "lkur,uv,ljvr->lkj", RB.reshape(L, n, M, r), Ct, RA.reshape(L, n, M, r), precision=HI
+    )
+    return RB, RA, mid
+
+
+def svd_tail_sq(basis: Basis, Ct: jax.Array, r: int) -> jax.Array:
+    """``sum_{i>r} sigma_i^2`` of ``sum C_t[u,v] Bm_u Am_v`` per layer: ``rho_svd^2``."""
+    _, _, mid = core(basis, Ct)
+    s = jnp.linalg.svd(mid, compute_uv=False)
+    return jnp.sum(jnp.square(s[..., r:]), axis=-1)
+
+
+def matrix_resid_sq(basis: Basis, X: jax.Array) -> jax.Array:
+    """``||Bm_flat X Am_flat||_F^2 = tr(X^T G_B X G_A)`` per layer, ``X: [L, M r, M r]``."""
+    GB, GA = flat_gram(basis.GB), flat_gram(basis.GA)
+    return jnp.einsum("lji,ljk,lkm,lmi->l", X, GB, X, GA, precision=HI)
+
+
+def layer_stats(
+    basis: Basis, p: jax.Array, r: int, svd_metric: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """``(||dW_ideal||^2, rho_svd^2)`` per layer, both from factors only.
+
+    ``svd_metric=False`` skips the two ``eigh`` and the SVD behind ``rho_svd`` (NaN then):
+    on a CPU they cost more than FLoRA-NA's whole solve.
+    """
+    Ct = target_coeffs(p, basis.w0)
+    dW_sq = quad(basis.K, Ct)
+    if not svd_metric:
+        return dW_sq, jnp.full_like(dW_sq, jnp.nan)
+    return dW_sq, svd_tail_sq(basis, Ct, r)
+
+
+def summarize(
+    groups: list[common.LayerGroup],
+    dW_sq: list[jax.Array],
+    resid_sq: list[jax.Array],
+    tail_sq: list[jax.Array],
+) -> dict:
+    """The shared metrics from per-group, per-layer squared norms (lists of ``[L_i]``)."""
+    dW, res, tail = (jnp.concatenate(x) for x in (dW_sq, resid_sq, tail_sq))
+    res = jnp.clip(res, 0.0)
+    denom = jnp.sqrt(jnp.maximum(jnp.sum(dW), jnp.finfo(jnp.float32).tiny))
+    rho, rho_svd = jnp.sqrt(jnp.sum(res)), jnp.sqrt(jnp.sum(jnp.maximum(tail, 0.0)))
+    names = [n for g in groups for n in g.names]
+    return {
+        "rho": rho,
+        "rho_rel": rho / denom,
+        "rho_svd": rho_svd,
+        "rho_svd_rel": rho_svd / denom,
+        "rho_per_layer": {n: jnp.sqrt(res[i]) for i, n in enumerate(names)},
+    }

@@ -1,0 +1,38 @@
+"""FedIT (FedAvg on LoRA factors): average each factor separately.
+
+Update rule (METHOD.md; baseline in arXiv 2509.26399):
+
+    A = sum_u p_u A_u,        B = sum_u p_u B_u
+
+The product ``B A`` misses the cross terms of ``dW_ideal = sum_u p_u B_u A_u``; with the
+mean-centred members of :mod:`floranna_jax.server.factored` the error is exactly
+``sum_u p_u (B_u - B)(A_u - A)``, and that is what ``rho`` measures. Communication: one
+rank-r adapter each way, ``r (d_in + d_out)`` numbers per layer.
+"""
+
+from __future__ import annotations
+
+from floranna_jax.server import common, factored
+
+
+def average(clients: common.Clients, weights, previous=None, svd_metric: bool = True):
+    """``(lora, merge={}, metrics)`` of the factor average; shared by fedit, ffa, fedsa."""
+    del previous  # the average needs no history
+    p = common.normalize(weights)
+    groups = common.stack_layers(clients)
+    loras, dW, res, tail = [], [], [], []
+    for g in groups:
+        basis = factored.build_basis(g, p)
+        d, t = factored.layer_stats(basis, p, g.A.shape[2], svd_metric)
+        # The estimate is member 0 (the weighted mean) itself: coefficients e0 e0^T.
+        C = factored.target_coeffs(p, basis.w0).at[0, 0].add(-1.0)
+        loras.append({"A": basis.Am[:, 0], "B": basis.Bm[:, :, 0]})
+        dW, tail = dW + [d], tail + [t]
+        res.append(factored.quad(basis.K, C))
+    metrics = factored.summarize(groups, dW, res, tail)
+    return common.unstack(groups, loras), {}, metrics
+
+
+def make_fedit() -> common.Estimator:
+    """FedIT: ``A = sum p_u A_u``, ``B = sum p_u B_u``. No hyperparameters."""
+    return common.Estimator(average, common.fedit_bytes)

@@ -1,0 +1,60 @@
+"""SVD (FlexLoRA-style): the best rank-r approximation of ``dW_ideal`` (Eckart-Young).
+
+Update rule (METHOD.md; baseline in arXiv 2509.26399):
+
+    dW_ideal = U S V^T (truncated to r),   B = U_r S_r^1/2,   A = S_r^1/2 V_r^T
+
+computed from factors only. With the stacked members ``Bm = Q_B R_B`` and
+``Am^T = Q_A R_A`` (``R`` from :func:`factored.sqrt_factor`, the triangular factor of a QR
+up to an orthogonal rotation), ``dW_ideal = Q_B (R_B X R_A^T) Q_A^T`` with
+``X = C_t kron I_r``; the ``[M r, M r]`` core is SVD'd as ``Uc S Vc^T`` and
+
+    B = Bm (X R_A^T Vc_r S_r^-1/2),      A = (S_r^-1/2 Uc_r^T R_B X) Am
+
+(``B = dW Q_A Vc_r S^-1/2`` written through the factors), so nothing ``[d_out, d_in]`` is
+formed. ``rho`` equals ``rho_svd``: this is the lower bound for any rank-r adapter.
+Communication as FedIT.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from floranna_jax.server import common, factored
+
+
+def _svd_group(basis: factored.Basis, p, r: int):
+    """``(lora, resid_sq, dW_sq, tail_sq)`` for one stacked group."""
+    L, M, _, _, _ = basis.GB.shape
+    Ct = factored.target_coeffs(p, basis.w0)
+    RB, RA, mid = factored.core(basis, Ct)
+    Uc, S, Vct = jnp.linalg.svd(mid, full_matrices=False)
+    Sr = S[:, :r]
+    # Directions with sigma ~ 0 carry nothing; dropping them avoids dividing by zero.
+    keep = Sr > S[:, :1] * (jnp.finfo(jnp.float32).eps * S.shape[-1])
+    inv = jnp.where(keep, jnp.sqrt(1.0 / jnp.where(keep, Sr, 1.0)), 0.0)  # S_r^-1/2
+    X = jnp.kron(Ct, jnp.eye(r, dtype=jnp.float32))  # [M r, M r]
+    NB = jnp.einsum("ij,lkj,lkt,lt->lit", X, RA, Vct[:, :r].swapaxes(1, 2), inv,
+                    precision=factored.HI)  # fmt: skip
+    MA = jnp.einsum("lt,lkt,lkj,ji->lti", inv, Uc[:, :, :r], RB, X, precision=factored.HI)
+    B = jnp.einsum("lomi,lmit->lot", basis.Bm, NB.reshape(L, M, r, r), precision=factored.HI)
+    A = jnp.einsum("ltmi,lmid->ltd", MA.reshape(L, r, M, r), basis.Am, precision=factored.HI)
+    resid = factored.matrix_resid_sq(basis, X[None] - jnp.einsum("lit,ltj->lij", NB, MA))
+    dW_sq = factored.quad(basis.K, Ct)
+    tail_sq = jnp.sum(jnp.square(S[:, r:]), axis=-1)
+    return {"A": A, "B": B}, resid, dW_sq, tail_sq
+
+
+def aggregate(clients: common.Clients, weights, previous=None, svd_metric: bool = True):
+    del previous, svd_metric  # the SVD is the method itself
+    p = common.normalize(weights)
+    groups = common.stack_layers(clients)
+    outs = [_svd_group(factored.build_basis(g, p), p, g.A.shape[2]) for g in groups]
+    loras, res, dW, tail = (list(x) for x in zip(*outs, strict=True))
+    metrics = factored.summarize(groups, dW, res, tail)
+    return common.unstack(groups, loras), {}, metrics
+
+
+def make_svd() -> common.Estimator:
+    """Best rank-r approximation of ``dW_ideal`` in factored form. No hyperparameters."""
+    return common.Estimator(aggregate, common.fedit_bytes)

@@ -1,0 +1,39 @@
+"""Test helpers for the run-level tests: the smoke config with overrides, and a shared
+XLA compilation cache so runs built by different tests with the same shapes compile once."""
+
+import contextlib
+import importlib.util
+import pathlib
+import tempfile
+
+import jax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+XLA_CACHE = pathlib.Path(tempfile.gettempdir()) / "floranna_jax_test_xla_cache"
+
+
+def smoke_config(**overrides):
+    """configs/glue.py:smoke (unlocked) with ``{"section.field": value}`` overrides."""
+    spec = importlib.util.spec_from_file_location("glue_config", REPO / "configs" / "glue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke")
+    for field, value in overrides.items():
+        section, name = field.split(".")
+        config[section][name] = value
+    return config
+
+
+@contextlib.contextmanager
+def shared_compilation():
+    """A persistent XLA cache while the block runs (then the previous settings): runs built
+    by different tests with the same shapes compile their client step once."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = [getattr(jax.config, n) for n in names]
+    jax.config.update(names[0], str(XLA_CACHE))
+    jax.config.update(names[1], 0.0)
+    try:
+        yield
+    finally:
+        for n, v in zip(names, before, strict=True):
+            jax.config.update(n, v)
