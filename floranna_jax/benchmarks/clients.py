@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import resource
 import time
 
@@ -36,28 +35,9 @@ import numpy as np
 import optax
 
 from floranna_jax import clients, models
+from floranna_jax.benchmarks import machine
 
 DEFAULT_MODEL = pathlib.Path.home() / ".cache" / "floranna" / "models" / "all-MiniLM-L6-v2"
-
-
-def machine() -> dict:
-    """CPU model, cores visible to this process, JAX backend and version."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "backend": jax.default_backend(),
-        "devices": [d.device_kind for d in jax.devices()],
-        "jax": jax.__version__,
-        "load_avg_1m_at_start": os.getloadavg()[0],
-    }
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -196,7 +176,7 @@ def main(argv=None) -> dict:
     a = parser.parse_args(argv)
     U, S, b, L = a.clients, a.local_steps, a.batch_size, a.seq_len
 
-    report = {"machine": machine(), "setup": vars(a)}
+    report = {"machine": machine.describe(), "setup": vars(a)}
     report["matmul_peak_flops"] = matmul_peak()
     spec = models.LoraSpec(rank=16, alpha=16.0, targets=("query", "value"))
     model = models.load_pretrained(a.model, num_labels=2, lora=spec, key=jax.random.key(0))

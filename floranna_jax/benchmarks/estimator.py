@@ -29,7 +29,6 @@ import argparse  # noqa: E402
 import functools
 import json
 import pathlib
-import platform
 import statistics
 import time
 
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from floranna_jax import server
+from floranna_jax.benchmarks import machine
 
 MODELS = {  # name -> (layers, d_out, d_in, r, U); {q, v} per transformer block
     "llama2-7b": (2 * 32, 4096, 4096, 16, 10),
@@ -50,19 +50,6 @@ METHODS = (
     ("floranna (als, 200)", "floranna", {"solver": "als", "steps": 200}),
 )
 DENSE_STEPS = 200
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()],
-            "jax": jax.__version__, "platform": platform.platform()}  # fmt: skip
 
 
 def make_clients(key, layers, d_out, d_in, r, U, spread=0.1):
@@ -169,7 +156,7 @@ def main(argv=None) -> None:
     models = QUICK if args.quick else MODELS
     if args.models:
         models = {k: MODELS[k] for k in args.models.split(",")}
-    result = {"machine": machine(), "models": {}}
+    result = {"machine": machine.describe(), "models": {}}
     print("machine:", result["machine"], flush=True)
     for name, dims in models.items():
         result["models"][name] = run_model(name, dims, args.repeats)

@@ -12,10 +12,8 @@ implementation reports the dense choice). Up: one adapter, ``r (d_in + d_out)``.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
-from floranna_jax.server import common, factored
-from floranna_jax.server.flora import dense_ideal, dense_sq
+from floranna_jax.server import common
+from floranna_jax.server.merging import aggregate_with_merge
 
 
 def fedex_bytes(shapes: common.Shapes, U: int) -> tuple[int, int]:
@@ -23,24 +21,15 @@ def fedex_bytes(shapes: common.Shapes, U: int) -> tuple[int, int]:
     return up, up + common.factor_bytes(shapes, lambda do, di, r: do * di)
 
 
+def _fedit_factors(g, basis):
+    """Member 0 of the mean-centred basis is the weighted mean: FedIT's factors."""
+    del g
+    return basis.Am[:, 0], basis.Bm[:, :, 0]
+
+
 def aggregate(clients: common.Clients, weights, previous=None, svd_metric: bool = True):
     del previous
-    p = common.normalize(weights)
-    groups = common.stack_layers(clients)
-    loras, merges, dW, res, tail = [], [], [], [], []
-    for g in groups:
-        basis = factored.build_basis(g, p)
-        d, t = factored.layer_stats(basis, p, g.A.shape[2], svd_metric)
-        A, B = basis.Am[:, 0], basis.Bm[:, :, 0]
-        ideal = dense_ideal(g, p)
-        est = jnp.einsum("lor,lrd->lod", B, A, precision=factored.HI)
-        merge = ideal - est
-        loras.append({"A": A, "B": B})
-        merges.append(merge)
-        dW, tail = dW + [d], tail + [t]
-        res.append(dense_sq(ideal - (est + merge)))
-    metrics = factored.summarize(groups, dW, res, tail)
-    return common.unstack(groups, loras), common.unstack(groups, merges), metrics
+    return aggregate_with_merge(clients, weights, _fedit_factors, svd_metric)
 
 
 def make_fedex() -> common.Estimator:

@@ -1,0 +1,50 @@
+"""What the merging estimators (FLoRA, FedEx-LoRA) share: a dense residual folded into W0.
+
+Both broadcast some rank-r global factors ``(B, A)`` and fold what those factors miss,
+
+    merge = dW_ideal - B A,        dW_ideal = sum_u p_u B_u A_u,
+
+into the frozen weight, so ``B A + merge = dW_ideal`` exactly. ``merge`` is
+``[d_out, d_in]`` by nature: these are the only estimators that form a dense matrix.
+FLoRA's ``B = 0`` makes its merge ``dW_ideal`` itself; FedEx's ``(B, A)`` is FedIT's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from floranna_jax.server import common, factored
+
+# (group, basis) -> global (A [L, r, d_in], B [L, d_out, r]) for one stacked layer group
+GlobalFactors = Callable[[common.LayerGroup, factored.Basis], tuple[jax.Array, jax.Array]]
+
+
+def dense_ideal(g: common.LayerGroup, p: jax.Array) -> jax.Array:
+    """``sum_u p_u B_u A_u``: ``[L, d_out, d_in]``."""
+    return jnp.einsum("u,luoi,luid->lod", p, g.B, g.A, precision=factored.HI)
+
+
+def aggregate_with_merge(
+    clients: common.Clients, weights, global_factors: GlobalFactors, svd_metric: bool
+):
+    """``(lora, merge, metrics)`` with ``merge = dW_ideal - B A`` per layer."""
+    p = common.normalize(weights)
+    groups = common.stack_layers(clients)
+    loras, merges, dW, res, tail = [], [], [], [], []
+    for g in groups:
+        basis = factored.build_basis(g, p)
+        d, t = factored.layer_stats(basis, p, g.A.shape[2], svd_metric)
+        A, B = global_factors(g, basis)
+        ideal = dense_ideal(g, p)
+        est = jnp.einsum("lor,lrd->lod", B, A, precision=factored.HI)
+        merge = ideal - est
+        loras.append({"A": A, "B": B})
+        merges.append(merge)
+        dW, tail = dW + [d], tail + [t]
+        # Measured, not assumed: the rounding of est + merge is what rho reports.
+        res.append(jnp.sum(jnp.square(ideal - (est + merge)), axis=(-2, -1)))
+    metrics = factored.summarize(groups, dW, res, tail)
+    return common.unstack(groups, loras), common.unstack(groups, merges), metrics
