@@ -61,9 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         vocab_size=1000,  # synthetic only: token ids in [0, vocab_size)
     )
     c.partition = dict(
-        scheme="dirichlet",  # how labels are split over clients: "dirichlet" or "iid"
+        scheme="dirichlet",  # client split: "dirichlet", "iid", "quantity" or "k_classes"
         num_clients=10,  # total clients
-        alpha=0.5,  # Dirichlet concentration (smaller = more non-IID)
+        alpha=0.5,  # Dirichlet concentration (smaller = more non-IID); quantity skew too
+        classes_per_client=2,  # k_classes only: labels held by each client
         holdout_fraction=0.1,  # share of each client's data kept for local evaluation
     )
     c.client = dict(

@@ -107,6 +107,7 @@ def validate(config) -> dict[str, Any]:
     _choice(config, "partition.scheme", tuple(partition.SCHEMES))
     _int(config, "partition.num_clients")
     _number(config, "partition.alpha", 0.0)
+    _int(config, "partition.classes_per_client")
     _number(config, "partition.holdout_fraction", 0.0, 1.0, open_low=False)
     _choice(config, "client.optimizer", tuple(clients.OPTIMIZERS))
     _number(config, "client.learning_rate", 0.0)

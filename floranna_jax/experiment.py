@@ -96,9 +96,10 @@ def build(config, key: jax.Array) -> Experiment:
     task = glue.get_task(config.data.task)
     train, validation = load_data(config, task)
     p = config.partition
+    extra = {"classes_per_client": p.classes_per_client} if p.scheme == "k_classes" else {}
     part = partition.split(
         train["label"], p.num_clients, scheme=p.scheme, seed=config.train.seed, alpha=p.alpha,
-        holdout_fraction=p.holdout_fraction,
+        holdout_fraction=p.holdout_fraction, **extra,
     )  # fmt: skip
     model = build_model(config, task.num_labels, key)
     return Experiment(task, model, train, validation, part)

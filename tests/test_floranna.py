@@ -130,7 +130,7 @@ class GramLossTest(chex.TestCase):
         a, b = rng.normal(size=(2, 3, U)).astype(np.float32)
 
         def gram_losses(a, b):
-            groups = common.stack_layers(jc, jax.tree.map(jnp.asarray, prev))
+            groups = common.group_layers(jc, jax.tree.map(jnp.asarray, prev))
             bases = [factored.build_basis(g, p, use_previous=combine == "deltas") for g in groups]
             prob = floranna.problem(bases, p, target, combine, "layer")
             return floranna.losses(a, b, prob), [n for g in groups for n in g.names]

@@ -38,46 +38,61 @@ HI = jax.lax.Precision.HIGHEST  # full float32 on every backend (no TF32 / bf16 
 
 
 class Basis(NamedTuple):
-    """One layer group's members and Gram blocks, leading layer axis ``L``.
+    """One layer group's centres and Gram blocks, leading layer axis ``L``.
 
-    Bm: [L, d_out, M, r]   member 0 is the centre, members 1..U the offsets B_u - c_B
-                           (member axis inside, so ``[L, d_out, M r]`` is a free reshape)
-    Am: [L, M, r, d_in]
+    cB: [L, d_out, r]      the centre of the B factors (member 0)
+    cA: [L, r, d_in]       the centre of the A factors
     GB: [L, M, M, r, r]    GB[l, u, w] = Bm_u^T Bm_w
     GA: [L, M, M, r, r]    GA[l, v, x] = Am_v Am_x^T
     K:  [L, M, M, M, M]    K[l, u, v, w, x] = <GB[l, u, w], GA[l, v, x]>
     w0: [U]                weights whose offsets sum to zero: p (mean centre) or 0
+
+    The members themselves (``[M r, d]`` per layer and factor) live only inside
+    :func:`build_basis`, one layer at a time; :func:`combine` reads the clients' factors.
     """
 
-    Bm: jax.Array
-    Am: jax.Array
+    cB: jax.Array
+    cA: jax.Array
     GB: jax.Array
     GA: jax.Array
     K: jax.Array
     w0: jax.Array
 
 
+def _member_gram(centre: jax.Array, X: jax.Array) -> jax.Array:
+    """Flat Gram ``[M r, M r]`` of the members ``[c; X_1 - c; ..; X_U - c]`` (rows ``[r, d]``).
+
+    ``centre: [r, d]``, ``X: [U, r, d]``. The centring and the row-major stack fuse into
+    one pass over ``X``; the Gram is then one plain GEMM contracting the long axis ``d``.
+    """
+    U, r, d = X.shape
+    members = jnp.concatenate([centre[None], X - centre[None]]).reshape((U + 1) * r, d)
+    return jnp.einsum("kd,jd->kj", members, members, precision=HI)
+
+
 def build_basis(group: common.LayerGroup, p: jax.Array, use_previous: bool = False) -> Basis:
-    """Members and Grams of one layer group (centre: mean, or previous global factors)."""
-    A, B = group.A, group.B
+    """Centres and Grams of one layer group (centre: mean, or previous global factors).
+
+    Layer by layer, so no copy of all clients' factors is ever made: the only large
+    temporaries are one layer's members (``(U + 1) r d`` numbers per factor).
+    """
+    U, r = p.shape[0], group.r
+    M = U + 1
     if use_previous:
         cA, cB, w0 = group.prev_A, group.prev_B, jnp.zeros_like(p)
     else:
-        cA, cB, w0 = common.weighted_mean(p, A), common.weighted_mean(p, B), p
-    L, U, r, d_in = A.shape
-    d_out = B.shape[2]
-    Am = jnp.concatenate([cA[:, None], A - cA[:, None]], axis=1)
-    Bt = jnp.swapaxes(B, 1, 2)  # [L, d_out, U, r]
-    Bm = jnp.concatenate([cB[:, :, None], Bt - cB[:, :, None]], axis=2)
-    M = U + 1
-    # Two plain batched GEMMs over the flat member stacks ([L, d_out, M r], [L, M r, d_in]).
-    Bf, Af = Bm.reshape(L, d_out, M * r), Am.reshape(L, M * r, d_in)
-    GBf = jnp.einsum("lok,loj->lkj", Bf, Bf, precision=HI)
-    GAf = jnp.einsum("lkd,ljd->lkj", Af, Af, precision=HI)
+        cA = tuple(common.weighted_mean(p, A) for A in group.A)
+        cB = tuple(common.weighted_mean(p, B) for B in group.B)
+        w0 = p
+    # B_u^T B_w is a Gram of the transposed factors [r, d_out]: same GEMM as for A.
+    pairs = zip(cB, group.B, strict=True)
+    GBf = jnp.stack([_member_gram(c.T, jnp.swapaxes(B, 1, 2)) for c, B in pairs])
+    GAf = jnp.stack([_member_gram(c, A) for c, A in zip(cA, group.A, strict=True)])
+    L = GBf.shape[0]
     GB = GBf.reshape(L, M, r, M, r).transpose(0, 1, 3, 2, 4)
     GA = GAf.reshape(L, M, r, M, r).transpose(0, 1, 3, 2, 4)
     K = jnp.einsum("luwij,lvxij->luvwx", GB, GA, precision=HI)
-    return Basis(Bm, Am, GB, GA, K, w0)
+    return Basis(jnp.stack(cB), jnp.stack(cA), GB, GA, K, w0)
 
 
 def target_coeffs(q: jax.Array, w0: jax.Array) -> jax.Array:
@@ -102,10 +117,30 @@ def quad(K: jax.Array, C: jax.Array) -> jax.Array:
     return jnp.sum(Kc * c, axis=-1)
 
 
-def combine(basis: Basis, beta: jax.Array, alpha: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sum_m beta[l,m] Bm_m, sum_m alpha[l,m] Am_m)``: ``[L, d_out, r]``, ``[L, r, d_in]``."""
-    B = jnp.einsum("lm,lomr->lor", beta, basis.Bm, precision=HI)
-    A = jnp.einsum("lm,lmrd->lrd", alpha, basis.Am, precision=HI)
+def combine(
+    group: common.LayerGroup, basis: Basis, beta: jax.Array, alpha: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(sum_m beta[l,m] Bm_m, sum_m alpha[l,m] Am_m)``: ``[L, d_out, r]``, ``[L, r, d_in]``.
+
+    Coefficients are scalars ``[L, M]`` or matrices ``[L, M, r, r]``, which act on the
+    right of ``Bm_m`` and on the left of ``Am_m`` (the SVD's). Since member ``u >= 1`` is
+    ``X_u - c``, the sum is ``c (x_0 - sum_u x_u) + sum_u X_u x_u``: it reads the clients'
+    factors once, as they are, instead of a stacked copy of the members.
+    """
+    scalar = beta.ndim == 2
+    on_c = lambda x: x[:, 0] - jnp.sum(x[:, 1:], axis=1)  # noqa: E731
+    if scalar:
+        B = on_c(beta)[:, None, None] * basis.cB
+        A = on_c(alpha)[:, None, None] * basis.cA
+        b_spec, a_spec = "uor,u->or", "u,urd->rd"
+    else:
+        B = jnp.einsum("lor,lrs->los", basis.cB, on_c(beta), precision=HI)
+        A = jnp.einsum("lsr,lrd->lsd", on_c(alpha), basis.cA, precision=HI)
+        b_spec, a_spec = "uor,urs->os", "usr,urd->sd"
+    B = B + jnp.stack([jnp.einsum(b_spec, X, x[1:], precision=HI)
+                       for X, x in zip(group.B, beta, strict=True)])  # fmt: skip
+    A = A + jnp.stack([jnp.einsum(a_spec, x[1:], X, precision=HI)
+                       for X, x in zip(group.A, alpha, strict=True)])  # fmt: skip
     return B, A
 
 

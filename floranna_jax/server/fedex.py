@@ -22,9 +22,9 @@ def fedex_bytes(shapes: common.Shapes, U: int) -> tuple[int, int]:
 
 
 def _fedit_factors(g, basis):
-    """Member 0 of the mean-centred basis is the weighted mean: FedIT's factors."""
+    """The centre of the mean-centred basis is the weighted mean: FedIT's factors."""
     del g
-    return basis.Am[:, 0], basis.Bm[:, :, 0]
+    return basis.cA, basis.cB
 
 
 def aggregate(clients: common.Clients, weights, previous=None, svd_metric: bool = True):

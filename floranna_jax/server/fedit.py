@@ -19,14 +19,14 @@ def average(clients: common.Clients, weights, previous=None, svd_metric: bool = 
     """``(lora, merge={}, metrics)`` of the factor average; shared by fedit, ffa, fedsa."""
     del previous  # the average needs no history
     p = common.normalize(weights)
-    groups = common.stack_layers(clients)
+    groups = common.group_layers(clients)
     loras, dW, res, tail = [], [], [], []
     for g in groups:
         basis = factored.build_basis(g, p)
-        d, t = factored.layer_stats(basis, p, g.A.shape[2], svd_metric)
-        # The estimate is member 0 (the weighted mean) itself: coefficients e0 e0^T.
+        d, t = factored.layer_stats(basis, p, g.r, svd_metric)
+        # The estimate is the centre (the weighted mean) itself: coefficients e0 e0^T.
         C = factored.target_coeffs(p, basis.w0).at[0, 0].add(-1.0)
-        loras.append({"A": basis.Am[:, 0], "B": basis.Bm[:, :, 0]})
+        loras.append({"A": basis.cA, "B": basis.cB})
         dW, tail = dW + [d], tail + [t]
         res.append(factored.quad(basis.K, C))
     metrics = factored.summarize(groups, dW, res, tail)

@@ -42,8 +42,7 @@ def make_flora(key: int | jax.Array = 0) -> common.Estimator:
 
         def fresh(g, basis):
             del basis
-            _, r, d_in = g.A.shape[1:]
-            new = [lora_lib.init(jax.random.fold_in(root, index[n]), d_in, g.B.shape[2], r)
+            new = [lora_lib.init(jax.random.fold_in(root, index[n]), g.d_in, g.d_out, g.r)
                    for n in g.names]  # fmt: skip
             return jnp.stack([f["A"] for f in new]), jnp.stack([f["B"] for f in new])
 

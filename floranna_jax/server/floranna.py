@@ -208,7 +208,7 @@ def make_floranna(
                 "(dict layer -> {'A': [r, d_in], 'B': [d_out, r]})"
             )
         p = common.normalize(weights)
-        groups = common.stack_layers(clients, previous if combine == "deltas" else None)
+        groups = common.group_layers(clients, previous if combine == "deltas" else None)
         bases = [factored.build_basis(g, p, use_previous=combine == "deltas") for g in groups]
         prob = problem(bases, p, target, combine, scope)
         if solver == "adam":
@@ -229,9 +229,9 @@ def _finish(groups, bases, p, prob, fit, a, b, steps, svd_metric):
         n = len(g.names)
         beta = member_coeffs(b[start : start + n], prob)
         alpha = member_coeffs(a[start : start + n], prob)
-        B, A = factored.combine(basis, beta, alpha)
+        B, A = factored.combine(g, basis, beta, alpha)
         loras.append({"A": A, "B": B})
-        d, t = factored.layer_stats(basis, p, g.A.shape[2], svd_metric)
+        d, t = factored.layer_stats(basis, p, g.r, svd_metric)
         Ct = factored.target_coeffs(p, basis.w0)
         res.append(factored.quad(basis.K, Ct - beta[:, :, None] * alpha[:, None, :]))
         dW, tail, start = dW + [d], tail + [t], start + n

@@ -24,7 +24,8 @@ GlobalFactors = Callable[[common.LayerGroup, factored.Basis], tuple[jax.Array, j
 
 def dense_ideal(g: common.LayerGroup, p: jax.Array) -> jax.Array:
     """``sum_u p_u B_u A_u``: ``[L, d_out, d_in]``."""
-    return jnp.einsum("u,luoi,luid->lod", p, g.B, g.A, precision=factored.HI)
+    return jnp.stack([jnp.einsum("u,uoi,uid->od", p, B, A, precision=factored.HI)
+                      for A, B in zip(g.A, g.B, strict=True)])  # fmt: skip
 
 
 def aggregate_with_merge(
@@ -32,11 +33,11 @@ def aggregate_with_merge(
 ):
     """``(lora, merge, metrics)`` with ``merge = dW_ideal - B A`` per layer."""
     p = common.normalize(weights)
-    groups = common.stack_layers(clients)
+    groups = common.group_layers(clients)
     loras, merges, dW, res, tail = [], [], [], [], []
     for g in groups:
         basis = factored.build_basis(g, p)
-        d, t = factored.layer_stats(basis, p, g.A.shape[2], svd_metric)
+        d, t = factored.layer_stats(basis, p, g.r, svd_metric)
         A, B = global_factors(g, basis)
         ideal = dense_ideal(g, p)
         est = jnp.einsum("lor,lrd->lod", B, A, precision=factored.HI)

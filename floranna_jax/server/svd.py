@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from floranna_jax.server import common, factored
 
 
-def _svd_group(basis: factored.Basis, p, r: int):
+def _svd_group(group: common.LayerGroup, basis: factored.Basis, p):
     """``(lora, resid_sq, dW_sq, tail_sq)`` for one stacked group."""
-    L, M, _, _, _ = basis.GB.shape
+    L, M, _, _, r = basis.GB.shape
     Ct = factored.target_coeffs(p, basis.w0)
     RB, RA, mid = factored.core(basis, Ct)
     Uc, S, Vct = jnp.linalg.svd(mid, full_matrices=False)
@@ -37,8 +37,8 @@ def _svd_group(basis: factored.Basis, p, r: int):
     NB = jnp.einsum("ij,lkj,lkt,lt->lit", X, RA, Vct[:, :r].swapaxes(1, 2), inv,
                     precision=factored.HI)  # fmt: skip
     MA = jnp.einsum("lt,lkt,lkj,ji->lti", inv, Uc[:, :, :r], RB, X, precision=factored.HI)
-    B = jnp.einsum("lomi,lmit->lot", basis.Bm, NB.reshape(L, M, r, r), precision=factored.HI)
-    A = jnp.einsum("ltmi,lmid->ltd", MA.reshape(L, r, M, r), basis.Am, precision=factored.HI)
+    B, A = factored.combine(group, basis, NB.reshape(L, M, r, r),
+                            MA.reshape(L, r, M, r).transpose(0, 2, 1, 3))  # fmt: skip
     resid = factored.matrix_resid_sq(basis, X[None] - jnp.einsum("lit,ltj->lij", NB, MA))
     dW_sq = factored.quad(basis.K, Ct)
     tail_sq = jnp.sum(jnp.square(S[:, r:]), axis=-1)
@@ -48,8 +48,8 @@ def _svd_group(basis: factored.Basis, p, r: int):
 def aggregate(clients: common.Clients, weights, previous=None, svd_metric: bool = True):
     del previous, svd_metric  # the SVD is the method itself
     p = common.normalize(weights)
-    groups = common.stack_layers(clients)
-    outs = [_svd_group(factored.build_basis(g, p), p, g.A.shape[2]) for g in groups]
+    groups = common.group_layers(clients)
+    outs = [_svd_group(g, factored.build_basis(g, p), p) for g in groups]
     loras, res, dW, tail = (list(x) for x in zip(*outs, strict=True))
     metrics = factored.summarize(groups, dW, res, tail)
     return common.unstack(groups, loras), {}, metrics
