@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         clients_per_round=10,  # clients sampled per round (U)
         client_mode="vmap",  # how clients run: "vmap" (stacked) or "loop"
         shard_clients=False,  # shard the client axis over devices when more than one
+        clients_per_chunk=0,  # vmap: clients trained at once (0 = all; caps activation memory)
     )
     c.ckpt = dict(
         every_rounds=10,  # save the round state every this many rounds (0 = never)

@@ -10,7 +10,9 @@ stacked along a leading axis: ``jax.vmap`` with the base unbatched (``in_axes=No
 so every client reads the same base buffer and XLA batches the base matmuls across
 clients. With a :class:`jax.sharding.Mesh` whose axis is ``"clients"`` the stacked axis
 is sharded over devices and the base replicated; ``U`` is padded to a multiple of the
-device count with do-nothing clients and stripped after. ``mode="loop"`` runs the
+device count with do-nothing clients and stripped after. ``chunk=k`` runs the vmapped
+clients ``k`` at a time inside the same program (``lax.map`` with ``batch_size``), so the
+activation memory is that of ``k`` clients whatever ``U`` is. ``mode="loop"`` runs the
 same jitted one-client function client by client, for debugging and benchmarking.
 
 Shapes: ``U`` clients, ``S`` local steps (padded), ``b`` examples per step. Unequal
@@ -217,7 +219,9 @@ def _sharded(mapped: Callable, mesh: Mesh) -> Callable:
     return run
 
 
-def make_runner(local_update: LocalUpdate, mode: str = "vmap", mesh: Mesh | None = None):
+def make_runner(
+    local_update: LocalUpdate, mode: str = "vmap", mesh: Mesh | None = None, chunk: int = 0
+):
     """Run ``local_update`` for ``U`` stacked clients; jitted once per input shapes.
 
     ``runner(base, trainable_U, opt_state_U, batches_U, step_mask_U, keys_U)`` ->
@@ -225,17 +229,35 @@ def make_runner(local_update: LocalUpdate, mode: str = "vmap", mesh: Mesh | None
     axis; ``batches_U: [U, S, b, ...]``; ``step_mask_U: [U, S]``; ``keys_U: [U]`` typed
     keys; ``metrics_U: {"loss": [U], "steps": [U]}``. ``base`` is unbatched.
 
-    Modes: ``"vmap"`` (optionally sharded over ``mesh``'s ``"clients"`` axis) and
-    ``"loop"`` (one jitted client call after another, single device).
+    Modes: ``"vmap"`` (optionally sharded over ``mesh``'s ``"clients"`` axis, or run
+    ``chunk`` clients at a time when ``chunk > 0``) and ``"loop"`` (one jitted client call
+    after another, single device).
     """
     if mode not in MODES:
         raise ValueError(f"unknown runner mode {mode!r}; valid: {list(MODES)}")
-    if mode == "loop":
+    if not (isinstance(chunk, int) and chunk >= 0):
+        raise ValueError(f"chunk must be an int >= 0 (0: all clients at once), got {chunk!r}")
+    if mode == "loop" or chunk:
         if mesh is not None:
-            raise ValueError("mode='loop' runs on one device; pass mesh=None or use mode='vmap'")
+            raise ValueError("mode='loop' and chunk > 0 run on one device; pass mesh=None")
+    if mode == "loop":
         return _loop_runner(jax.jit(local_update))
+    if chunk:
+        return jax.jit(_chunked(local_update, chunk))
     mapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0, 0))
     return jax.jit(mapped if mesh is None else _sharded(mapped, mesh))
+
+
+def _chunked(local_update: LocalUpdate, chunk: int) -> Callable:
+    """Clients ``chunk`` at a time: ``lax.map`` over chunks, ``vmap`` within one."""
+
+    def run(base, trainable, opt_state, batches, step_mask, keys):
+        def one(xs):
+            return local_update(base, *xs)
+
+        return jax.lax.map(one, (trainable, opt_state, batches, step_mask, keys), batch_size=chunk)
+
+    return run
 
 
 def _loop_runner(one_client: Callable) -> Callable:

@@ -122,6 +122,9 @@ def validate(config) -> dict[str, Any]:
         _fail("train.clients_per_round", f"{config.train.clients_per_round} exceeds "
               f"partition.num_clients={config.partition.num_clients}")  # fmt: skip
     _choice(config, "train.client_mode", clients.MODES)
+    _int(config, "train.clients_per_chunk", 0)
+    if config.train.clients_per_chunk and config.train.shard_clients:
+        _fail("train.clients_per_chunk", "chunking runs on one device; unset train.shard_clients")
     _int(config, "ckpt.every_rounds", 0)
     _int(config, "ckpt.keep")
     _int(config, "eval.every_rounds")

@@ -75,6 +75,7 @@ def build(config, workdir: str, *, loss_wrapper=None) -> Run:
         clients.make_local_update(loss_fn, opt, _frozen(method)),
         mode=config.train.client_mode,
         mesh=clients.make_mesh() if shard else None,
+        chunk=config.train.clients_per_chunk,
     )
     round_fn = rounds.make_round(
         model=exp.model, runner=runner, opt=opt, method=method, hparams=hparams,

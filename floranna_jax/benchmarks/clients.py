@@ -1,11 +1,13 @@
-"""Benchmark of one federated round of local training: vmap runner vs loop runner.
+"""Benchmark of one federated round of local training: vmap, chunked vmap and loop runners.
 
     python -m floranna_jax.benchmarks.clients [--model PATH] [--out bench_out/clients.json]
 
 Runs one round of ``U=10`` clients on all-MiniLM-L6-v2 (sequence length 64, batch 16,
 5 local AdamW steps, LoRA r=16 on query/value, 2-label head, dropout on, synthetic
-random token ids) with ``clients.make_runner(mode="vmap")`` and ``mode="loop"`` (the
-same jitted one-client math, one client after another). Prints and writes to ``--out``:
+random token ids) three ways, the same math each time: ``make_runner(mode="vmap")``
+(all clients in one vmapped program), ``mode="vmap", chunk=--chunk`` (the same program,
+``--chunk`` clients at a time) and ``mode="loop"`` (the jitted one-client function, one
+client after another). Prints and writes to ``--out``:
 
 - examples/s of each mode and their ratio (best of ``--repeats`` timed calls, after a
   compile-and-warm-up call);
@@ -167,12 +169,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--clients", type=int, default=10, help="U for the timed round")
     parser.add_argument("--big_clients", type=int, default=50, help="U for the memory check")
     parser.add_argument(
-        "--run_big", type=int, default=0, help="1: also execute the big round (needs its temp)"
+        "--run_big", type=int, default=0, help="1: also execute the big round, chunked mode"
     )
     parser.add_argument("--local_steps", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=2, help="clients at once, chunked mode")
     a = parser.parse_args(argv)
     U, S, b, L = a.clients, a.local_steps, a.batch_size, a.seq_len
 
@@ -186,10 +189,13 @@ def main(argv=None) -> dict:
     args = round_args(model, opt, U, S, b, L)
     examples = U * S * b
 
-    vmap_runner = clients.make_runner(local_update, mode="vmap")
-    compiled = vmap_runner.lower(*args).compile()
+    runners = {
+        "vmap": clients.make_runner(local_update, mode="vmap"),
+        "chunked": clients.make_runner(local_update, mode="vmap", chunk=a.chunk),
+        "loop": clients.make_runner(local_update, mode="loop"),
+    }
+    compiled = {m: runners[m].lower(*args).compile() for m in ("vmap", "chunked")}
     flops = step_flops(loss_fn, args) * S
-    runners = {"vmap": vmap_runner, "loop": clients.make_runner(local_update, "loop")}
     stats, results = bench_modes(runners, args, a.repeats)
     report["load_avg_1m_after_timing"] = os.getloadavg()[0]
     for mode, r in stats.items():
@@ -198,27 +204,33 @@ def main(argv=None) -> dict:
         r["flops_per_s"] = flops / r["best_s"]
         r["fraction_of_matmul_peak"] = r["flops_per_s"] / report["matmul_peak_flops"]
         report[mode] = r
-    report["vmap_over_loop"] = report["vmap"]["examples_per_s"] / report["loop"]["examples_per_s"]
-    report["vmap_over_loop_cpu"] = report["loop"]["best_cpu_s"] / report["vmap"]["best_cpu_s"]
-    diff = jax.tree.map(
-        lambda x, y: float(jnp.max(jnp.abs(x - y))), results["vmap"], results["loop"]
-    )
-    report["vmap_vs_loop_max_abs_diff"] = max(jax.tree.leaves(diff))
-    report["vmap_vs_loop_max_abs_diff_loss"] = diff[2]["loss"]
+    for mode in ("vmap", "chunked"):
+        loop = report["loop"]
+        report[f"{mode}_over_loop"] = report[mode]["examples_per_s"] / loop["examples_per_s"]
+        report[f"{mode}_over_loop_cpu"] = loop["best_cpu_s"] / report[mode]["best_cpu_s"]
+        diff = jax.tree.map(
+            lambda x, y: float(jnp.max(jnp.abs(x - y))), results[mode], results["loop"]
+        )
+        report[f"{mode}_vs_loop_max_abs_diff"] = max(jax.tree.leaves(diff))
+        report[f"{mode}_vs_loop_max_abs_diff_loss"] = diff[2]["loss"]
     report["flops_per_round"] = flops
-    report["flops_per_round_xla_while_body_once"] = _flops(compiled)
+    report["flops_per_round_xla_while_body_once"] = _flops(compiled["vmap"])
     report["max_rss_bytes_after_U"] = max_rss_bytes()
 
     one = jax.tree.map(lambda x: x[0], args[1:])
     report["loop_one_client_memory"] = memory(
         jax.jit(local_update).lower(args[0], *one).compile(), args[0], 1
     )
-    report["memory"] = {U: memory(compiled, args[0], U)}
     big = round_args(model, opt, a.big_clients, S, b, L)
-    big_compiled = vmap_runner.lower(*big).compile()
-    report["memory"][a.big_clients] = memory(big_compiled, big[0], a.big_clients)
-    if a.run_big:
-        report["big_round_s"] = timed(big_compiled, big)[0]  # compiled: no compile
+    report["memory"] = {}
+    for mode in ("vmap", "chunked"):
+        big_compiled = runners[mode].lower(*big).compile()
+        report["memory"][mode] = {
+            U: memory(compiled[mode], args[0], U),
+            a.big_clients: memory(big_compiled, big[0], a.big_clients),
+        }
+    if a.run_big:  # the chunked round: its activations are those of ``chunk`` clients
+        report["big_round_chunked_s"] = timed(big_compiled, big)[0]  # compiled: no compile
         report["max_rss_bytes_after_big_U"] = max_rss_bytes()
     report["base_bytes"] = tree_bytes(model.base)
     report["per_client_state_bytes"] = tree_bytes(args[1:3]) // U
@@ -236,7 +248,7 @@ def print_report(r: dict, U: int, big_U: int) -> None:
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}")
     print(f"matmul peak (f32 2048^3): {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
     print(f"FLOPs per round (XLA cost_analysis of one step x steps): {r['flops_per_round']:.3e}")
-    for mode in ("vmap", "loop"):
+    for mode in ("vmap", "chunked", "loop"):
         x = r[mode]
         print(
             f"{mode}: best {x['best_s']:.2f} s (first call {x['first_call_s']:.1f} s), "
@@ -244,29 +256,32 @@ def print_report(r: dict, U: int, big_U: int) -> None:
             f"{x['flops_per_s'] / 1e9:.1f} GFLOP/s "
             f"= {100 * x['fraction_of_matmul_peak']:.1f}% of matmul peak"
         )
-    print(
-        f"vmap / loop: {r['vmap_over_loop']:.2f}x wall, {r['vmap_over_loop_cpu']:.2f}x CPU time "
-        f"(max |diff|: loss {r['vmap_vs_loop_max_abs_diff_loss']:.1e}, "
-        f"params+state {r['vmap_vs_loop_max_abs_diff']:.1e})"
-    )
+    for mode in ("vmap", "chunked"):
+        print(
+            f"{mode} / loop: {r[f'{mode}_over_loop']:.2f}x wall, "
+            f"{r[f'{mode}_over_loop_cpu']:.2f}x CPU time (max |diff|: loss "
+            f"{r[f'{mode}_vs_loop_max_abs_diff_loss']:.1e}, "
+            f"params+state {r[f'{mode}_vs_loop_max_abs_diff']:.1e})"
+        )
     print(
         f"base {mib(r['base_bytes'])}; per client: state {mib(r['per_client_state_bytes'])}, "
         f"batch {mib(r['per_client_batch_bytes'])}"
     )
-    for n in (U, big_U):
-        x = r["memory"][n]
-        print(
-            f"U={n}: args {mib(x['argument_bytes'])}, temp {mib(x['temp_bytes'])}, "
-            f"out {mib(x['output_bytes'])}, "
-            f"[U,*base] buffers {x['per_client_base_shaped_buffers_in_hlo']}"
-        )
+    for mode, per_U in r["memory"].items():
+        for n in (U, big_U):
+            x = per_U[n]
+            print(
+                f"{mode} U={n}: args {mib(x['argument_bytes'])}, temp {mib(x['temp_bytes'])}, "
+                f"out {mib(x['output_bytes'])}, "
+                f"[U,*base] buffers {x['per_client_base_shaped_buffers_in_hlo']}"
+            )
     x = r["loop_one_client_memory"]
     print(f"one client (loop): args {mib(x['argument_bytes'])}, temp {mib(x['temp_bytes'])}")
     print(f"max RSS after U={U}: {mib(r['max_rss_bytes_after_U'])}", end="")
     if "max_rss_bytes_after_big_U" in r:
         print(
             f"; after U={big_U}: {mib(r['max_rss_bytes_after_big_U'])} "
-            f"(round {r['big_round_s']:.1f} s)"
+            f"(chunked round {r['big_round_chunked_s']:.1f} s)"
         )
     print()
 
