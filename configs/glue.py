@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         learning_rate=1e-2,  # floranna: solver learning rate
         end_learning_rate=config_dict.placeholder(float),  # floranna: cosine decay to this
         weight_decay=0.0,  # floranna: solver weight decay
+        compare=(),  # also log rho_rel of these on each round's uploads: rounds.COMPARISONS
     )
     c.train = dict(
         seed=0,  # root of all randomness (sampling, data order, init, dropout)

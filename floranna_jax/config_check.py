@@ -13,7 +13,7 @@ import inspect
 import os
 from typing import Any
 
-from floranna_jax import clients, models, partition, server
+from floranna_jax import clients, models, partition, rounds, server
 from floranna_jax.data import glue
 
 MODEL_SOURCES = ("pretrained", "random")
@@ -129,6 +129,9 @@ def validate(config) -> dict[str, Any]:
     _int(config, "ckpt.keep")
     _int(config, "eval.every_rounds")
     _int(config, "eval.batch_size")
+    bad = [c for c in config.server.compare if c not in rounds.COMPARISONS]
+    if bad:
+        _fail("server.compare", f"unknown {bad}; valid: {', '.join(rounds.COMPARISONS)}")
     _paths(config)
     hparams = server_hparams(config)
     try:  # the factory checks its hyperparameters' values; it compiles nothing

@@ -47,6 +47,13 @@ from floranna_jax import clients, lora, models, server
 SAMPLE_TAG = 2**31 - 1  # fold_in tags above any client id: the round's non-client draws
 INIT_TAG = 2**31 - 2
 MERGING = ("flora", "fedex")  # estimators that fold a dense update into the frozen base
+# Estimators that ``compare=`` can also run on each round's uploads: label -> (name, hparams).
+COMPARISONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedit": ("fedit", {}),
+    "svd": ("svd", {}),
+    "floranna_layer": ("floranna", {"scope": "layer"}),
+    "floranna_model": ("floranna", {"scope": "model"}),
+}
 PyTree = Any
 
 
@@ -286,12 +293,16 @@ def make_round(
     clients_per_round: int,
     persistent_opt_state: bool = False,
     previous_lora_hparam: str | None = None,
+    compare: tuple[str, ...] = (),
 ) -> Callable[[RoundState], tuple[RoundState, RoundOutput]]:
     """Build ``round_fn(state) -> (state, RoundOutput)`` for one run.
 
     ``arrays``: the training split ``{key: [N_examples, ...]}``; ``train_index[u]``: client
     ``u``'s rows. ``previous_lora_hparam``: the estimator hparam that receives the previous
-    global adapter (floranna with ``combine="deltas"``), or None.
+    global adapter (floranna with ``combine="deltas"``), or None. ``compare``: labels of
+    :data:`COMPARISONS` whose ``rho_rel`` on this round's very uploads is logged as
+    ``compare/<label>/rho_rel`` (the run itself still uses ``method``): estimators compared
+    on identical client factors, free of the differences their own histories would cause.
     """
     num_clients = len(train_index)
     sizes = np.asarray([len(i) for i in train_index], np.float64)
@@ -329,6 +340,10 @@ def make_round(
             "time/clients_s": t1 - t0,
             "time/server_s": time.perf_counter() - t1,
         }
+        for label in compare:
+            name, hp_c = COMPARISONS[label]
+            m = server.aggregate(name, trained["lora"], p, **hp_c).metrics
+            metrics[f"compare/{label}/rho_rel"] = float(m["rho_rel"])
         return new_state, RoundOutput(ids, trained, base, metrics)
 
     return round_fn

@@ -83,6 +83,7 @@ def build(config, workdir: str, *, loss_wrapper=None) -> Run:
         batch_size=c.batch_size, clients_per_round=config.train.clients_per_round,
         persistent_opt_state=c.persistent_opt_state,
         previous_lora_hparam=_previous_lora_hparam(method, hparams),
+        compare=tuple(config.server.compare),
     )  # fmt: skip
     state = rounds.init_state(
         seed, exp.model.trainable, method=method, num_clients=config.partition.num_clients,

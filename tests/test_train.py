@@ -83,3 +83,18 @@ def test_one_round_of_each_estimator(name, extra, tmp_path):
         assert state.base_delta == {}
     head_moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.head, run.state.head)
     assert any(jax.tree.leaves(head_moved))
+
+
+def test_compare_runs_other_estimators_on_the_same_uploads(tmp_path):
+    labels = ("fedit", "svd", "floranna_layer", "floranna_model")
+    config = smoke_config(**{"server.name": "fedit", "server.compare": labels})
+    run = train.build(config, str(tmp_path))
+    _, out = run.round_fn(run.state)
+    m = {label: out.metrics[f"compare/{label}/rho_rel"] for label in labels}
+    # The run's own estimator and its comparison see the same factors: the same number.
+    np.testing.assert_allclose(m["fedit"], out.metrics["server/rho_rel"], rtol=1e-6)
+    # The rank-r optimum bounds everything; FLoRA-NA starts at FedIT and keeps its best;
+    # per-layer weights contain the shared ones. Float32 slack for each.
+    assert m["svd"] <= min(m.values()) * (1 + 1e-5)
+    assert m["floranna_model"] <= m["fedit"] * (1 + 1e-6)
+    assert m["floranna_layer"] <= m["floranna_model"] * (1 + 1e-6)
