@@ -4,7 +4,8 @@
 per line, ``"round"`` = rounds completed), writes it as TensorBoard scalars (tensorboardX,
 ``workdir/tensorboard``) and advances a tqdm bar. ``finish()`` writes ``summary.md`` (a
 small table, also returned and logged) and PNG plots: the task metric against the round
-(global and mean local) and ``rho_rel`` against the round.
+(global and mean local) and ``rho_rel`` against the round (with the ``compare/*`` series of
+other estimators on the same uploads, when the run logs them).
 
 Keys of a row: ``train/loss``, ``server/rho``, ``server/rho_rel``, ``server/rho_svd``, ...
 (scalar estimator metrics; ``server/bytes_*`` are per client per round),
@@ -89,7 +90,7 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def _fmt(value: float | None, kind: str = "g") -> str:
+def format_value(value: float | None, kind: str = "g") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if kind == "bytes":
@@ -106,13 +107,13 @@ def summary_table(rows: list[dict[str, Any]], main_metric: str, title: str) -> s
     last_rho, mean_rho = (rho_rel[-1], float(np.mean(rho_rel))) if rho_rel else (None, None)
     lines = [
         ("rounds", str(_last(rows, "round") or 0)),
-        (f"global {m}", _fmt(_last(rows, f"eval/global/{m}"))),
-        (f"local {m} (mean over clients)", _fmt(_last(rows, f"eval/local/{m}"))),
-        (f"gap local - global {m}", _fmt(_last(rows, f"eval/gap/{m}"))),
-        ("train loss (last round)", _fmt(_last(rows, "train/loss"))),
-        ("rho_rel (last / mean)", f"{_fmt(last_rho)} / {_fmt(mean_rho)}"),
-        ("bytes up (total)", _fmt(_last(rows, "comm/bytes_up_total"), "bytes")),
-        ("bytes down (total)", _fmt(_last(rows, "comm/bytes_down_total"), "bytes")),
+        (f"global {m}", format_value(_last(rows, f"eval/global/{m}"))),
+        (f"local {m} (mean over clients)", format_value(_last(rows, f"eval/local/{m}"))),
+        (f"gap local - global {m}", format_value(_last(rows, f"eval/gap/{m}"))),
+        ("train loss (last round)", format_value(_last(rows, "train/loss"))),
+        ("rho_rel (last / mean)", f"{format_value(last_rho)} / {format_value(mean_rho)}"),
+        ("bytes up (total)", format_value(_last(rows, "comm/bytes_up_total"), "bytes")),
+        ("bytes down (total)", format_value(_last(rows, "comm/bytes_down_total"), "bytes")),
     ]  # fmt: skip
     for phase in ("clients", "server", "eval"):
         total = sum(r.get(f"time/{phase}_s", 0.0) for r in rows)
@@ -139,9 +140,10 @@ def plot_rows(rows: list[dict[str, Any]], main_metric: str, workdir: str) -> lis
     from matplotlib.figure import Figure  # noqa: PLC0415
 
     paths = []
+    compared = sorted({k for r in rows for k in r if k.startswith("compare/")})
     panels = {
         "metric.png": ([f"eval/global/{main_metric}", f"eval/local/{main_metric}"], main_metric),
-        "rho_rel.png": (["server/rho_rel"], "rho / ||dW_ideal||"),
+        "rho_rel.png": (["server/rho_rel", *compared], "rho / ||dW_ideal||"),
     }
     for name, (keys, ylabel) in panels.items():
         fig = Figure(figsize=(5, 3.5))
