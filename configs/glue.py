@@ -103,6 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         every_rounds=5,  # evaluate every this many rounds (and after the last)
         batch_size=256,  # examples per evaluation batch
         local=True,  # also evaluate each sampled client on its held-out split
+        max_local_examples=0,  # held-out rows per client in the local evaluation (0 = all)
     )
 
     if arg == "smoke":

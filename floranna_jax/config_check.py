@@ -129,6 +129,7 @@ def validate(config) -> dict[str, Any]:
     _int(config, "ckpt.keep")
     _int(config, "eval.every_rounds")
     _int(config, "eval.batch_size")
+    _int(config, "eval.max_local_examples", 0)
     bad = [c for c in config.server.compare if c not in rounds.COMPARISONS]
     if bad:
         _fail("server.compare", f"unknown {bad}; valid: {', '.join(rounds.COMPARISONS)}")

@@ -3,9 +3,11 @@ client's locally trained model on its own held-out split (METHOD.md: report both
 
 Both run a jitted forward over fixed-size padded batches, so each compiles once per run:
 ``global`` over ``[b_eval, ...]`` chunks of the validation split, ``local`` vmapped over the
-``U`` sampled clients with ``[U, b_local, ...]`` chunks of their held-out rows (every
-client padded to the largest held-out split of the run). Scores come from
-``data.metrics.compute`` on the real rows only.
+``U`` sampled clients with ``[U, b_local, ...]`` chunks of their held-out rows (as many
+chunks as the largest held-out split among the sampled clients needs; shorter ones are
+padded). ``max_local_examples`` caps each client's held-out rows (the first ones of its
+split, which the partition shuffled), so the local evaluation's cost does not grow with
+the largest client. Scores come from ``data.metrics.compute`` on the real rows only.
 """
 
 from __future__ import annotations
@@ -53,11 +55,13 @@ def make_evaluator(
     *,
     batch_size: int,
     clients_per_round: int,
+    max_local_examples: int = 0,
 ) -> Evaluator:
     """Evaluators over ``validation`` (global) and ``train[holdout_index[u]]`` (local).
 
     ``batch_size``: rows per global forward; the local forward takes
     ``max(1, batch_size // clients_per_round)`` rows of each of the ``U`` clients at once.
+    ``max_local_examples``: at most this many held-out rows per client (0: all).
     """
     predict = jax.jit(lambda base, trainable, batch: model.apply(base, trainable, batch))
     predict_U = jax.jit(jax.vmap(lambda base, t, batch: model.apply(base, t, batch),
@@ -65,8 +69,8 @@ def make_evaluator(
     val_inputs, val_labels = _inputs(validation), np.asarray(validation["label"])
     n_val = len(val_labels)
     local_rows = max(1, batch_size // clients_per_round)
-    longest = max([len(h) for h in holdout_index] + [1])
-    local_size = -(-longest // local_rows) * local_rows
+    if max_local_examples:
+        holdout_index = [h[:max_local_examples] for h in holdout_index]
     train_inputs, train_labels = _inputs(train), np.asarray(train["label"])
 
     def global_eval(base, trainable) -> dict[str, float]:
@@ -80,6 +84,7 @@ def make_evaluator(
 
     def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
         index = [holdout_index[int(u)] for u in client_ids]
+        local_size = -(-max([len(h) for h in index] + [1]) // local_rows) * local_rows
         stacked = [_padded(train_inputs, rows, local_size) for rows in index]
         batches = {k: np.stack([s[k] for s in stacked]) for k in train_inputs}
         logits = []

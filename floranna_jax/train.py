@@ -93,6 +93,7 @@ def build(config, workdir: str, *, loss_wrapper=None) -> Run:
         exp.model, exp.task.name, exp.task.is_regression, exp.validation, exp.train,
         exp.part.holdout, batch_size=config.eval.batch_size,
         clients_per_round=config.train.clients_per_round,
+        max_local_examples=config.eval.max_local_examples,
     )  # fmt: skip
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"), config.ckpt.every_rounds, config.ckpt.keep

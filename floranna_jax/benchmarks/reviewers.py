@@ -51,6 +51,7 @@ def study_config(a, method: str, alpha: float):
     c.train.num_rounds, c.train.clients_per_round = a.rounds, a.clients_per_round
     c.train.clients_per_chunk = 2  # fastest on a 2-core CPU (docs/clients_benchmark.md)
     c.ckpt.every_rounds, c.eval.every_rounds = 0, a.eval_every
+    c.eval.max_local_examples = 256
     return c
 
 
