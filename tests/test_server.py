@@ -167,6 +167,19 @@ class NoDenseTest(parameterized.TestCase):
         self.assertNotEqual(_dense_shapes_in(self._texts("fedex")[0]), [])
 
 
+class OneDecompositionTest(parameterized.TestCase):
+    """jaxlib's CPU eigh/svd wait on XLA's thread pool: two of them side by side hung a
+    2-core run forever. Every layer group (SHAPES has two) must share one call of each."""
+
+    @parameterized.parameters("fedit", "ffa", "fedsa", "flora", "fedex", "svd", "floranna")
+    def test_one_eigh_and_one_svd_for_all_groups(self, name):
+        clients, w = random_clients(9)
+        args = (jax.tree.map(jnp.asarray, clients), jnp.asarray(w, jnp.float32))
+        text = jax.jit(server.make(name).aggregate).lower(*args).compile().as_text()
+        self.assertEqual(len(re.findall("syevd", text)), 1)
+        self.assertEqual(len(re.findall("gesdd", text)), 1)
+
+
 class ValidationTest(parameterized.TestCase):
     def _ok(self):
         return random_clients(11)

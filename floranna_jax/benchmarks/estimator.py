@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import os
 
-# A run of this benchmark once hung (0% CPU) at LLaMA-2-7B shapes and was blamed on XLA:CPU's
-# concurrency-optimized scheduler; the OpenBLAS hang that floranna_jax/__init__.py now
-# prevents is the likelier cause. The figures in docs/ were measured with it off, so it
-# stays off here.
+# jaxlib's CPU eigh/svd call OpenBLAS; its own thread pool on top of XLA's oversubscribes
+# 2 cores (eigh 4x slower here) and once deadlocked a full run. Set before jax loads it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# A run of this benchmark once hung (0% CPU) at LLaMA-2-7B shapes and the concurrency-optimized
+# scheduler was blamed. The hang seen since (two jaxlib eigh calls side by side starving
+# XLA's thread pool) is fixed in the estimators (factored.core); the figures in docs/ were
+# measured with this scheduler off, so it stays off here.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 )

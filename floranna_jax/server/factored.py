@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from floranna_jax.server import common
 
@@ -163,23 +164,30 @@ def sqrt_factor(G: jax.Array) -> jax.Array:
     return root * jnp.sqrt(jnp.clip(d, 0.0))[..., None, :]
 
 
-def core(basis: Basis, Ct: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(R_B, R_A, R_B (C_t kron I_r) R_A^T)``; the core has the singular values of dW."""
-    L, M, _, _, r = basis.GB.shape
-    RB = sqrt_factor(flat_gram(basis.GB))
-    RA = sqrt_factor(flat_gram(basis.GA))
-    n = RB.shape[-2]
+def core(bases: list[Basis], Ct: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(R_B, R_A, R_B (C_t kron I_r) R_A^T)`` of every layer of every group, ``[sum L, n, n]``
+    each (``n = M r``, shared by all groups); the core has the singular values of ``dW``.
+
+    All roots come from ONE batched ``eigh``. jaxlib's CPU ``eigh`` and ``svd`` wait for
+    sub-tasks on XLA's thread pool; two such calls running side by side on a 2-thread pool
+    each held a thread, waited for the other, and hung the run forever (seen here). One
+    call per decomposition kind leaves nothing to run beside it.
+    """
+    M, r = bases[0].GB.shape[1], bases[0].GB.shape[-1]
+    GB = jnp.concatenate([flat_gram(b.GB) for b in bases])
+    GA = jnp.concatenate([flat_gram(b.GA) for b in bases])
+    L, n = GB.shape[0], GB.shape[-1]
+    RB, RA = jnp.split(sqrt_factor(jnp.concatenate([GB, GA])), 2)
     mid = jnp.einsum(
         "lkur,uv,ljvr->lkj", RB.reshape(L, n, M, r), Ct, RA.reshape(L, n, M, r), precision=HI
     )
     return RB, RA, mid
 
 
-def svd_tail_sq(basis: Basis, Ct: jax.Array, r: int) -> jax.Array:
-    """``sum_{i>r} sigma_i^2`` of ``sum C_t[u,v] Bm_u Am_v`` per layer: ``rho_svd^2``."""
-    _, _, mid = core(basis, Ct)
-    s = jnp.linalg.svd(mid, compute_uv=False)
-    return jnp.sum(jnp.square(s[..., r:]), axis=-1)
+def split_layers(x: jax.Array, bases: list[Basis]) -> list[jax.Array]:
+    """``[sum L, ...]`` -> per-group ``[L_i, ...]`` (inverse of concatenating the groups)."""
+    cuts = np.cumsum([b.GB.shape[0] for b in bases])[:-1]
+    return jnp.split(x, cuts)
 
 
 def matrix_resid_sq(basis: Basis, X: jax.Array) -> jax.Array:
@@ -189,18 +197,20 @@ def matrix_resid_sq(basis: Basis, X: jax.Array) -> jax.Array:
 
 
 def layer_stats(
-    basis: Basis, p: jax.Array, r: int, svd_metric: bool = True
-) -> tuple[jax.Array, jax.Array]:
-    """``(||dW_ideal||^2, rho_svd^2)`` per layer, both from factors only.
+    bases: list[Basis], p: jax.Array, r: int, svd_metric: bool = True
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """``(||dW_ideal||^2, rho_svd^2)`` per layer of each group, both from factors only.
 
-    ``svd_metric=False`` skips the two ``eigh`` and the SVD behind ``rho_svd`` (NaN then):
-    on a CPU they cost more than FLoRA-NA's whole solve.
+    ``svd_metric=False`` skips the ``eigh`` and the SVD behind ``rho_svd`` (NaN then): on a
+    CPU they cost more than FLoRA-NA's whole solve.
     """
-    Ct = target_coeffs(p, basis.w0)
-    dW_sq = quad(basis.K, Ct)
+    Ct = target_coeffs(p, bases[0].w0)
+    dW_sq = [quad(b.K, Ct) for b in bases]
     if not svd_metric:
-        return dW_sq, jnp.full_like(dW_sq, jnp.nan)
-    return dW_sq, svd_tail_sq(basis, Ct, r)
+        return dW_sq, [jnp.full_like(d, jnp.nan) for d in dW_sq]
+    _, _, mid = core(bases, Ct)
+    sigma = jnp.linalg.svd(mid, compute_uv=False)
+    return dW_sq, split_layers(jnp.sum(jnp.square(sigma[..., r:]), axis=-1), bases)
 
 
 def summarize(

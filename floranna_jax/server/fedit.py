@@ -20,14 +20,13 @@ def average(clients: common.Clients, weights, previous=None, svd_metric: bool = 
     del previous  # the average needs no history
     p = common.normalize(weights)
     groups = common.group_layers(clients)
-    loras, dW, res, tail = [], [], [], []
-    for g in groups:
-        basis = factored.build_basis(g, p)
-        d, t = factored.layer_stats(basis, p, g.r, svd_metric)
+    bases = [factored.build_basis(g, p) for g in groups]
+    dW, tail = factored.layer_stats(bases, p, groups[0].r, svd_metric)
+    loras, res = [], []
+    for basis in bases:
         # The estimate is the centre (the weighted mean) itself: coefficients e0 e0^T.
         C = factored.target_coeffs(p, basis.w0).at[0, 0].add(-1.0)
         loras.append({"A": basis.cA, "B": basis.cB})
-        dW, tail = dW + [d], tail + [t]
         res.append(factored.quad(basis.K, C))
     metrics = factored.summarize(groups, dW, res, tail)
     return common.unstack(groups, loras), {}, metrics

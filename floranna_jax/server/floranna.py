@@ -224,17 +224,20 @@ def make_floranna(
 
 def _finish(groups, bases, p, prob, fit, a, b, steps, svd_metric):
     """Global factors and metrics from the fitted ``a, b: [L, U]`` (layers in group order)."""
-    loras, dW, res, tail, start = [], [], [], [], 0
+    # The metrics' eigh must not run beside the ALS solver's (see factored.core): the
+    # barrier makes their input wait for the fit.
+    stats_bases, _ = jax.lax.optimization_barrier((bases, fit))
+    dW, tail = factored.layer_stats(stats_bases, p, groups[0].r, svd_metric)
+    loras, res, start = [], [], 0
     for g, basis in zip(groups, bases, strict=True):
         n = len(g.names)
         beta = member_coeffs(b[start : start + n], prob)
         alpha = member_coeffs(a[start : start + n], prob)
         B, A = factored.combine(g, basis, beta, alpha)
         loras.append({"A": A, "B": B})
-        d, t = factored.layer_stats(basis, p, g.r, svd_metric)
         Ct = factored.target_coeffs(p, basis.w0)
         res.append(factored.quad(basis.K, Ct - beta[:, :, None] * alpha[:, None, :]))
-        dW, tail, start = dW + [d], tail + [t], start + n
+        start += n
     metrics = factored.summarize(groups, dW, res, tail)
     names = [n for g in groups for n in g.names]
     metrics.update(

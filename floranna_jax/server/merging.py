@@ -34,17 +34,16 @@ def aggregate_with_merge(
     """``(lora, merge, metrics)`` with ``merge = dW_ideal - B A`` per layer."""
     p = common.normalize(weights)
     groups = common.group_layers(clients)
-    loras, merges, dW, res, tail = [], [], [], [], []
-    for g in groups:
-        basis = factored.build_basis(g, p)
-        d, t = factored.layer_stats(basis, p, g.r, svd_metric)
+    bases = [factored.build_basis(g, p) for g in groups]
+    dW, tail = factored.layer_stats(bases, p, groups[0].r, svd_metric)
+    loras, merges, res = [], [], []
+    for g, basis in zip(groups, bases, strict=True):
         A, B = global_factors(g, basis)
         ideal = dense_ideal(g, p)
         est = jnp.einsum("lor,lrd->lod", B, A, precision=factored.HI)
         merge = ideal - est
         loras.append({"A": A, "B": B})
         merges.append(merge)
-        dW, tail = dW + [d], tail + [t]
         # Measured, not assumed: the rounding of est + merge is what rho reports.
         res.append(jnp.sum(jnp.square(ideal - (est + merge)), axis=(-2, -1)))
     metrics = factored.summarize(groups, dW, res, tail)

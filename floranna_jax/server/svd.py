@@ -23,12 +23,9 @@ import jax.numpy as jnp
 from floranna_jax.server import common, factored
 
 
-def _svd_group(group: common.LayerGroup, basis: factored.Basis, p):
-    """``(lora, resid_sq, dW_sq, tail_sq)`` for one stacked group."""
+def _factors(group: common.LayerGroup, basis: factored.Basis, Ct, RB, RA, Uc, S, Vct):
+    """``(lora, resid_sq)`` of one group from its slice of the decompositions."""
     L, M, _, _, r = basis.GB.shape
-    Ct = factored.target_coeffs(p, basis.w0)
-    RB, RA, mid = factored.core(basis, Ct)
-    Uc, S, Vct = jnp.linalg.svd(mid, full_matrices=False)
     Sr = S[:, :r]
     # Directions with sigma ~ 0 carry nothing; dropping them avoids dividing by zero.
     keep = Sr > S[:, :1] * (jnp.finfo(jnp.float32).eps * S.shape[-1])
@@ -40,17 +37,24 @@ def _svd_group(group: common.LayerGroup, basis: factored.Basis, p):
     B, A = factored.combine(group, basis, NB.reshape(L, M, r, r),
                             MA.reshape(L, r, M, r).transpose(0, 2, 1, 3))  # fmt: skip
     resid = factored.matrix_resid_sq(basis, X[None] - jnp.einsum("lit,ltj->lij", NB, MA))
-    dW_sq = factored.quad(basis.K, Ct)
-    tail_sq = jnp.sum(jnp.square(S[:, r:]), axis=-1)
-    return {"A": A, "B": B}, resid, dW_sq, tail_sq
+    return {"A": A, "B": B}, resid
 
 
 def aggregate(clients: common.Clients, weights, previous=None, svd_metric: bool = True):
     del previous, svd_metric  # the SVD is the method itself
     p = common.normalize(weights)
     groups = common.group_layers(clients)
-    outs = [_svd_group(g, factored.build_basis(g, p), p) for g in groups]
-    loras, res, dW, tail = (list(x) for x in zip(*outs, strict=True))
+    bases = [factored.build_basis(g, p) for g in groups]
+    r = groups[0].r
+    Ct = factored.target_coeffs(p, bases[0].w0)
+    # One eigh and one SVD for all groups (see factored.core for why never two at once).
+    RB, RA, mid = factored.core(bases, Ct)
+    Uc, S, Vct = jnp.linalg.svd(mid, full_matrices=False)
+    per_group = zip(*(factored.split_layers(x, bases) for x in (RB, RA, Uc, S, Vct)), strict=True)
+    outs = [_factors(g, b, Ct, *xs) for g, b, xs in zip(groups, bases, per_group, strict=True)]
+    loras, res = (list(x) for x in zip(*outs, strict=True))
+    dW = [factored.quad(b.K, Ct) for b in bases]
+    tail = factored.split_layers(jnp.sum(jnp.square(S[:, r:]), axis=-1), bases)
     metrics = factored.summarize(groups, dW, res, tail)
     return common.unstack(groups, loras), {}, metrics
 
