@@ -124,7 +124,7 @@ def validate(config) -> dict[str, Any]:
     _choice(config, "train.client_mode", clients.MODES)
     _int(config, "train.clients_per_chunk", 0)
     if config.train.clients_per_chunk and config.train.shard_clients:
-        _fail("train.clients_per_chunk", "chunking runs on one device; unset train.shard_clients")
+        _fail("train.clients_per_chunk", "chunks run on one device; set it to 0 to shard clients")
     _int(config, "ckpt.every_rounds", 0)
     _int(config, "ckpt.keep")
     _int(config, "eval.every_rounds")
