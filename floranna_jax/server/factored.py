@@ -168,10 +168,11 @@ def core(bases: list[Basis], Ct: jax.Array) -> tuple[jax.Array, jax.Array, jax.A
     """``(R_B, R_A, R_B (C_t kron I_r) R_A^T)`` of every layer of every group, ``[sum L, n, n]``
     each (``n = M r``, shared by all groups); the core has the singular values of ``dW``.
 
-    All roots come from ONE batched ``eigh``. jaxlib's CPU ``eigh`` and ``svd`` wait for
-    sub-tasks on XLA's thread pool; two such calls running side by side on a 2-thread pool
-    each held a thread, waited for the other, and hung the run forever (seen here). One
-    call per decomposition kind leaves nothing to run beside it.
+    All roots come from ONE batched ``eigh``. jaxlib's CPU ``eigh`` and ``svd`` split their
+    batch into sub-tasks on XLA's thread pool and wait for them; two such calls side by side
+    on a 2-thread pool each held one thread while their sub-tasks queued behind the other,
+    and the run hung forever (seen here, in gdb). One call per decomposition kind leaves
+    nothing to run beside it.
     """
     M, r = bases[0].GB.shape[1], bases[0].GB.shape[-1]
     GB = jnp.concatenate([flat_gram(b.GB) for b in bases])
