@@ -22,6 +22,15 @@ def random_clients(seed: int, U: int = U, r: int = R, shapes=SHAPES, spread: flo
     return out, weights
 
 
+def shared_A(case):
+    """``(clients, weights)`` with every client's ``A`` replaced by client 0's (FFA-LoRA's
+    setting): ``dW_ideal = (sum p_u B_u) A`` then has rank r."""
+    clients, weights = case
+    for f in clients.values():
+        f["A"] = np.repeat(f["A"][:1], f["A"].shape[0], 0)
+    return clients, weights
+
+
 def identical_clients(seed: int, U: int = U, r: int = R, shapes=SHAPES):
     rng = np.random.default_rng(seed)
     out = {}

@@ -17,6 +17,7 @@ from server_cases import (
     dense_rho_svd,
     identical_clients,
     random_clients,
+    shared_A,
 )
 
 from floranna_jax import server
@@ -60,9 +61,7 @@ class EstimatorTest(parameterized.TestCase):
         self.assertLessEqual(m["rho_svd"], m["rho"] * (1 + 1e-5) + 1e-6)
 
     def test_ffa_shared_A_exact(self):
-        clients, w = random_clients(2)
-        for f in clients.values():
-            f["A"] = np.repeat(f["A"][:1], U, 0)
+        clients, w = shared_A(random_clients(2))
         agg = server.aggregate("ffa", clients, w)
         self.assertLess(agg.metrics["rho_rel"], 1e-6)
         self.assertLess(dense_rho(clients, w, agg)[1], 1e-6)
@@ -216,6 +215,13 @@ class ValidationTest(parameterized.TestCase):
         c["v"][factor][1, 0, 0] = value
         with self.assertRaisesRegex(ValueError, f"layer 'v': factor {factor} contains NaN"):
             server.aggregate("floranna", c, w)
+
+    def test_non_finite_previous_named(self):
+        c, w = self._ok()
+        prev = {n: {"A": f["A"][0].copy(), "B": f["B"][0].copy()} for n, f in c.items()}
+        prev["q"]["B"][0, 0] = np.nan
+        with self.assertRaisesRegex(ValueError, "previous layer 'q': factor B contains NaN"):
+            server.aggregate("floranna", c, w, combine="deltas", previous=prev)
 
     def test_shape_mismatches(self):
         c, w = self._ok()

@@ -7,7 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
-from server_cases import SHAPES, R, U, dense_estimate, dense_rho_svd, random_clients, truncated_svd
+from server_cases import (
+    SHAPES,
+    R,
+    dense_estimate,
+    dense_rho_svd,
+    random_clients,
+    shared_A,
+    truncated_svd,
+)
 
 from floranna_jax import server
 
@@ -42,9 +50,7 @@ class SvdTest(chex.TestCase):
 
     def test_low_rank_ideal_is_exact(self):
         # Shared A: dW_ideal has rank r, so the SVD reproduces it.
-        clients, w = random_clients(84)
-        for f in clients.values():
-            f["A"] = np.repeat(f["A"][:1], U, 0)
+        clients, w = shared_A(random_clients(84))
         agg = server.aggregate("svd", clients, w)
         self.assertLess(agg.metrics["rho_rel"], 1e-5)
 

@@ -139,17 +139,17 @@ def validate_clients(clients: Mapping[str, Mapping[str, Any]]) -> tuple[Clients,
 
 
 @jax.jit
-def _finite_flags(tree: Clients) -> dict[str, dict[str, jax.Array]]:
+def _finite_flags(tree: Clients | Lora) -> dict[str, dict[str, jax.Array]]:
     return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)
 
 
-def _check_finite(clients: Clients) -> None:
+def _check_finite(factors: Clients | Lora, what: str = "layer") -> None:
     """NaN never passes silently: one device call, then name the first bad layer/factor."""
-    flags = jax.device_get(_finite_flags(clients))
+    flags = jax.device_get(_finite_flags(factors))
     for name in sorted(flags):
         for k in ("A", "B"):
             if not flags[name][k]:
-                raise ValueError(f"layer {name!r}: factor {k} contains NaN or Inf")
+                raise ValueError(f"{what} {name!r}: factor {k} contains NaN or Inf")
 
 
 def validate_weights(weights: Any, U: int) -> jax.Array:
@@ -181,11 +181,7 @@ def validate_previous(previous: Any, shapes: Shapes) -> Lora:
                 f"got A{tuple(A.shape)} B{tuple(B.shape)}"
             )
         out[name] = {"A": A, "B": B}
-    flags = jax.device_get(jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))), out))
-    for name in sorted(flags):
-        for k in ("A", "B"):
-            if not flags[name][k]:
-                raise ValueError(f"previous layer {name!r}: factor {k} contains NaN or Inf")
+    _check_finite(out, "previous layer")
     return out
 
 
