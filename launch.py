@@ -1,22 +1,77 @@
 r"""Entry point: ``python launch.py --config=configs/glue.py:smoke --workdir=/tmp/floranna_smoke``.
 
 Trains the config (resuming from ``--workdir`` if it holds a checkpoint), then prints the
-run's summary table. A bad config value is one line on stderr and exit code 2, before
-anything is built or compiled. Override any field: ``--config.server.name=fedit``.
+run's summary table. Override any field: ``--config.server.name=fedit``. Every bad input
+(a misspelled or mistyped override, a bad value, a malformed data file, a workdir that is
+a file, an unusable checkpoint) is one ``error: ...`` line on stderr and exit code 2,
+before anything is compiled and with the workdir untouched. A round that produces NaN or
+Inf is one ``error: round N: ...`` line and exit code 1; its state is not checkpointed.
 """
 
+import importlib.util
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from floranna_jax import config_check, train
+from floranna_jax.errors import ConfigError, RoundError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<task>.py[:arg]", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (default ./runs/<method>_<task>)")
+_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_]+\.[A-Za-z0-9_.]+)(=.*)?$")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The ``section.field`` paths that ``--config.section.field=value`` arguments set."""
+    return [m.group(1) for a in argv[1:] if (m := _OVERRIDE.match(a))]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with its failures as one line: a misspelled field names the
+    nearest valid one, a value of the wrong type names the field and the value."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # e.g. "flag --config.train.num_rounds=abc: invalid literal ..."
+        _check_overrides(argv)
+        _fail(re.sub(r"^flag ", "", str(e).splitlines()[0]))
+    except (AttributeError, KeyError) as e:  # a field the locked config does not have
+        _check_overrides(argv)
+        _fail(f"bad override: {str(e).splitlines()[0]}")
+
+
+def _config_file(argv: list[str]):
+    """The config of ``--config=FILE[:arg]``, loaded the way config_flags loads it, for
+    naming a bad override when absl's parsing stopped before giving it to us."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    module = importlib.util.spec_from_file_location("launched_config", path)
+    if module is None:
+        return None
+    loaded = importlib.util.module_from_spec(module)
+    module.loader.exec_module(loaded)
+    return loaded.get_config(arg) if arg else loaded.get_config()
+
+
+def _check_overrides(argv: list[str]) -> None:
+    config = flags.FLAGS["config"].value or _config_file(argv)
+    if config is None:
+        return
+    try:
+        config_check.check_overrides(config, _overrides(argv))
+    except ConfigError as e:
+        _fail(str(e))
 
 
 def main(argv):
@@ -25,16 +80,18 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
+    _check_overrides(sys.argv)
     workdir = _WORKDIR.value or os.path.join("runs", f"{config.server.name}_{config.data.task}")
     try:
         summary = train.run(config, workdir)
-    except config_check.ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    except ConfigError as e:
+        _fail(str(e))
+    except RoundError as e:
+        _fail(str(e), code=1)
     print(summary)
     print(f"\nworkdir: {os.path.abspath(workdir)}")
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -27,7 +27,8 @@ Offline, point it at local files (any BERT/RoBERTa folder in the Hugging Face la
 Every field can be overridden, e.g. ``--config.server.name=fedit`` or
 ``--config.partition.alpha=0.1``; misspelled fields are errors (the config is locked), and
 bad values stop the run with one line naming the field. Server hyperparameters
-(``server.*`` beyond ``name``) go only to the estimator that accepts them.
+(``server.*`` beyond ``name`` and ``compare``) go only to the method that accepts them; an
+override of one the chosen method does not take is an error.
 """
 
 import ml_collections
@@ -77,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.server = dict(
         name="floranna",  # estimator: fedit ffa fedsa flora fedex svd floranna
-        scope="model",  # floranna: one (a, b) for all layers ("model") or per "layer"
+        scope="layer",  # floranna: one (a, b) per "layer" (fits best, same cost) or "model"
         target="weighted",  # floranna: fit sum p_u B_u A_u ("weighted") or 1/U ("uniform")
         combine="factors",  # floranna: combine raw "factors" or "deltas" from the global
         solver="adam",  # floranna: "adam" (AdamW, best iterate kept) or "als"
@@ -85,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         learning_rate=1e-2,  # floranna: solver learning rate
         end_learning_rate=config_dict.placeholder(float),  # floranna: cosine decay to this
         weight_decay=0.0,  # floranna: solver weight decay
-        compare=(),  # also log rho_rel of these on each round's uploads: rounds.COMPARISONS
+        compare=(),  # also log rho_rel of these on each round's uploads: server.COMPARISONS
     )
     c.train = dict(
         seed=0,  # root of all randomness (sampling, data order, init, dropout)

@@ -20,8 +20,8 @@ clients are padded to ``S`` steps with ``step_mask`` (1 real, 0 padded); a padde
 step leaves parameters and optimizer state bit-identical, and a padded client is a
 client whose ``step_mask`` is all zero.
 
-Randomness: the caller gives client ``u`` the key ``fold_in(fold_in(root, round), u)``
-(:func:`client_keys`); step ``t`` uses ``fold_in(client_key, t)`` for dropout.
+Randomness: the caller gives each client its dropout key (``keys.dropout_keys``); step
+``t`` uses ``fold_in(key, t)``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from floranna_jax.errors import BadValue
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array], jax.Array]
@@ -69,12 +71,24 @@ def make_optimizer(
     ``weight_decay`` is decoupled for AdamW and added to the gradient for SGD.
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown client optimizer {name!r}; valid: {sorted(OPTIMIZERS)}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        raise BadValue("optimizer", f"unknown {name!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
+    if not finite_float32(learning_rate) or not learning_rate > 0:
+        raise BadValue(
+            "learning_rate", f"must be a number > 0, finite in float32; got {learning_rate!r}"
+        )
+    if not finite_float32(weight_decay) or weight_decay < 0:
+        raise BadValue(
+            "weight_decay", f"must be a number >= 0, finite in float32; got {weight_decay!r}"
+        )
     return OPTIMIZERS[name](learning_rate, weight_decay)
+
+
+def finite_float32(value) -> bool:
+    """A real number that float32, the dtype of every update, holds as a finite value."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.float32(value)))
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -219,6 +233,17 @@ def _sharded(mapped: Callable, mesh: Mesh) -> Callable:
     return run
 
 
+def check_runner(mode: str, chunk: int, sharded: bool) -> None:
+    """Raise :class:`BadValue` for an unknown mode, a bad chunk, or a one-device runner
+    (``"loop"``, ``chunk > 0``) asked to shard."""
+    if mode not in MODES:
+        raise BadValue("mode", f"unknown {mode!r}; valid: {', '.join(MODES)}")
+    if isinstance(chunk, bool) or not (isinstance(chunk, int) and chunk >= 0):
+        raise BadValue("chunk", f"must be an int >= 0 (0: all clients at once), got {chunk!r}")
+    if sharded and (mode == "loop" or chunk):
+        raise BadValue("chunk", "loop and chunked runners use one device; use 0 to shard clients")
+
+
 def make_runner(
     local_update: LocalUpdate, mode: str = "vmap", mesh: Mesh | None = None, chunk: int = 0
 ):
@@ -233,13 +258,7 @@ def make_runner(
     ``chunk`` clients at a time when ``chunk > 0``) and ``"loop"`` (one jitted client call
     after another, single device).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown runner mode {mode!r}; valid: {list(MODES)}")
-    if not (isinstance(chunk, int) and chunk >= 0):
-        raise ValueError(f"chunk must be an int >= 0 (0: all clients at once), got {chunk!r}")
-    if mode == "loop" or chunk:
-        if mesh is not None:
-            raise ValueError("mode='loop' and chunk > 0 run on one device; pass mesh=None")
+    check_runner(mode, chunk, sharded=mesh is not None)
     if mode == "loop":
         return _loop_runner(jax.jit(local_update))
     if chunk:
@@ -279,9 +298,3 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
 def broadcast(tree: PyTree, U: int) -> PyTree:
     """``U`` copies of ``tree`` along a leading axis (the global state sent to ``U`` clients)."""
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (U, *jnp.shape(x))), tree)
-
-
-def client_keys(root: jax.Array, round_index: int | jax.Array, client_ids: jax.Array) -> jax.Array:
-    """``[U]`` keys ``fold_in(fold_in(root, round_index), client_id)``."""
-    round_key = jax.random.fold_in(root, round_index)
-    return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(jnp.asarray(client_ids))

@@ -1,32 +1,47 @@
-"""Config validation: every field of configs/glue.py checked before anything is built.
+"""Config validation: every field of a run's config checked before anything is built.
 
-``validate(config)`` raises one ``ConfigError`` (a ``ValueError``) whose message names
-the field, the bad value and the valid values (launch.py prints it as a single line).
-It also returns the hyperparameters the chosen estimator accepts (``server_hparams``):
-the fields of ``config.server`` other than ``name`` that are parameters of
-``make_<name>``.
+``validate(config)`` raises one ``ConfigError`` whose message names the field, the bad
+value and the valid values (launch.py prints it as a single line). Each component checks
+its own parameters (``clients.make_optimizer``, ``clients.check_runner``,
+``partition.check``, ``models.check_lora``, ``server.make``, ``tasks.get``); this module
+only calls those checks and names the config field, plus the rules that belong to the run
+itself (rounds, sampling, checkpoints, evaluation, paths). It returns the
+hyperparameters the chosen method accepts (``server_hparams``).
+
+``check_overrides(config, overrides)`` checks command-line overrides: a field that does not
+exist (with the nearest valid name), and a ``server.*`` hyperparameter the chosen method
+does not take.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import json
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from floranna_jax import clients, models, partition, rounds, server
-from floranna_jax.data import glue
+from floranna_jax import clients, models, partition, server, tasks
+from floranna_jax.errors import BadValue, ConfigError
 
 MODEL_SOURCES = ("pretrained", "random")
 DATA_SOURCES = ("glue", "synthetic")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the field and the valid values."""
+SERVER_FIELDS = ("name", "compare")  # server.* fields that are not method hyperparameters
 
 
 def _fail(field: str, message: str) -> None:
     raise ConfigError(f"config field {field}: {message}")
+
+
+def _owned(section: str, check: Callable[[], Any], names: Mapping[str, str] = {}) -> Any:  # noqa: B006
+    """Run a component's own check; its :class:`BadValue` names the config field
+    ``section.<names.get(param, param)>``."""
+    try:
+        return check()
+    except BadValue as e:
+        _fail(f"{section}.{names.get(e.param, e.param)}", e.message)
 
 
 def _choice(config, field: str, valid) -> None:
@@ -45,15 +60,6 @@ def _int(config, field: str, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         _fail(field, f"must be {kind}, got {value!r}")
-
-
-def _number(config, field: str, low: float, high: float | None = None, *, open_low=True) -> None:
-    value = _get(config, field)
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
-    if not ok:
-        bound = f"{'>' if open_low else '>='} {low}" + ("" if high is None else f" and < {high}")
-        _fail(field, f"must be a number {bound}, got {value!r}")
 
 
 def looks_local(path: str) -> bool:
@@ -76,67 +82,105 @@ def _paths(config) -> None:
         )
 
 
+def _model_type(config) -> str | None:
+    """The model family, when known without the network: the random model's type, or the
+    ``model_type`` of a local folder's config.json."""
+    if config.model.source == "random":
+        return config.model.model_type
+    path = os.path.join(os.path.expanduser(config.model.path), "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # a hub id, or an unreadable folder that loading will name
+
+
 def server_hparams(config) -> dict[str, Any]:
     """The ``config.server`` fields that ``make_<server.name>`` accepts."""
     params = inspect.signature(server.ESTIMATORS[config.server.name]).parameters
-    return {k: config.server[k] for k in config.server if k != "name" and k in params}
+    return {k: config.server[k] for k in config.server if k not in SERVER_FIELDS and k in params}
+
+
+def _lora(config) -> None:
+    model_type = _model_type(config)
+    if model_type in models.FAMILIES:
+        spec = models.LoraSpec(**{k: config.lora[k] for k in models.LoraSpec._fields})
+        _owned("lora", lambda: models.check_lora(spec, model_type))
 
 
 def validate(config) -> dict[str, Any]:
-    """Raise ``ConfigError`` naming the first bad field; return the estimator's hparams."""
+    """Raise ``ConfigError`` naming the first bad field; return the method's hparams."""
     _choice(config, "model.source", MODEL_SOURCES)
     _choice(config, "model.model_type", tuple(models.FAMILIES))
     _choice(config, "model.compute_dtype", COMPUTE_DTYPES)
-    _int(config, "lora.rank")
-    _number(config, "lora.alpha", 0.0)
-    _number(config, "lora.dropout", 0.0, 1.0, open_low=False)
-    if not config.lora.targets or not all(isinstance(t, str) and t for t in config.lora.targets):
-        _fail(
-            "lora.targets", f"must be a non-empty tuple of layer names, got {config.lora.targets!r}"
-        )
+    _lora(config)
     _choice(config, "data.source", DATA_SOURCES)
     try:
-        task = glue.get_task(config.data.task)
+        task = tasks.get(config.data.task)
     except ValueError as e:
         _fail("data.task", str(e))
-    if config.data.source == "synthetic" and task.is_regression:
+    if config.data.source == "synthetic" and task.num_labels < 2:
         _fail("data.task", f"{task.name!r} is a regression task; synthetic data is classification")
     for field in ("data.max_length", "data.num_train_examples", "data.num_eval_examples"):
         _int(config, field)
     _int(config, "data.vocab_size", 8)
-    _choice(config, "partition.scheme", tuple(partition.SCHEMES))
-    _int(config, "partition.num_clients")
-    _number(config, "partition.alpha", 0.0)
-    _int(config, "partition.classes_per_client")
-    _number(config, "partition.holdout_fraction", 0.0, 1.0, open_low=False)
-    _choice(config, "client.optimizer", tuple(clients.OPTIMIZERS))
-    _number(config, "client.learning_rate", 0.0)
-    _number(config, "client.weight_decay", 0.0, open_low=False)
+    p = config.partition
+    extra = {"classes_per_client": p.classes_per_client} if p.scheme == "k_classes" else {}
+    _owned(
+        "partition",
+        lambda: partition.check(
+            p.scheme, p.num_clients, alpha=p.alpha, holdout_fraction=p.holdout_fraction, **extra
+        ),
+    )
+    c = config.client
+    _owned("client", lambda: clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay))
     _int(config, "client.local_steps")
     _int(config, "client.batch_size")
     _choice(config, "server.name", tuple(server.ESTIMATORS))
+    hparams = server_hparams(config)
+    _owned("server", lambda: server.make(config.server.name, **hparams))
+    try:
+        server.check_comparisons(tuple(config.server.compare))
+    except ValueError as e:
+        _fail("server.compare", str(e))
     _int(config, "train.seed", 0)
     _int(config, "train.num_rounds")
     _int(config, "train.clients_per_round")
-    if config.train.clients_per_round > config.partition.num_clients:
-        _fail("train.clients_per_round", f"{config.train.clients_per_round} exceeds "
-              f"partition.num_clients={config.partition.num_clients}")  # fmt: skip
-    _choice(config, "train.client_mode", clients.MODES)
-    _int(config, "train.clients_per_chunk", 0)
-    if config.train.clients_per_chunk and config.train.shard_clients:
-        _fail("train.clients_per_chunk", "chunks run on one device; set it to 0 to shard clients")
+    t = config.train
+    if t.clients_per_round > p.num_clients:
+        _fail("train.clients_per_round", f"{t.clients_per_round} exceeds "
+              f"partition.num_clients={p.num_clients}")  # fmt: skip
+    _owned("train", lambda: clients.check_runner(t.client_mode, t.clients_per_chunk,
+                                                 t.shard_clients),
+           {"mode": "client_mode", "chunk": "clients_per_chunk"})  # fmt: skip
     _int(config, "ckpt.every_rounds", 0)
     _int(config, "ckpt.keep")
     _int(config, "eval.every_rounds")
     _int(config, "eval.batch_size")
     _int(config, "eval.max_local_examples", 0)
-    bad = [c for c in config.server.compare if c not in rounds.COMPARISONS]
-    if bad:
-        _fail("server.compare", f"unknown {bad}; valid: {', '.join(rounds.COMPARISONS)}")
     _paths(config)
-    hparams = server_hparams(config)
-    try:  # the factory checks its hyperparameters' values; it compiles nothing
-        server.ESTIMATORS[config.server.name](**hparams)
-    except (ValueError, TypeError) as e:
-        _fail(f"server.{config.server.name}", str(e))
     return hparams
+
+
+def _fields(config) -> list[str]:
+    return [f"{s}.{k}" for s in config for k in config[s]]
+
+
+def check_overrides(config, overrides: list[str]) -> None:
+    """``overrides``: the ``section.field`` paths set on the command line. A path that is
+    not a field names the nearest one; a ``server.*`` field the chosen method does not
+    take says which methods do."""
+    fields = _fields(config)
+    for path in overrides:
+        if path not in fields:
+            near = difflib.get_close_matches(path, fields, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else f"; sections: {', '.join(config)}"
+            _fail(path, f"no such field{hint}")
+        section, name = path.split(".", 1)
+        if section == "server" and name not in SERVER_FIELDS:
+            method = config.server.name
+            if method in server.ESTIMATORS and name not in server_hparams(config):
+                users = [m for m, f in server.ESTIMATORS.items()
+                         if name in inspect.signature(f).parameters]  # fmt: skip
+                _fail(path, f"method {method!r} takes no hyperparameter {name!r} "
+                      f"(it is one of {', '.join(users) or 'no method'})")  # fmt: skip

@@ -1,8 +1,8 @@
-"""Build what a run needs from its config: the model, the data and the partition.
+"""Build what a run needs from its config: the task, its data, the partition, the model.
 
 ``build(config, key)`` returns an :class:`Experiment`. Nothing here trains; failures to
-reach the hub or read local files become one ``ConfigError`` saying how to point the run
-at local files instead.
+reach the hub or read local files become one ``ConfigError`` naming the field or file
+(and, for the hub, how to point the run at local files instead).
 """
 
 from __future__ import annotations
@@ -14,29 +14,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floranna_jax import models, partition
-from floranna_jax.config_check import ConfigError
-from floranna_jax.data import glue, synthetic
-
-OFFLINE_HINT = (
-    "offline? point at local files: --config.model.path=<folder from "
-    "shared/tools/fetch_models.sh> --config.data.dir=<GLUE folder with SST-2/train.tsv ...>"
-)
+from floranna_jax import models, partition, tasks
+from floranna_jax.errors import BadValue, ConfigError
+from floranna_jax.tasks.classification import OFFLINE_HINT
 
 
 class Experiment(NamedTuple):
-    """task: data.glue.TaskInfo; model: models Model; train / validation: numpy arrays
-    ``{"input_ids", "attention_mask", "token_type_ids": [N, L], "label": [N]}``;
-    part: partition.Partition (train / holdout row indices of each client)."""
+    """task: tasks.Task; model: models.Model; train / validation: the task's numpy arrays
+    ``{key: [N, ...]}``; part: partition.Partition (train / holdout rows of each client)."""
 
-    task: Any
+    task: tasks.Task
     model: Any
     train: dict[str, np.ndarray]
     validation: dict[str, np.ndarray]
     part: partition.Partition
 
 
-def lora_spec(config) -> Any:
+def lora_spec(config) -> models.LoraSpec:
     c = config.lora
     return models.LoraSpec(
         rank=c.rank, alpha=c.alpha, rslora=c.rslora, targets=tuple(c.targets), dropout=c.dropout
@@ -53,53 +47,32 @@ def build_model(config, num_labels: int, key: jax.Array) -> Any:
         return models.build_random(models.tiny_config(config.model.model_type), **kwargs)
     try:
         return models.load_pretrained(os.path.expanduser(config.model.path), **kwargs)
+    except BadValue as e:  # the checkpoint's family does not know a LoRA setting
+        raise ConfigError(f"config field lora.{e.param}: {e.message}") from e
     except ValueError as e:  # e.g. an unsupported model_type or a checkpoint mismatch
         raise ConfigError(f"config field model.path: {config.model.path!r}: {e}") from e
     except (OSError, RuntimeError) as e:
+        text = str(e).strip().splitlines()
         raise ConfigError(
             f"config field model.path: cannot load {config.model.path!r}: "
-            f"{type(e).__name__}: {_first_line(e)}; {OFFLINE_HINT}"
+            f"{type(e).__name__}: {text[0] if text else ''}; {OFFLINE_HINT}"
         ) from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def load_data(config, task) -> tuple[dict, dict]:
-    """(train, validation) arrays: a GLUE task tokenized by the model's tokenizer, or
-    synthetic tokens (validation drawn with seed + 1)."""
-    c = config.data
-    if c.source == "synthetic":
-        kw = dict(seq_len=c.max_length, vocab_size=c.vocab_size, num_labels=max(task.num_labels, 2))
-        train = synthetic.make(c.num_train_examples, seed=config.train.seed, **kw)
-        val = synthetic.make(c.num_eval_examples, seed=config.train.seed + 1, **kw)
-        return train, val
-    try:
-        tokenizer = glue.load_tokenizer(os.path.expanduser(config.model.path))
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"config field model.path: cannot load a tokenizer from {config.model.path!r}: "
-            f"{_first_line(e)}; {OFFLINE_HINT}"
-        ) from e
-    data_dir = os.path.expanduser(c.dir) if c.dir else None
-    try:
-        splits = glue.load(c.task, tokenizer=tokenizer, data_dir=data_dir, max_length=c.max_length)
-    except (OSError, RuntimeError) as e:
-        raise ConfigError(f"config field data.dir: {_first_line(e)}; {OFFLINE_HINT}") from e
-    return splits["train"], splits["validation"]
 
 
 def build(config, key: jax.Array) -> Experiment:
     """Data first (cheap to fail), then the partition, then the model (``key`` inits it)."""
-    task = glue.get_task(config.data.task)
-    train, validation = load_data(config, task)
+    task = tasks.get(config.data.task)
+    train, validation = task.load(config)
     p = config.partition
     extra = {"classes_per_client": p.classes_per_client} if p.scheme == "k_classes" else {}
-    part = partition.split(
-        train["label"], p.num_clients, scheme=p.scheme, seed=config.train.seed, alpha=p.alpha,
-        holdout_fraction=p.holdout_fraction, **extra,
-    )  # fmt: skip
+    try:
+        part = partition.split(
+            train["label"], p.num_clients, scheme=p.scheme, seed=config.train.seed,
+            alpha=p.alpha, holdout_fraction=p.holdout_fraction, **extra,
+        )  # fmt: skip
+    except BadValue as e:
+        raise ConfigError(f"config field partition.{e.param}: {e.message}") from e
+    except ValueError as e:  # what only the data decides: too few examples or classes
+        raise ConfigError(f"config section partition: {e}") from e
     model = build_model(config, task.num_labels, key)
     return Experiment(task, model, train, validation, part)

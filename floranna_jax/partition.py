@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from floranna_jax.errors import BadValue
+
 
 class Partition(NamedTuple):
     """train[u], holdout[u]: sorted int64 index arrays into the labels, for each client u."""
@@ -67,8 +69,6 @@ def dirichlet(
     ids: np.ndarray, num_clients: int, rng: np.random.Generator, *, alpha: float = 0.5
 ) -> list[np.ndarray]:
     """Label skew: class c's examples split over clients by q_c ~ Dir(alpha 1_U)."""
-    if alpha <= 0:
-        raise ValueError(f"dirichlet needs alpha > 0, got {alpha}")
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for c in range(int(ids.max(initial=-1)) + 1):
         members = rng.permutation(np.nonzero(ids == c)[0])
@@ -89,13 +89,11 @@ def quantity(
 ) -> list[np.ndarray]:
     """Size skew with iid labels: proportions ~ Dir(alpha 1_U) or (rank+1)^-exponent."""
     if law == "dirichlet":
-        if alpha <= 0:
-            raise ValueError(f"quantity needs alpha > 0, got {alpha}")
         q = rng.dirichlet(np.full(num_clients, alpha))
     elif law == "power":
         q = rng.permutation(np.arange(1, num_clients + 1, dtype=np.float64) ** -exponent)
     else:
-        raise ValueError(f"unknown quantity law {law!r}; valid: dirichlet, power")
+        raise BadValue("law", f"unknown {law!r}; valid: dirichlet, power")
     return _chunks(rng.permutation(len(ids)), _sizes(q, len(ids)))
 
 
@@ -140,15 +138,30 @@ def _fill_small(parts: list[np.ndarray], minimum: int, rng: np.random.Generator)
             parts[donor] = np.delete(parts[donor], pick)
 
 
-def _scheme_params(scheme: str, kwargs: dict) -> dict:
+def check(scheme: str, num_clients: int, *, alpha: float = 0.5, holdout_fraction: float = 0.1,
+          **scheme_kwargs) -> dict:  # fmt: skip
+    """Raise :class:`BadValue` naming the first bad parameter; return the scheme's own
+    keyword arguments. Needs no data: what depends on the labels is checked by ``split``."""
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown partition scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+        raise BadValue("scheme", f"unknown {scheme!r}; valid: {', '.join(SCHEMES)}")
+    if isinstance(num_clients, bool) or not (isinstance(num_clients, int) and num_clients >= 1):
+        raise BadValue("num_clients", f"must be a positive integer, got {num_clients!r}")
+    if not (isinstance(holdout_fraction, int | float) and 0 <= holdout_fraction < 1):
+        raise BadValue("holdout_fraction", f"must be in [0, 1), got {holdout_fraction!r}")
+    k = scheme_kwargs.get("classes_per_client", 1)
+    if isinstance(k, bool) or not (isinstance(k, int) and k >= 1):
+        raise BadValue("classes_per_client", f"must be a positive integer, got {k!r}")
     params = list(inspect.signature(SCHEMES[scheme]).parameters)[3:]
-    unknown = sorted(set(kwargs) - set(params) - {"alpha"})
+    ok = isinstance(alpha, int | float) and not isinstance(alpha, bool) and 0 < alpha < np.inf
+    if "alpha" in params and not ok:
+        raise BadValue("alpha", f"must be a finite number > 0, got {alpha!r}")
+    unknown = sorted(set(scheme_kwargs) - set(params))
     if unknown:
         valid = ", ".join(params) or "none"
-        raise ValueError(f"unknown parameter(s) {unknown} for scheme {scheme!r}; valid: {valid}")
-    return {k: v for k, v in kwargs.items() if k in params}
+        raise BadValue(
+            unknown[0], f"{unknown} not parameter(s) of scheme {scheme!r}; valid: {valid}"
+        )
+    return {k: v for k, v in {"alpha": alpha, **scheme_kwargs}.items() if k in params}
 
 
 def split(
@@ -168,12 +181,11 @@ def split(
     the scheme's own (see SCHEMES); num_bins bins float targets. Each client's holdout holds
     round(holdout_fraction * n_u) of its examples, at least 1 (none if the fraction is 0).
     """
-    params = _scheme_params(scheme, {"alpha": alpha, **scheme_kwargs})
-    if not 0 <= holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    params = check(scheme, num_clients, alpha=alpha, holdout_fraction=holdout_fraction,
+                   **scheme_kwargs)  # fmt: skip
     ids, _ = label_ids(labels, num_bins)
     minimum = 2 if holdout_fraction > 0 else 1
-    if num_clients < 1 or len(ids) < minimum * num_clients:
+    if len(ids) < minimum * num_clients:
         raise ValueError(
             f"{len(ids)} examples cannot give {num_clients} clients {minimum} example(s) each"
         )

@@ -5,7 +5,9 @@ per line, ``"round"`` = rounds completed), writes it as TensorBoard scalars (ten
 ``workdir/tensorboard``) and advances a tqdm bar. ``finish()`` writes ``summary.md`` (a
 small table, also returned and logged) and PNG plots: the task metric against the round
 (global and mean local) and ``rho_rel`` against the round (with the ``compare/*`` series of
-other estimators on the same uploads, when the run logs them).
+other estimators on the same uploads, when the run logs them). A resumed run drops the rows
+after its checkpoint from ``metrics.jsonl`` (and a row torn by a kill), then rebuilds the
+TensorBoard events from the rows kept, so each round appears once everywhere.
 
 Keys of a row: ``train/loss``, ``server/rho``, ``server/rho_rel``, ``server/rho_svd``, ...
 (scalar estimator metrics; ``server/bytes_*`` are per client per round),
@@ -31,18 +33,49 @@ SUMMARY_FILE = "summary.md"
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl (empty list if there is none)."""
+    """Rows of a metrics.jsonl (empty list if there is none).
+
+    A malformed last line is a row torn by a killed process: it is dropped with a warning.
+    A malformed line before it is corruption and raises ``ValueError`` naming file:line.
+    """
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+    rows = []
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k < len(lines) - 1:
+                raise ValueError(f"{path}:{lineno}: corrupt row, not JSON ({e.msg})") from None
+            logging.warning("%s:%d: dropping a torn last row (the run was killed)", path, lineno)
+    return rows
 
 
-def _truncate(path: str, last_round: int) -> None:
-    """Keep only rows up to ``last_round``: a resumed run rewrites the rows after it."""
+def _truncate(path: str, last_round: int) -> list[dict[str, Any]]:
+    """Keep only rows up to ``last_round`` (a resumed run rewrites the rows after it); return
+    them. Written to a temporary file and renamed, so a kill here loses no row."""
     rows = [r for r in read_rows(path) if r["round"] <= last_round]
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+    return rows
+
+
+def _remove_event_files(logdir: str) -> None:
+    """Delete the TensorBoard event files directly in ``logdir``, nothing else."""
+    if not os.path.isdir(logdir):
+        return
+    for entry in os.scandir(logdir):
+        if entry.is_file(follow_symlinks=False) and entry.name.startswith("events.out.tfevents."):
+            os.remove(entry.path)
+
+
+def _add_scalars(writer, row: dict[str, Any]) -> None:
+    for k, v in row.items():
+        if k != "round" and isinstance(v, int | float):
+            writer.add_scalar(k, v, row["round"])
 
 
 class Reporter:
@@ -52,18 +85,27 @@ class Reporter:
         os.makedirs(workdir, exist_ok=True)
         self.workdir, self.main_metric = workdir, main_metric
         self.path = os.path.join(workdir, METRICS_FILE)
-        _truncate(self.path, start_round)
+        kept = _truncate(self.path, start_round)
         from tensorboardX import SummaryWriter  # noqa: PLC0415  (slow import)
 
-        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # metrics.jsonl is the source of truth: the event files are rebuilt from its kept rows.
+        # Appending a second events file would show the rounds after the checkpoint twice, and
+        # tensorboardX names files by the second, so a quick resume would overwrite the first.
+        # SummaryWriter(purge_step=...) only hides stale steps from TensorBoard's own loader;
+        # the files still hold them for any other reader. Rows carry no wall time, so re-emitted
+        # events get the resume's.
+        logdir = os.path.join(workdir, "tensorboard")
+        _remove_event_files(logdir)
+        self.writer = SummaryWriter(logdir)
+        for row in kept:
+            _add_scalars(self.writer, row)
+        self.writer.flush()
         self.bar = tqdm.tqdm(total=num_rounds, initial=start_round, desc="rounds", unit="round")
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if k != "round" and isinstance(v, int | float):
-                self.writer.add_scalar(k, v, row["round"])
+        _add_scalars(self.writer, row)
         self.writer.flush()
         shown = {"loss": row.get("train/loss"), "rho_rel": row.get("server/rho_rel")}
         glob = row.get(f"eval/global/{self.main_metric}")

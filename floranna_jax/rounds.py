@@ -1,33 +1,22 @@
 """One federated round: sample clients, build their batches, train them, aggregate.
 
 ``round_fn = make_round(...)``; ``state, out = round_fn(state)`` runs round
-``state.round`` and returns the state after it. The heavy parts are compiled once for
-the whole run: the client runner (``clients.make_runner``, one jit over ``[U, S, b, ...]``),
-the base merge and the server estimator; the rest is host-side bookkeeping. The round
-itself is not one jit on purpose: batches are gathered from host numpy (clients differ in
-size), and the finiteness checks run eagerly between the phases so that a failure names
-the round, the client and the layer.
+``state.round + 1`` (1-based, as in ``metrics.jsonl``) and returns the state after it. The
+heavy parts are compiled once for the whole run: the client runner (``clients.make_runner``,
+one jit over ``[U, S, b, ...]``), the base merge and the server step (``server.build``);
+the rest is host-side bookkeeping. The round itself is not one jit on purpose: batches
+are gathered from host numpy (clients differ in size), and the finiteness checks run
+eagerly between the phases so that a failure names the round, the client and the layer.
 
-Randomness (STYLE.md): ``round_key = fold_in(root, round)``; the sampled clients come
-from ``fold_in(round_key, SAMPLE_TAG)``, FLoRA's fresh adapters from
-``fold_in(round_key, INIT_TAG)``; client ``u`` gets ``client_key = fold_in(round_key, u)``,
-whose ``fold_in(., 0)`` drives its dropout and ``fold_in(., 1)`` the order of its data.
-So which clients train, on which examples, in which order, is a function of
-``(seed, round, client)`` only: a resumed run replays exactly the same batches.
+The round knows no method and no task. What a method does to the state (frozen factors,
+personal factors, merges into the base, history) lives in ``RoundState.method`` and the
+method's pure functions (:mod:`floranna_jax.server.method`); what the loss is lives in
+the runner the caller built from the task. Every key comes from :mod:`floranna_jax.keys`.
 
 Batches: a client shuffles its training indices and takes the first ``S * b`` of them
 (``S`` local steps, ``b`` examples each). A client with fewer examples gets fewer real
 steps: padded steps are masked by ``step_mask`` ``[U, S]`` (they change nothing) and the
-last partial batch by the per-example ``"mask"`` ``[U, S, b]``.
-
-Method state (kept in :class:`RoundState`, all of it checkpointed):
-  ffa       the global ``A`` never changes (clients' ``A`` is frozen in local updates).
-  fedsa     ``personal_B [N, d_out, r]`` for every client: a client starts from the global
-            ``A`` and its own ``B``; after the round its trained ``B`` is stored.
-  flora     ``base_delta [d_in, d_out]`` accumulates ``s * merge^T``; clients restart every
-            round from a fresh adapter (``A`` random, ``B = 0``).
-  fedex     ``base_delta`` accumulates the residual ``s * (dW_ideal - B A)^T``.
-The effective frozen base is ``pretrained base + base_delta``. The trainable head is
+last partial batch by the per-example ``"mask"`` ``[U, S, b]``. The trainable head is
 averaged with weights ``p_u = n_u / sum n`` (client training sizes) for every method.
 """
 
@@ -40,20 +29,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from floranna_jax import clients, lora, models, server
+from floranna_jax import clients, keys, models, server
+from floranna_jax.errors import RoundError
 
-SAMPLE_TAG = 2**31 - 1  # fold_in tags above any client id: the round's non-client draws
-INIT_TAG = 2**31 - 2
-MERGING = ("flora", "fedex")  # estimators that fold a dense update into the frozen base
-# Estimators that ``compare=`` can also run on each round's uploads: label -> (name, hparams).
-COMPARISONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fedit": ("fedit", {}),
-    "svd": ("svd", {}),
-    "floranna_layer": ("floranna", {"scope": "layer"}),
-    "floranna_model": ("floranna", {"scope": "model"}),
-}
 PyTree = Any
 
 
@@ -62,8 +41,7 @@ class RoundState(NamedTuple):
 
     round: int64 scalar, rounds completed.  key: uint32 key data of the root key.
     lora: global factors ``{layer: {"A": [r, d_in], "B": [d_out, r]}}``.  head: global head.
-    personal_B: fedsa ``{layer: [N, d_out, r]}``, else ``{}``.
-    base_delta: flora/fedex ``{layer: [d_in, d_out]}`` kernel deltas incl. scale, else ``{}``.
+    method: the method's state (``server.Method.init``), ``{}`` for stateless methods.
     opt_state: ``[N, ...]`` client optimizer states if persistent, else ``{}``.
     bytes_up, bytes_down: int64 scalars, cumulative communication.
     """
@@ -72,8 +50,7 @@ class RoundState(NamedTuple):
     key: np.ndarray
     lora: PyTree
     head: PyTree
-    personal_B: PyTree
-    base_delta: PyTree
+    method: PyTree
     opt_state: PyTree
     bytes_up: np.ndarray
     bytes_down: np.ndarray
@@ -89,63 +66,29 @@ class RoundOutput(NamedTuple):
     metrics: dict[str, float]
 
 
-def make_loss_fn(model, is_regression: bool) -> Callable:
-    """``loss_fn(base, trainable, batch, dropout_key)``: mean cross-entropy (MSE for
-    regression) over the real examples of ``batch`` (``batch["mask"]: [b]``)."""
-
-    def loss_fn(base, trainable, batch, dropout_key):
-        logits = model.apply(base, trainable, batch, deterministic=False, dropout_key=dropout_key)
-        logits = logits.astype(jnp.float32)
-        if is_regression:
-            per_example = (logits[:, 0] - batch["label"].astype(jnp.float32)) ** 2
-        else:
-            per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        mask = batch["mask"].astype(jnp.float32)
-        return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-    return loss_fn
-
-
 def init_state(
-    seed: int, trainable: PyTree, *, method: str, num_clients: int, opt=None
+    seed: int, trainable: PyTree, method: server.Method, num_clients: int, opt=None
 ) -> RoundState:
     """Round-0 state from the freshly built model's trainable tree ``{"lora", "head"}``.
 
     ``opt``: the client optimizer when optimizer states persist across rounds, else None.
     """
-    glob = trainable["lora"]
-    personal = {}
-    if method == "fedsa":
-        personal = {
-            n: jnp.zeros((num_clients, *f["B"].shape), f["B"].dtype) for n, f in glob.items()
-        }
-    delta = {}
-    if method in MERGING:
-        delta = {
-            n: jnp.zeros((f["A"].shape[1], f["B"].shape[0]), f["A"].dtype) for n, f in glob.items()
-        }
     opt_state = {} if opt is None else clients.broadcast(opt.init(trainable), num_clients)
     return RoundState(
         round=np.asarray(0, np.int64),
-        key=np.asarray(jax.random.key_data(jax.random.key(seed))),
-        lora=glob,
+        key=np.asarray(jax.random.key_data(keys.root(seed))),
+        lora=trainable["lora"],
         head=trainable["head"],
-        personal_B=personal,
-        base_delta=delta,
+        method=method.init(trainable["lora"], num_clients),
         opt_state=opt_state,
         bytes_up=np.asarray(0, np.int64),
         bytes_down=np.asarray(0, np.int64),
     )
 
 
-def round_key(state: RoundState) -> jax.Array:
-    """``fold_in(root, round)`` as a typed key."""
-    return jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(state.key)), int(state.round))
-
-
-def sample_clients(key: jax.Array, num_clients: int, clients_per_round: int) -> np.ndarray:
-    """``clients_per_round`` distinct ids, sorted, drawn from ``fold_in(key, SAMPLE_TAG)``."""
-    perm = jax.random.permutation(jax.random.fold_in(key, SAMPLE_TAG), num_clients)
+def sample_clients(rkey: jax.Array, num_clients: int, clients_per_round: int) -> np.ndarray:
+    """``clients_per_round`` distinct ids, sorted, drawn from the round's sampling key."""
+    perm = jax.random.permutation(keys.sample_key(rkey), num_clients)
     return np.sort(np.asarray(perm)[:clients_per_round])
 
 
@@ -167,8 +110,24 @@ def make_batches(
     return out, out["mask"].max(axis=1)
 
 
-def first_nonfinite(tree: PyTree) -> tuple[int, str] | None:
-    """``(client, leaf path)`` of the first non-finite entry of a stacked ``[U, ...]`` tree."""
+def client_batches(
+    rkey: jax.Array, ids: np.ndarray, arrays, train_index, steps: int, batch: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Batches ``[U, S, b, ...]`` and ``step_mask [U, S]`` of the sampled clients, each
+    client's order drawn from its data key."""
+    data = [
+        make_batches(arrays, train_index[u], keys.data_key(keys.client_key(rkey, u)), steps, batch)
+        for u in ids
+    ]
+    batches = {k: np.stack([d[0][k] for d in data]) for k in data[0][0]}
+    return batches, np.stack([d[1] for d in data])
+
+
+def first_nonfinite(tree: PyTree, stacked: bool = True) -> tuple[int, str] | None:
+    """``(client, leaf path)`` of the first non-finite entry of a stacked ``[U, ...]`` tree
+    (``stacked=False``: of a plain tree, client 0)."""
+    if not stacked:
+        tree = jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
     flags = jax.tree_util.tree_flatten_with_path(
         jax.tree.map(lambda x: jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))), tree)
     )[0]
@@ -179,88 +138,68 @@ def first_nonfinite(tree: PyTree) -> tuple[int, str] | None:
     return None
 
 
-def _check_finite(round_index: int, ids: np.ndarray, loss: np.ndarray, trainable: PyTree) -> None:
+def check_uploads(round_number: int, ids: np.ndarray, loss: np.ndarray, trainable) -> None:
+    """Non-finite training loss or upload raises :class:`RoundError` naming round
+    (1-based), client and layer."""
     bad = np.flatnonzero(~np.isfinite(loss))
     if bad.size:
         u = int(bad[0])
-        raise ValueError(
-            f"round {round_index}: client {int(ids[u])} has non-finite training loss {loss[u]}"
+        raise RoundError(
+            f"round {round_number}: client {int(ids[u])} has non-finite training loss {loss[u]}"
         )
     found = first_nonfinite(trainable)
     if found is not None:
         u, where = found
-        raise ValueError(
-            f"round {round_index}: client {int(ids[u])} uploaded a non-finite update in "
+        raise RoundError(
+            f"round {round_number}: client {int(ids[u])} uploaded a non-finite update in "
             f"layer {where}"
         )
 
 
+def check_aggregate(round_number: int, agg: server.Aggregate, method_state: PyTree) -> None:
+    """A non-finite global adapter, merge, method state or scalar metric raises
+    :class:`RoundError` naming the round (1-based) and the layer or metric, so that the
+    round's state is never checkpointed."""
+    for what, tree in (("global adapter", agg.lora), ("merge", agg.merge),
+                       ("method state", method_state)):  # fmt: skip
+        found = first_nonfinite(tree, stacked=False)
+        if found is not None:
+            raise RoundError(
+                f"round {round_number}: the server produced a non-finite {what} in {found[1]}"
+            )
+    for k, v in agg.metrics.items():
+        if np.ndim(v) == 0 and isinstance(v, float) and not np.isfinite(v):
+            raise RoundError(f"round {round_number}: server metric {k} is {v}")
+
+
 def make_effective_base(model) -> Callable:
-    """Jitted ``(base, base_delta) -> base + base_delta`` (identity when there is no delta)."""
+    """``(base, delta) -> base + s * delta`` (jitted; identity when there is no delta).
 
-    @jax.jit
-    def merge(base, delta):
-        return models.merge_into_base(base, {n: d.T for n, d in delta.items()}, 1.0)
-
+    ``delta``: ``{layer: [d_out, d_in]}`` in ``B @ A`` units, a method's ``base_delta``.
+    """
+    s = float(model.lora_scale)
+    merge = jax.jit(lambda base, delta: models.merge_into_base(base, delta, s))
     return lambda base, delta: merge(base, delta) if delta else base
 
 
-def client_batches(
-    rkey: jax.Array, ids: np.ndarray, arrays, train_index, steps: int, batch: int
-) -> tuple[dict[str, np.ndarray], np.ndarray, jax.Array]:
-    """Batches ``[U, S, b, ...]``, ``step_mask [U, S]`` and runner keys ``[U]`` of the
-    sampled clients: ``client_key = fold_in(rkey, u)``; data from ``fold_in(client_key, 1)``,
-    dropout from ``fold_in(client_key, 0)``."""
-    ckeys = [jax.random.fold_in(rkey, int(u)) for u in ids]
-    data = [
-        make_batches(arrays, train_index[u], jax.random.fold_in(k, 1), steps, batch)
-        for u, k in zip(ids, ckeys, strict=True)
-    ]
-    batches = {k: np.stack([d[0][k] for d in data]) for k in data[0][0]}
-    step_mask = np.stack([d[1] for d in data])
-    return batches, step_mask, jnp.stack([jax.random.fold_in(k, 0) for k in ckeys])
-
-
-def client_start(
-    state: RoundState, rkey: jax.Array, ids: np.ndarray, method: str, opt, persistent: bool
-) -> tuple[PyTree, PyTree, PyTree]:
-    """``(start_lora, trainable_U, opt_state_U)``: what the sampled clients start from.
-
-    FLoRA restarts from a fresh adapter; FedSA clients take their own ``B``; optimizer
-    states are fresh unless persistent.
-    """
-    U = len(ids)
-    start = state.lora
-    if method == "flora":
-        start = _fresh_like(jax.random.fold_in(rkey, INIT_TAG), state.lora)
-    trainable = clients.broadcast({"lora": start, "head": state.head}, U)
-    if method == "fedsa":
-        for n, B in state.personal_B.items():
-            trainable["lora"][n]["B"] = B[ids]
+def _start(state, method, rkey, ids, opt, persistent: bool) -> tuple[PyTree, PyTree]:
+    """The sampled clients' trainable trees ``[U, ...]`` and optimizer states."""
+    start = method.client_start(state.lora, state.method, ids, keys.init_key(rkey))
+    trainable = {"lora": start, "head": clients.broadcast(state.head, len(ids))}
     if persistent:
         opt_state = jax.tree.map(lambda x: x[ids], state.opt_state)
     else:
-        opt_state = clients.broadcast(opt.init(jax.tree.map(lambda x: x[0], trainable)), U)
-    return start, trainable, opt_state
+        opt_state = clients.broadcast(opt.init(jax.tree.map(lambda x: x[0], trainable)), len(ids))
+    return trainable, opt_state
 
 
-def next_state(
-    state: RoundState, method: str, ids, p: jax.Array, trained, opt_state, agg, s: float
-) -> RoundState:
-    """The state after the round: the aggregate's factors (FFA keeps its ``A``), the
-    p-weighted head, FedSA's stored ``B``, merged deltas, optimizer states and bytes."""
+def _next_state(state, method, ids, p, trained, opt_state, agg) -> RoundState:
+    """The state after the round: the method's next adapter and state, the p-weighted
+    head, optimizer states and bytes."""
+    lora_, method_state = method.apply(state.method, agg, ids, trained["lora"])
     head = jax.tree.map(
         lambda h: jnp.tensordot(p, h.astype(jnp.float32), 1).astype(h.dtype), trained["head"]
     )
-    lora_ = agg.lora
-    if method == "ffa":  # A is never sent: the shared init stays bit-identical
-        lora_ = {n: {"A": state.lora[n]["A"], "B": f["B"]} for n, f in agg.lora.items()}
-    personal = state.personal_B
-    if method == "fedsa":
-        personal = {n: B.at[ids].set(trained["lora"][n]["B"]) for n, B in personal.items()}
-    delta = state.base_delta
-    if method in MERGING:
-        delta = {n: d + s * agg.merge[n].T.astype(d.dtype) for n, d in delta.items()}
     opts = state.opt_state
     if opts:  # persistent optimizer states
         opts = jax.tree.map(lambda all_, new: all_.at[ids].set(new), opts, opt_state)
@@ -271,8 +210,7 @@ def next_state(
         key=state.key,
         lora=lora_,
         head=head,
-        personal_B=personal,
-        base_delta=delta,
+        method=method_state,
         opt_state=opts,
         bytes_up=np.asarray(int(state.bytes_up) + up, np.int64),
         bytes_down=np.asarray(int(state.bytes_down) + down, np.int64),
@@ -283,56 +221,49 @@ def make_round(
     *,
     model,
     runner: Callable,
-    opt: optax.GradientTransformation,
-    method: str,
-    hparams: dict[str, Any],
+    opt,
+    server_: server.Server,
     arrays: dict[str, np.ndarray],
     train_index: list[np.ndarray],
     local_steps: int,
     batch_size: int,
     clients_per_round: int,
     persistent_opt_state: bool = False,
-    previous_lora_hparam: str | None = None,
-    compare: tuple[str, ...] = (),
+    compare: Callable | None = None,
 ) -> Callable[[RoundState], tuple[RoundState, RoundOutput]]:
     """Build ``round_fn(state) -> (state, RoundOutput)`` for one run.
 
     ``arrays``: the training split ``{key: [N_examples, ...]}``; ``train_index[u]``: client
-    ``u``'s rows. ``previous_lora_hparam``: the estimator hparam that receives the previous
-    global adapter (floranna with ``combine="deltas"``), or None. ``compare``: labels of
-    :data:`COMPARISONS` whose ``rho_rel`` on this round's very uploads is logged as
-    ``compare/<label>/rho_rel`` (the run itself still uses ``method``): estimators compared
-    on identical client factors, free of the differences their own histories would cause.
+    ``u``'s rows. ``server_``: the run's method, built once (``server.build``).
+    ``compare``: ``server.make_compare(labels)``, whose ``rho_rel`` on this round's very
+    uploads is logged as ``compare/<label>/rho_rel`` (the run itself still uses its method).
     """
     num_clients = len(train_index)
     sizes = np.asarray([len(i) for i in train_index], np.float64)
-    s = float(model.lora_scale)
+    method = server_.method
     effective_base = make_effective_base(model)
 
     def round_fn(state: RoundState) -> tuple[RoundState, RoundOutput]:
-        r, t0 = int(state.round), time.perf_counter()
-        rkey = round_key(state)
+        number, t0 = int(state.round) + 1, time.perf_counter()
+        rkey = keys.round_key(state.key, int(state.round))
         ids = sample_clients(rkey, num_clients, clients_per_round)
-        batches, step_mask, keys = client_batches(
-            rkey, ids, arrays, train_index, local_steps, batch_size
+        batches, step_mask = client_batches(rkey, ids, arrays, train_index, local_steps, batch_size)
+        trainable, opt_state = _start(state, method, rkey, ids, opt, persistent_opt_state)
+        base = effective_base(model.base, method.base_delta(state.method))
+        trained, opt_state, cm = runner(
+            base, trainable, opt_state, batches, step_mask, keys.dropout_keys(rkey, ids)
         )
-        start, trainable, opt_state = client_start(
-            state, rkey, ids, method, opt, persistent_opt_state
-        )
-        base = effective_base(model.base, state.base_delta)
-        trained, opt_state, cm = runner(base, trainable, opt_state, batches, step_mask, keys)
         loss, steps = np.asarray(cm["loss"]), np.asarray(cm["steps"])
-        _check_finite(r, ids, loss, trained)
+        check_uploads(number, ids, loss, trained)
         t1 = time.perf_counter()
 
         p = jnp.asarray(sizes[ids] / max(sizes[ids].sum(), 1.0), jnp.float32)  # p_u = n_u / n
-        hp = dict(hparams)
-        if previous_lora_hparam is not None:
-            hp[previous_lora_hparam] = start
-        agg = server.aggregate(method, trained["lora"], p, **hp)
-        new_state = next_state(state, method, ids, p, trained, opt_state, agg, s)
+        agg = server_.aggregate(trained["lora"], p, state.method)
+        new_state = _next_state(state, method, ids, p, trained, opt_state, agg)
+        check_aggregate(number, agg, new_state.method)
+        examples = batches["mask"].sum(axis=(1, 2))  # real examples each client trained on
         metrics = {
-            "train/loss": float(np.mean(loss)),
+            "train/loss": float(np.sum(loss * examples) / max(examples.sum(), 1.0)),
             "train/real_steps": float(np.mean(steps)),
             **_server_metrics(agg.metrics),
             "comm/bytes_up_total": float(new_state.bytes_up),
@@ -340,21 +271,12 @@ def make_round(
             "time/clients_s": t1 - t0,
             "time/server_s": time.perf_counter() - t1,
         }
-        for label in compare:
-            name, hp_c = COMPARISONS[label]
-            m = server.aggregate(name, trained["lora"], p, **hp_c).metrics
-            metrics[f"compare/{label}/rho_rel"] = float(m["rho_rel"])
+        if compare is not None:
+            for label, rho_rel in compare(trained["lora"], p).items():
+                metrics[f"compare/{label}/rho_rel"] = rho_rel
         return new_state, RoundOutput(ids, trained, base, metrics)
 
     return round_fn
-
-
-def _fresh_like(key: jax.Array, tree: PyTree) -> PyTree:
-    """Fresh adapters (``A`` random, ``B = 0``) shaped like ``tree``."""
-    shapes = {n: (f["A"].shape[1], f["B"].shape[0]) for n, f in tree.items()}
-    rank = next(iter(tree.values()))["A"].shape[0]
-    fresh = lora.init_tree(key, shapes, rank)
-    return {n: {k: v.astype(tree[n][k].dtype) for k, v in fresh[n].items()} for n in tree}
 
 
 def _server_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -1,16 +1,20 @@
 """``run(config, workdir)``: validate, build, resume, then the round loop.
 
 The loop reads top to bottom: one round (``rounds.make_round``: clients, then server),
-an evaluation every ``eval.every_rounds`` rounds and after the last, one metrics row
-(``reporting``), a checkpoint every ``ckpt.every_rounds`` rounds (``checkpoint``). A run
-restarted on the same workdir resumes from its newest checkpoint and, on CPU, ends
-bit-identical to an uninterrupted run: all randomness is a function of (seed, round,
-client) (see ``rounds``), and the metrics rows after the checkpoint are rewritten.
+an evaluation every ``eval.every_rounds`` rounds and after the last (the task's
+evaluator), one metrics row (``reporting``), a checkpoint every ``ckpt.every_rounds``
+rounds (``checkpoint``). A run restarted on the same workdir resumes from its newest
+checkpoint and, on CPU, ends bit-identical to an uninterrupted run: all randomness is a
+function of (seed, round, client) (see ``keys``), and the metrics rows after the
+checkpoint are rewritten.
+
+Nothing in the workdir changes until the config, the data, the model and (when resuming)
+the checkpoint have all been read: a bad input or a failed resume leaves it as it was.
+This module knows no method and no task by name: both are plug-ins (``server``, ``tasks``).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
@@ -23,89 +27,78 @@ from floranna_jax import (
     checkpoint,
     clients,
     config_check,
-    evaluation,
     experiment,
+    keys,
     partition,
     reporting,
     rounds,
     server,
+    tasks,
 )
+from floranna_jax.errors import ConfigError
 
-MODEL_KEY_TAG = 2**31 - 3  # fold_in(root, tag) inits the model; rounds use tags 0..num_rounds
 RESUMABLE_CHANGES = ("train.num_rounds", "eval", "ckpt")  # fields a resumed run may change
 
 
 class Run(NamedTuple):
     """A built run: ``round_fn(state) -> (state, RoundOutput)``, the round-0 ``state``,
-    the ``evaluator``, the experiment (model, data, partition) and the checkpointer."""
+    the task's ``evaluator``, the experiment (task, model, data, partition), the
+    ``server_`` (the method, built once) and ``base_of(state)``, the frozen base a state's
+    global model runs on."""
 
     round_fn: Any
     state: rounds.RoundState
-    evaluator: evaluation.Evaluator
+    evaluator: tasks.Evaluator
     exp: experiment.Experiment
-    ckpt: checkpoint.Checkpointer
+    server_: server.Server
+    base_of: Any
 
 
-def _frozen(method: str):
-    """FFA-LoRA trains ``B`` only: every adapter ``A`` is frozen at its shared init."""
-    if method == "ffa":
-        return lambda path, _: path[0] == "lora" and path[-1] == "A"
-    return None
-
-
-def _previous_lora_hparam(method: str, hparams: dict[str, Any]) -> str | None:
-    """FLoRA-NA with ``combine="deltas"`` combines deltas from the previous global adapter,
-    which the estimator takes as its ``previous`` argument."""
-    params = inspect.signature(server.ESTIMATORS[method]).parameters
-    return "previous" if hparams.get("combine") == "deltas" and "previous" in params else None
-
-
-def build(config, workdir: str, *, loss_wrapper=None) -> Run:
-    """Everything but the loop. ``loss_wrapper`` (tests) wraps the client loss function."""
+def build(config, *, loss_wrapper=None) -> Run:
+    """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss."""
     hparams = config_check.validate(config)
-    method, seed = config.server.name, config.train.seed
-    exp = experiment.build(config, jax.random.fold_in(jax.random.key(seed), MODEL_KEY_TAG))
+    seed = config.train.seed
+    server_ = server.build(config.server.name, **hparams)
+    method = server_.method
+    exp = experiment.build(config, keys.model_key(seed))
     c = config.client
     opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
-    loss_fn = rounds.make_loss_fn(exp.model, exp.task.is_regression)
+    loss_fn = exp.task.make_loss(exp.model)
     if loss_wrapper is not None:
         loss_fn = loss_wrapper(loss_fn)
     shard = config.train.shard_clients and jax.device_count() > 1
     runner = clients.make_runner(
-        clients.make_local_update(loss_fn, opt, _frozen(method)),
+        clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)),
         mode=config.train.client_mode,
         mesh=clients.make_mesh() if shard else None,
         chunk=config.train.clients_per_chunk,
     )
+    compare = tuple(config.server.compare)
     round_fn = rounds.make_round(
-        model=exp.model, runner=runner, opt=opt, method=method, hparams=hparams,
-        arrays=exp.train, train_index=exp.part.train, local_steps=c.local_steps,
-        batch_size=c.batch_size, clients_per_round=config.train.clients_per_round,
+        model=exp.model, runner=runner, opt=opt, server_=server_, arrays=exp.train,
+        train_index=exp.part.train, local_steps=c.local_steps, batch_size=c.batch_size,
+        clients_per_round=config.train.clients_per_round,
         persistent_opt_state=c.persistent_opt_state,
-        previous_lora_hparam=_previous_lora_hparam(method, hparams),
-        compare=tuple(config.server.compare),
+        compare=server.make_compare(compare) if compare else None,
     )  # fmt: skip
     state = rounds.init_state(
-        seed, exp.model.trainable, method=method, num_clients=config.partition.num_clients,
+        seed, exp.model.trainable, method, config.partition.num_clients,
         opt=opt if c.persistent_opt_state else None,
     )  # fmt: skip
-    evaluator = evaluation.make_evaluator(
-        exp.model, exp.task.name, exp.task.is_regression, exp.validation, exp.train,
-        exp.part.holdout, batch_size=config.eval.batch_size,
-        clients_per_round=config.train.clients_per_round,
-        max_local_examples=config.eval.max_local_examples,
-    )  # fmt: skip
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.ckpt.every_rounds, config.ckpt.keep
+    evaluator = exp.task.make_evaluator(
+        exp.model, exp.train, exp.validation, exp.part.holdout, config
     )
-    return Run(round_fn, state, evaluator, exp, ckpt)
+    effective_base = rounds.make_effective_base(exp.model)
+
+    def base_of(state: rounds.RoundState):
+        return effective_base(exp.model.base, method.base_delta(state.method))
+
+    return Run(round_fn, state, evaluator, exp, server_, base_of)
 
 
-def _eval_row(run: Run, config, state, out, base_of) -> dict[str, float]:
+def _eval_row(run: Run, config, state, out) -> dict[str, float]:
     """Global model on validation, sampled clients on their holdout, and their gap."""
-    glob = run.evaluator.global_eval(
-        base_of(run.exp.model.base, state.base_delta), {"lora": state.lora, "head": state.head}
-    )
+    glob = run.evaluator.global_eval(run.base_of(state), {"lora": state.lora, "head": state.head})
     row = {f"eval/global/{k}": v for k, v in glob.items()}
     if config.eval.local:
         local = run.evaluator.local_eval(out.base, out.trainable, out.client_ids)
@@ -120,13 +113,21 @@ def _comparable(config_dict: dict) -> dict:
     return out
 
 
+def _check_workdir(workdir: str) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir}: is a file, not a folder; choose another path")
+
+
 def _check_same_run(config, workdir: str) -> None:
     """A workdir with a checkpoint resumes only the same experiment (up to num_rounds)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        old = _comparable(json.load(f))
+    try:
+        with open(path) as f:
+            old = _comparable(json.load(f))
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); it says which run the workdir holds") from e
     new = _comparable(json.loads(config.to_json()))
     diff = sorted(
         f"{s}.{k}" for s in set(old) | set(new)
@@ -134,11 +135,24 @@ def _check_same_run(config, workdir: str) -> None:
         if old.get(s, {}).get(k) != new.get(s, {}).get(k)
     )  # fmt: skip
     if diff:
-        raise config_check.ConfigError(
+        raise ConfigError(
             f"config field {diff[0]}: {workdir} holds a checkpoint of a run with other values "
             f"of {', '.join(diff)}; use another --workdir (only {', '.join(RESUMABLE_CHANGES)} "
             "may change on resume)"
         )
+
+
+def _restore(ckpt: checkpoint.Checkpointer, state: rounds.RoundState, workdir: str):
+    """The newest checkpoint's state, or ``state`` when there is none."""
+    try:
+        restored = ckpt.restore(state)
+    except Exception as e:  # orbax raises many types; all mean "this checkpoint is unusable"
+        text = str(e).strip().splitlines()
+        raise ConfigError(
+            f"{workdir}/checkpoints: cannot resume from round {ckpt.latest_round()}: "
+            f"{type(e).__name__}: {text[0] if text else ''}"
+        ) from e
+    return state if restored is None else restored
 
 
 def _write_inputs(config, workdir: str, exp: experiment.Experiment) -> None:
@@ -152,33 +166,42 @@ def _write_inputs(config, workdir: str, exp: experiment.Experiment) -> None:
 def run(config, workdir: str) -> str:
     """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
-    Returns the summary table (also in ``workdir/summary.md``).
+    Returns the summary table (also in ``workdir/summary.md``). Raises ``ConfigError`` for
+    a bad input and ``RoundError`` for a non-finite round, both one line.
     """
+    _check_workdir(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):  # checked before building anything
         _check_same_run(config, workdir)
-    run_ = build(config, workdir)
+    run_ = build(config)
+    c = config.ckpt
+    if not os.path.isdir(ckpt_dir) and c.every_rounds == 0:
+        ckpt = None  # nothing to restore, nothing to save
+    else:
+        ckpt = checkpoint.Checkpointer(ckpt_dir, c.every_rounds, c.keep)
+    state = run_.state if ckpt is None else _restore(ckpt, run_.state, workdir)
+    os.makedirs(workdir, exist_ok=True)
     _write_inputs(config, workdir, run_.exp)
-    state = run_.ckpt.restore(run_.state) or run_.state
     start, num_rounds = int(state.round), config.train.num_rounds
     if start:
         logging.info("resuming %s from round %d", workdir, start)
     reporter = reporting.Reporter(
         workdir, start_round=start, num_rounds=num_rounds, main_metric=run_.exp.task.main_metric
     )
-    base_of = rounds.make_effective_base(run_.exp.model)
     while int(state.round) < num_rounds:
         state, out = run_.round_fn(state)
         r = int(state.round)
         row = {"round": r, **out.metrics}
         if r % config.eval.every_rounds == 0 or r == num_rounds:
             t0 = time.perf_counter()
-            row |= _eval_row(run_, config, state, out, base_of)
+            row |= _eval_row(run_, config, state, out)
             row["time/eval_s"] = time.perf_counter() - t0
         reporter.write(row)
-        run_.ckpt.save(state)
-    if config.ckpt.every_rounds > 0:
-        run_.ckpt.save(state, force=True)
-    run_.ckpt.close()
+        if ckpt is not None:
+            ckpt.save(state)
+    if ckpt is not None:
+        if c.every_rounds > 0:
+            ckpt.save(state, force=True)
+        ckpt.close()
     title = f"{config.server.name} on {run_.exp.task.name} ({config.data.source})"
     return reporter.finish(title)

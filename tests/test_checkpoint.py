@@ -2,13 +2,16 @@
 and a run stopped after round 2 and resumed in a fresh call ends exactly where an
 uninterrupted 4-round run ends (parameters, method state and metrics rows)."""
 
+import os
+import pathlib
+
 import jax
 import numpy as np
 import optax
 import pytest
 from smoke_setup import shared_compilation, smoke_config
 
-from floranna_jax import checkpoint, config_check, reporting, rounds, train
+from floranna_jax import checkpoint, config_check, errors, reporting, rounds, server, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,13 +34,13 @@ def test_save_restore_is_bit_exact(tmp_path):
         "head": {"kernel": jax.random.uniform(key, (5, 2))},
     }
     opt = optax.adamw(1e-2)
-    state = rounds.init_state(7, trainable, method="fedsa", num_clients=4, opt=opt)
+    state = rounds.init_state(7, trainable, server.make("fedsa"), 4, opt=opt)
     state = state._replace(round=np.asarray(3, np.int64), bytes_up=np.asarray(2**40 + 1, np.int64))
     ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every_rounds=3, keep=2)
     assert ckpt.restore(state) is None
     assert ckpt.save(state)
-    fresh = rounds.init_state(0, jax.tree.map(np.zeros_like, trainable), method="fedsa",
-                              num_clients=4, opt=opt)  # fmt: skip
+    fresh = rounds.init_state(0, jax.tree.map(np.zeros_like, trainable), server.make("fedsa"),
+                              4, opt=opt)  # fmt: skip
     restored = ckpt.restore(fresh)
     assert isinstance(restored, rounds.RoundState) and ckpt.latest_round() == 3
     _assert_states_equal(restored, state)
@@ -53,9 +56,10 @@ def _rows(workdir):
 
 
 def _final_state(config, workdir):
-    run = train.build(config, str(workdir))
-    state = run.ckpt.restore(run.state)
-    run.ckpt.close()
+    run = train.build(config)
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", 1, 2)
+    state = ckpt.restore(run.state)
+    ckpt.close()
     return state
 
 
@@ -81,3 +85,51 @@ def test_resume_refuses_another_experiment(tmp_path):
     other = smoke_config(**{"train.num_rounds": 2, "server.name": "fedsa"})
     with pytest.raises(config_check.ConfigError, match=r"server\.name"):
         train.run(other, str(tmp_path))
+
+
+def _snapshot(folder):
+    return {
+        os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(folder)
+        for f in files
+    }
+
+
+def test_failed_resume_leaves_the_workdir_as_it_was(tmp_path):
+    fields = {"server.name": "fedit", "ckpt.every_rounds": 1}
+    train.run(smoke_config(**fields, **{"train.num_rounds": 1}), str(tmp_path))
+    # Damage the checkpoint's array data: the config matches, the restore itself fails.
+    for d, _, files in os.walk(tmp_path / "checkpoints" / "1" / "default"):
+        for f in files:
+            if f != "commit_success.txt":
+                pathlib.Path(d, f).write_bytes(b"torn")
+    before = _snapshot(tmp_path)
+    with pytest.raises(config_check.ConfigError, match=r"checkpoints: cannot resume from round 1"):
+        train.run(smoke_config(**fields, **{"train.num_rounds": 3}), str(tmp_path))
+    assert _snapshot(tmp_path) == before  # config.json included: the right command still works
+
+
+def test_nonfinite_aggregate_stops_before_its_checkpoint(tmp_path, monkeypatch):
+    build = server.build
+
+    def poisoned(name, **hparams):  # round 2's global B of one layer turns NaN
+        real = build(name, **hparams)
+        calls = []
+
+        def aggregate(uploads, weights, state=None):
+            agg = real.aggregate(uploads, weights, state)
+            calls.append(1)
+            if len(calls) == 2:
+                layer = sorted(agg.lora)[1]
+                agg.lora[layer]["B"] = agg.lora[layer]["B"].at[0, 0].set(float("nan"))
+            return agg
+
+        return server.Server(real.method, aggregate)
+
+    monkeypatch.setattr(server, "build", poisoned)
+    config = smoke_config(**{"server.name": "fedit", "ckpt.every_rounds": 1,
+                             "train.num_rounds": 3})  # fmt: skip
+    with pytest.raises(errors.RoundError, match=r"round 2: .*global adapter.*layer_0/attention/"):
+        train.run(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    assert [r["round"] for r in reporting.read_rows(tmp_path / reporting.METRICS_FILE)] == [1]

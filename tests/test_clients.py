@@ -19,6 +19,7 @@ import optax
 from absl.testing import absltest, parameterized
 
 from floranna_jax import clients, lora
+from floranna_jax import keys as floranna_keys
 
 D_IN, D_H, R, C, B_SZ = 6, 5, 2, 3, 4
 SCALE = lora.scale(alpha=4.0, r=R)
@@ -69,7 +70,7 @@ def run_clients(
     local_update = clients.make_local_update(make_loss(dropout), opt, frozen=frozen)
     runner = clients.make_runner(local_update, mode=mode, mesh=mesh, chunk=chunk)
     state = clients.init_opt_state(opt, trainable)
-    keys = clients.client_keys(jax.random.key(7), 0, jnp.arange(U))
+    keys = floranna_keys.dropout_keys(jax.random.key(7), np.arange(U))
     mask = jnp.ones((U, S), jnp.float32)
     args = (clients.broadcast(trainable, U), clients.broadcast(state, U), batches, mask, keys)
     return runner(base, *args)
@@ -228,7 +229,7 @@ class RunnerTest(parameterized.TestCase):
         batches = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), batches)  # same data
         opt = clients.make_optimizer("sgd", learning_rate=0.1)
         args = (clients.broadcast(trainable, U), clients.broadcast(opt.init(trainable), U))
-        keys = clients.client_keys(jax.random.key(0), 4, jnp.arange(U))
+        keys = floranna_keys.dropout_keys(jax.random.fold_in(jax.random.key(0), 4), np.arange(U))
 
         def run(dropout, keys):
             runner = clients.make_runner(clients.make_local_update(make_loss(dropout), opt))

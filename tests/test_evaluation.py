@@ -1,22 +1,24 @@
-"""The run's evaluators (floranna_jax/evaluation.py) against a plain per-example forward."""
+"""The classification task's evaluators (floranna_jax/tasks/classification.py) against a
+plain per-example forward."""
 
 import jax
 import numpy as np
 import pytest
 from smoke_setup import shared_compilation, smoke_config
 
-from floranna_jax import clients, evaluation, train
+from floranna_jax import clients, train
 from floranna_jax.data import metrics
+from floranna_jax.tasks import classification
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     with shared_compilation():
-        yield train.build(smoke_config(), str(tmp_path_factory.mktemp("eval")))
+        yield train.build(smoke_config())
 
 
 def _direct_accuracy(model, base, trainable, arrays, rows):
-    batch = {k: arrays[k][rows] for k in evaluation.INPUT_KEYS if k in arrays}
+    batch = {k: arrays[k][rows] for k in classification.INPUT_KEYS if k in arrays}
     preds = np.asarray(model.apply(base, trainable, batch)).argmax(-1)
     return metrics.compute("sst2", preds, arrays["label"][rows])["accuracy"]
 
@@ -29,10 +31,9 @@ def test_local_eval_is_the_mean_of_per_client_scores(run, cap):
     trainable_U = clients.broadcast(exp.model.trainable, len(ids))
     head = trainable_U["head"]["classifier"]
     head["kernel"] = head["kernel"] + jax.random.normal(jax.random.key(0), head["kernel"].shape)
-    ev = evaluation.make_evaluator(
-        exp.model, "sst2", False, exp.validation, exp.train, exp.part.holdout,
-        batch_size=8, clients_per_round=len(ids), max_local_examples=cap,
-    )  # fmt: skip
+    config = smoke_config(**{"eval.batch_size": 8, "train.clients_per_round": len(ids),
+                              "eval.max_local_examples": cap})  # fmt: skip
+    ev = exp.task.make_evaluator(exp.model, exp.train, exp.validation, exp.part.holdout, config)
     got = ev.local_eval(exp.model.base, trainable_U, ids)["accuracy"]
     want = []
     for i, u in enumerate(ids):
@@ -45,10 +46,8 @@ def test_local_eval_is_the_mean_of_per_client_scores(run, cap):
 
 def test_global_eval_covers_every_validation_row(run):
     exp = run.exp
-    ev = evaluation.make_evaluator(
-        exp.model, "sst2", False, exp.validation, exp.train, exp.part.holdout,
-        batch_size=7, clients_per_round=3,
-    )  # fmt: skip
+    config = smoke_config(**{"eval.batch_size": 7, "train.clients_per_round": 3})
+    ev = exp.task.make_evaluator(exp.model, exp.train, exp.validation, exp.part.holdout, config)
     got = ev.global_eval(exp.model.base, exp.model.trainable)["accuracy"]
     rows = np.arange(len(exp.validation["label"]))
     want = _direct_accuracy(exp.model, exp.model.base, exp.model.trainable, exp.validation, rows)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from smoke_setup import shared_compilation, smoke_config
 
-from floranna_jax import rounds, train
+from floranna_jax import keys, rounds, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,9 +45,9 @@ def test_nonfinite_update_names_round_client_and_layer():
     good = jnp.ones((3, 2, 2))
     tree = {"lora": {"layer_0/query": {"A": good, "B": good.at[1, 0, 1].set(jnp.nan)}}}
     with pytest.raises(ValueError, match=r"round 5: client 12 .*layer_0/query.*B"):
-        rounds._check_finite(5, np.array([4, 12, 30]), np.zeros(3), tree)
+        rounds.check_uploads(5, np.array([4, 12, 30]), np.zeros(3), tree)
     with pytest.raises(ValueError, match=r"round 5: client 30 has non-finite training loss"):
-        rounds._check_finite(5, np.array([4, 12, 30]), np.array([0.1, 0.2, np.inf]), tree)
+        rounds.check_uploads(5, np.array([4, 12, 30]), np.array([0.1, 0.2, np.inf]), tree)
 
 
 def test_fedit_one_client_one_step_equals_centralized_step(tmp_path):
@@ -56,19 +56,16 @@ def test_fedit_one_client_one_step_equals_centralized_step(tmp_path):
         "client.local_steps": 1, "client.batch_size": 256, "client.optimizer": "sgd",
         "client.learning_rate": 0.5, "server.name": "fedit", "lora.dropout": 0.0,
     })  # fmt: skip
-    run = train.build(config, str(tmp_path))
+    run = train.build(config)
     state, _ = run.round_fn(run.state)
 
     # The same batch and dropout key the round used, then one plain SGD step.
     model, exp = run.exp.model, run.exp
-    rkey = rounds.round_key(run.state)
-    ckey = jax.random.fold_in(rkey, 0)
-    batches, _ = rounds.make_batches(
-        exp.train, exp.part.train[0], jax.random.fold_in(ckey, 1), 1, 256
-    )
+    ckey = keys.client_key(keys.round_key(run.state.key, 0), 0)
+    batches, _ = rounds.make_batches(exp.train, exp.part.train[0], keys.data_key(ckey), 1, 256)
     batch = jax.tree.map(lambda x: x[0], batches)
-    loss_fn = rounds.make_loss_fn(model, exp.task.is_regression)
-    dropout_key = jax.random.fold_in(jax.random.fold_in(ckey, 0), 0)  # runner: step t=0
+    loss_fn = exp.task.make_loss(model)
+    dropout_key = jax.random.fold_in(keys.dropout_key(ckey), 0)  # runner: step t=0
     grads = jax.jit(jax.grad(loss_fn, argnums=1))(model.base, model.trainable, batch, dropout_key)
     expected = jax.tree.map(lambda p, g: p - 0.5 * g, model.trainable, grads)
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["lora"]))
@@ -81,7 +78,7 @@ def test_fedit_one_client_one_step_equals_centralized_step(tmp_path):
 def test_round_step_compiles_once(tmp_path):
     chex.clear_trace_counter()
     config = smoke_config(**{"server.name": "fedit"})
-    run = train.build(config, str(tmp_path), loss_wrapper=lambda f: chex.assert_max_traces(f, n=1))
+    run = train.build(config, loss_wrapper=lambda f: chex.assert_max_traces(f, n=1))
     state = run.state
     for _ in range(3):  # a retrace would raise from inside the runner
         state, out = run.round_fn(state)

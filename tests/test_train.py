@@ -47,12 +47,49 @@ def test_every_estimator_is_listed():
     assert set(ESTIMATORS) <= set(server.ESTIMATORS)
 
 
-@pytest.mark.parametrize(
-    "name, extra", [(n, {}) for n in ESTIMATORS] + [("floranna", {"server.combine": "deltas"})]
-)
-def test_one_round_of_each_estimator(name, extra, tmp_path):
-    config = smoke_config(**{"server.name": name, **extra})
-    run = train.build(config, str(tmp_path))
+# After two smoke rounds: (sum of the global factors, sum of their magnitudes, sum of the
+# head's magnitudes, rho_rel of round 2), recorded with the code before methods became
+# plug-ins (commit b16ed3c), where they matched bit for bit. Round 2 starts from each
+# method's state (FedSA's personal B, FLoRA/FedEx's merged base, FLoRA-NA's history).
+BEFORE_PLUGINS = {
+    "fedit": (-8.275647853886767, 252.48781948534452, 7.2814575338270515, 0.07668159157037735),
+    "ffa": (-7.080603066002368, 171.7188150743168, 6.255107323799166, 1.1039522160999349e-12),
+    "fedsa": (-7.840004029236297, 231.53103791210378, 6.537243531172862, 0.11888103932142258),
+    "flora": (-2.7300329208374023, 65.34979927539825, 8.08266144420486, 0.0),
+    "fedex": (-8.260012244907557, 251.76859201425395, 7.44643313594861, 1.4205063791905559e-09),
+    "svd": (6.791721536428668, 186.69140747084748, 7.362317349645309, 0.04783808812499046),
+    "floranna_scope=model": (
+        -8.488965603464749,
+        257.8970301723457,
+        7.403326039318927,
+        0.0714811235666275,
+    ),
+    "floranna_scope=layer": (
+        -8.47514826443512,
+        257.40300742385443,
+        7.406962003558874,
+        0.06816898286342621,
+    ),
+    "floranna_combine=deltas_scope=model": (
+        -8.30141631605511,
+        258.0846766028699,
+        7.41728222114034,
+        0.07088404893875122,
+    ),
+}
+CASES = [("fedit", {}), ("ffa", {}), ("fedsa", {}), ("flora", {}), ("fedex", {}), ("svd", {}),
+         ("floranna", {"scope": "model"}), ("floranna", {"scope": "layer"}),
+         ("floranna", {"combine": "deltas", "scope": "model"})]  # fmt: skip
+
+
+def _label(name, hp):
+    return name + "".join(f"_{k}={v}" for k, v in sorted(hp.items()))
+
+
+@pytest.mark.parametrize("name, hp", CASES, ids=[_label(*c) for c in CASES])
+def test_two_rounds_of_each_method(name, hp):
+    config = smoke_config(**{"server.name": name, **{f"server.{k}": v for k, v in hp.items()}})
+    run = train.build(config)
     state, out = run.round_fn(run.state)
     assert int(state.round) == 1 and np.isfinite(out.metrics["train/loss"])
     assert np.isfinite(out.metrics["server/rho_rel"])
@@ -61,34 +98,41 @@ def test_one_round_of_each_estimator(name, extra, tmp_path):
         for layer, f in state.lora.items():
             np.testing.assert_array_equal(f["A"], run.state.lora[layer]["A"])
     if name == "fedsa":  # one personal B per client: trained ones distinct, others untouched
-        for B in state.personal_B.values():
+        for B in state.method["B"].values():
             assert B.shape[0] == config.partition.num_clients
             trained = np.asarray(B[ids])
             assert all(np.abs(b).max() > 0 for b in trained)
             assert not np.array_equal(trained[0], trained[1])
             others = np.setdiff1d(np.arange(B.shape[0]), ids)
             np.testing.assert_array_equal(B[others], 0.0)
-    else:
-        assert state.personal_B == {}
     if name in ("flora", "fedex"):  # the frozen base moves by the merged deltas
-        assert state.base_delta and all(
-            float(jnp.abs(d).max()) > 0 for d in state.base_delta.values()
-        )
-        glob = run.evaluator.global_eval(
-            train.rounds.make_effective_base(run.exp.model)(run.exp.model.base, state.base_delta),
-            {"lora": state.lora, "head": state.head},
-        )
+        delta = run.server_.method.base_delta(state.method)
+        assert delta and all(float(jnp.abs(d).max()) > 0 for d in delta.values())
+        base = run.base_of(state)
+        moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), base, run.exp.model.base)
+        assert any(jax.tree.leaves(moved))
+        glob = run.evaluator.global_eval(base, {"lora": state.lora, "head": state.head})
         assert 0.0 <= glob["accuracy"] <= 1.0
     else:
-        assert state.base_delta == {}
+        assert run.server_.method.base_delta(state.method) == {}
+        assert run.base_of(state) is run.exp.model.base
     head_moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.head, run.state.head)
     assert any(jax.tree.leaves(head_moved))
+
+    state, out = run.round_fn(state)
+    f64 = [np.asarray(x, np.float64) for x in jax.tree.leaves(state.lora)]
+    got = (sum(float(x.sum()) for x in f64), sum(float(np.abs(x).sum()) for x in f64),
+           sum(float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree.leaves(state.head)),
+           out.metrics["server/rho_rel"])  # fmt: skip
+    # Bit-identical on the machine that recorded them; other CPUs may fuse float32 ops
+    # differently, hence the tolerance (a changed method moves these by far more).
+    np.testing.assert_allclose(got, BEFORE_PLUGINS[_label(name, hp)], rtol=1e-5, atol=1e-9)
 
 
 def test_compare_runs_other_estimators_on_the_same_uploads(tmp_path):
     labels = ("fedit", "svd", "floranna_layer", "floranna_model")
     config = smoke_config(**{"server.name": "fedit", "server.compare": labels})
-    run = train.build(config, str(tmp_path))
+    run = train.build(config)
     _, out = run.round_fn(run.state)
     m = {label: out.metrics[f"compare/{label}/rho_rel"] for label in labels}
     # The run's own estimator and its comparison see the same factors: the same number.

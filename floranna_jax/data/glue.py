@@ -14,6 +14,7 @@ the file and the line. Test splits are unlabeled; their labels are -1.
 """
 
 import csv
+import logging
 import math
 import os
 import pathlib
@@ -183,7 +184,8 @@ def read_tsv(path: str | os.PathLike, task: str, split: str = "train") -> Exampl
 
     The header names the columns (CoLA train/dev have none; TaskInfo.tsv_columns names them).
     A file without the label column is taken as unlabeled (labels -1), as test files are.
-    Raises ValueError naming the file and line for a row with the wrong field count or label.
+    Raises ValueError naming the file (and line) for an empty file, a file without
+    examples, and a row with the wrong field count or label.
     """
     info, split, path = get_task(task), _split_name(split), pathlib.Path(path)
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -217,6 +219,8 @@ def read_tsv(path: str | os.PathLike, task: str, split: str = "train") -> Exampl
                     raise ValueError(f"{where}: bad label in column {info.tsv_label!r}: {e}") from e
     dtype = np.float32 if info.is_regression else np.int32
     n = len(texts[0])
+    if n == 0:
+        raise ValueError(f"{path}: no examples" + ("" if headerless else " after the header line"))
     return Examples(
         texts, np.asarray(labels, dtype) if label_col is not None else np.full(n, -1, dtype)
     )
@@ -321,8 +325,15 @@ def tokenize(
     return out
 
 
+def _no_torch_notice(record: logging.LogRecord) -> bool:
+    """transformers announces at import that it found no PyTorch; tokenizers need none."""
+    return "PyTorch was not found" not in record.getMessage()
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The model's own tokenizer from its folder (transformers AutoTokenizer)."""
+    # A filter, not a level: transformers resets its logger's level when it loads.
+    logging.getLogger("transformers").addFilter(_no_torch_notice)
     from transformers import AutoTokenizer  # slow import
 
     return AutoTokenizer.from_pretrained(str(path))

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from floranna_jax.errors import BadValue
+
 Clients = dict[str, dict[str, jax.Array]]  # layer -> {"A": [U, r, d_in], "B": [U, d_out, r]}
 Lora = dict[str, dict[str, jax.Array]]  # layer -> {"A": [r, d_in], "B": [d_out, r]}
 Shapes = dict[str, tuple[int, int, int]]  # layer -> (d_out, d_in, r)
@@ -46,22 +48,6 @@ class Aggregate(NamedTuple):
     metrics: dict[str, Any]
 
 
-class Estimator(NamedTuple):
-    """An estimator: pure functions, like an optax ``GradientTransformation``.
-
-    aggregate:  ``(clients, weights, previous=None, svd_metric=True) -> (lora, merge,
-                metrics)``; pure and jittable; ``weights`` are normalized inside;
-                ``previous`` is the last global adapter (only FLoRA-NA with
-                ``combine="deltas"`` uses it); ``svd_metric=False`` (static) skips
-                ``rho_svd`` (NaN), the costliest metric.
-    comm_bytes: ``(shapes, U) -> (bytes_up, bytes_down)`` per client per round, summed over
-                layers, float32, following METHOD.md's table. Plain Python (ints).
-    """
-
-    aggregate: Callable[..., tuple[Lora, dict[str, jax.Array], dict[str, Any]]]
-    comm_bytes: Callable[[Shapes, int], tuple[int, int]]
-
-
 def factor_bytes(shapes: Shapes, per_layer: Callable[[int, int, int], int]) -> int:
     """``4 * sum over layers of per_layer(d_out, d_in, r)`` numbers, in bytes."""
     return BYTES_PER_NUMBER * sum(per_layer(*s) for s in shapes.values())
@@ -81,14 +67,15 @@ def check_hparams(name: str, factory: Callable[..., Any], hparams: Mapping[str, 
     valid = sorted(inspect.signature(factory).parameters)
     unknown = sorted(set(hparams) - set(valid))
     if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {unknown} for estimator {name!r}; valid: {valid}"
+        raise BadValue(
+            unknown[0],
+            f"unknown hyperparameter(s) {unknown} for estimator {name!r}; valid: {valid or 'none'}",
         )
 
 
 def check_choice(param: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{param}={value!r} is not valid; choose one of {list(choices)}")
+        raise BadValue(param, f"{value!r} is not valid; choose one of {list(choices)}")
 
 
 # ----------------------------------------------------------------------------- validation

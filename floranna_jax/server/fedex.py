@@ -8,12 +8,13 @@ so ``B A + merge = dW_ideal`` exactly. The residual is sent dense: bytes down ar
 ``r (d_in + d_out) + d_in d_out`` per layer (its rank is at most ``(U + 1) r``, so a
 factored residual would be smaller when ``(U + 1) r (d_in + d_out) < d_in d_out``; this
 implementation reports the dense choice). Up: one adapter, ``r (d_in + d_out)``.
+The merges accumulate in the method state (:mod:`merging`).
 """
 
 from __future__ import annotations
 
-from floranna_jax.server import common
-from floranna_jax.server.merging import aggregate_with_merge
+from floranna_jax.server import common, merging
+from floranna_jax.server.method import Method, make_method
 
 
 def fedex_bytes(shapes: common.Shapes, U: int) -> tuple[int, int]:
@@ -27,11 +28,12 @@ def _fedit_factors(g, basis):
     return basis.cA, basis.cB
 
 
-def aggregate(clients: common.Clients, weights, previous=None, svd_metric: bool = True):
-    del previous
-    return aggregate_with_merge(clients, weights, _fedit_factors, svd_metric)
+def aggregate(clients: common.Clients, weights, state=None, svd_metric: bool = True):
+    del state
+    return merging.aggregate_with_merge(clients, weights, _fedit_factors, svd_metric)
 
 
-def make_fedex() -> common.Estimator:
+def make_fedex() -> Method:
     """FedEx-LoRA: FedIT factors, ``merge = dW_ideal - B A`` (dense). No hparams."""
-    return common.Estimator(aggregate, fedex_bytes)
+    return make_method(aggregate, fedex_bytes, init=merging.init, apply=merging.accumulate,
+                       base_delta=merging.base_delta)  # fmt: skip

@@ -13,11 +13,12 @@ rank-r adapter each way, ``r (d_in + d_out)`` numbers per layer.
 from __future__ import annotations
 
 from floranna_jax.server import common, factored
+from floranna_jax.server.method import Method, make_method
 
 
-def average(clients: common.Clients, weights, previous=None, svd_metric: bool = True):
+def average(clients: common.Clients, weights, state=None, svd_metric: bool = True):
     """``(lora, merge={}, metrics)`` of the factor average; shared by fedit, ffa, fedsa."""
-    del previous  # the average needs no history
+    del state  # the average needs no history
     p = common.normalize(weights)
     groups = common.group_layers(clients)
     bases = [factored.build_basis(g, p) for g in groups]
@@ -32,6 +33,6 @@ def average(clients: common.Clients, weights, previous=None, svd_metric: bool = 
     return common.unstack(groups, loras), {}, metrics
 
 
-def make_fedit() -> common.Estimator:
-    """FedIT: ``A = sum p_u A_u``, ``B = sum p_u B_u``. No hyperparameters."""
-    return common.Estimator(average, common.fedit_bytes)
+def make_fedit() -> Method:
+    """FedIT: ``A = sum p_u A_u``, ``B = sum p_u B_u``; stateless. No hyperparameters."""
+    return make_method(average, common.fedit_bytes)

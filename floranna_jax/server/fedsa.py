@@ -5,15 +5,20 @@ Update rule (METHOD.md; baseline in arXiv 2509.26399):
     A = sum_u p_u A_u  (broadcast),      B_u stays on client u
 
 There is no single global model in the method itself; for *global* evaluation the
-returned ``lora`` holds ``A`` and the weighted average ``B = sum_u p_u B_u`` (so ``rho`` is
-FedIT's). The clients keep their own ``B``; the round loop does that bookkeeping.
-Communication: only ``A``, ``r d_in`` numbers per layer each way.
+global adapter holds ``A`` and the weighted average ``B = sum_u p_u B_u`` (so ``rho`` is
+FedIT's). Method state: ``{"B": {layer: [N, d_out, r]}}``, every client's own ``B``
+(zero until it first trains): a sampled client starts from the global ``A`` and its own
+``B``, and its trained ``B`` is stored after the round. Communication: only ``A``,
+``r d_in`` numbers per layer each way.
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from floranna_jax.server import common
 from floranna_jax.server.fedit import average
+from floranna_jax.server.method import Method, broadcast, make_method
 
 
 def fedsa_bytes(shapes: common.Shapes, U: int) -> tuple[int, int]:
@@ -21,6 +26,24 @@ def fedsa_bytes(shapes: common.Shapes, U: int) -> tuple[int, int]:
     return n, n
 
 
-def make_fedsa() -> common.Estimator:
-    """FedSA-LoRA: average ``A``; ``B`` is the global-evaluation average. No hparams."""
-    return common.Estimator(average, fedsa_bytes)
+def init(lora: common.Lora, num_clients: int) -> dict:
+    return {"B": {n: jnp.zeros((num_clients, *f["B"].shape), f["B"].dtype)
+                  for n, f in lora.items()}}  # fmt: skip
+
+
+def client_start(lora, state, client_ids, key) -> common.Clients:
+    """The global ``A`` and each sampled client's own ``B``."""
+    del key
+    start = broadcast(lora, len(client_ids))
+    return {n: {"A": f["A"], "B": state["B"][n][client_ids]} for n, f in start.items()}
+
+
+def apply(state, aggregate: common.Aggregate, client_ids, uploads):
+    """The averaged adapter for global evaluation; the trained ``B`` kept per client."""
+    personal = {n: B.at[client_ids].set(uploads[n]["B"]) for n, B in state["B"].items()}
+    return aggregate.lora, {"B": personal}
+
+
+def make_fedsa() -> Method:
+    """FedSA-LoRA: average ``A``; personal ``B`` per client. No hyperparameters."""
+    return make_method(average, fedsa_bytes, init=init, client_start=client_start, apply=apply)

@@ -37,7 +37,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from floranna_jax.clients import finite_float32
+from floranna_jax.errors import BadValue
 from floranna_jax.server import common, factored
+from floranna_jax.server.method import Method, make_method
 
 SCOPES = ("layer", "model")
 TARGETS = ("weighted", "uniform")
@@ -176,40 +179,54 @@ def make_floranna(
     learning_rate: float = 1e-2,
     end_learning_rate: float | None = None,
     weight_decay: float = 0.0,
-    previous: common.Lora | None = None,
-) -> common.Estimator:
-    """FLoRA-NA. Defaults: the reference configuration of METHOD.md (AdamW, 1e-2, 200).
+) -> Method:
+    """FLoRA-NA. Defaults: the reference solver of METHOD.md (AdamW, 1e-2, 200 steps) with
+    one ``(a, b)`` per layer, which fits every layer at least as well as shared weights at
+    the same cost (docs/reviewers.md, question 1).
 
     Args:
       scope: "layer" (one (a, b) per layer) or "model" (one pair for all layers).
       target: "weighted" (``q = p``) or "uniform" (``q = 1/U``) in the fitted objective;
         the reported ``rho`` is always against the p-weighted ``dW_ideal``.
-      combine: "factors" or "deltas" (needs ``previous``, the last global adapter).
+      combine: "factors" or "deltas" (from the previous global adapter, which the method
+        state ``{"previous": lora}`` holds).
       solver: "adam" or "als". ``steps`` iterations of either.
       learning_rate, end_learning_rate, weight_decay: AdamW; ``end_learning_rate`` turns on
         cosine decay; weight decay defaults to 0 (it would pull ``a, b`` off FedIT's scale).
-      previous: default for the ``previous`` argument of ``aggregate``.
     """
     common.check_choice("scope", scope, SCOPES)
     common.check_choice("target", target, TARGETS)
     common.check_choice("combine", combine, COMBINES)
     common.check_choice("solver", solver, SOLVERS)
-    if not (isinstance(steps, int) and steps >= 0):
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if not learning_rate > 0 or (end_learning_rate is not None and not end_learning_rate > 0):
-        raise ValueError(f"learning rates must be positive: {learning_rate}, {end_learning_rate}")
-    default_previous = previous
+    if isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 0):
+        raise BadValue("steps", f"must be a non-negative int, got {steps!r}")
+    for name, lr in (("learning_rate", learning_rate), ("end_learning_rate", end_learning_rate)):
+        if lr is not None and not (finite_float32(lr) and lr > 0):
+            raise BadValue(name, f"must be a number > 0, finite in float32; got {lr!r}")
+    if not (finite_float32(weight_decay) and weight_decay >= 0):
+        raise BadValue(
+            "weight_decay", f"must be a number >= 0, finite in float32; got {weight_decay!r}"
+        )
+    deltas = combine == "deltas"
 
-    def aggregate(clients: common.Clients, weights, previous=None, svd_metric: bool = True):
-        previous = default_previous if previous is None else previous
-        if combine == "deltas" and previous is None:
+    def init(lora: common.Lora, num_clients: int) -> dict:
+        del num_clients
+        return {"previous": lora} if deltas else {}
+
+    def apply(state, aggregate: common.Aggregate, client_ids, uploads):
+        del client_ids, uploads
+        return aggregate.lora, ({"previous": aggregate.lora} if deltas else state)
+
+    def aggregate(clients: common.Clients, weights, state=None, svd_metric: bool = True):
+        previous = (state or {}).get("previous")
+        if deltas and previous is None:
             raise ValueError(
                 "floranna combine='deltas' needs previous= the last global adapter "
                 "(dict layer -> {'A': [r, d_in], 'B': [d_out, r]})"
             )
         p = common.normalize(weights)
-        groups = common.group_layers(clients, previous if combine == "deltas" else None)
-        bases = [factored.build_basis(g, p, use_previous=combine == "deltas") for g in groups]
+        groups = common.group_layers(clients, previous if deltas else None)
+        bases = [factored.build_basis(g, p, use_previous=deltas) for g in groups]
         prob = problem(bases, p, target, combine, scope)
         if solver == "adam":
             fit = solve_adam(prob, steps, learning_rate, end_learning_rate, weight_decay)
@@ -219,7 +236,7 @@ def make_floranna(
         a, b = (jnp.broadcast_to(x, (L, U)) for x in (fit.a, fit.b))
         return _finish(groups, bases, p, prob, fit, a, b, steps, svd_metric)
 
-    return common.Estimator(aggregate, common.fedit_bytes)
+    return make_method(aggregate, common.fedit_bytes, init=init, apply=apply)
 
 
 def _finish(groups, bases, p, prob, fit, a, b, steps, svd_metric):

@@ -7,6 +7,9 @@ Both broadcast some rank-r global factors ``(B, A)`` and fold what those factors
 into the frozen weight, so ``B A + merge = dW_ideal`` exactly. ``merge`` is
 ``[d_out, d_in]`` by nature: these are the only estimators that form a dense matrix.
 FLoRA's ``B = 0`` makes its merge ``dW_ideal`` itself; FedEx's ``(B, A)`` is FedIT's.
+
+Both keep ``{"merged": {layer: [d_out, d_in]}}`` as method state: the sum of every round's
+``merge`` (``B @ A`` units), which the round folds into the clients' frozen base.
 """
 
 from __future__ import annotations
@@ -20,6 +23,23 @@ from floranna_jax.server import common, factored
 
 # (group, basis) -> global (A [L, r, d_in], B [L, d_out, r]) for one stacked layer group
 GlobalFactors = Callable[[common.LayerGroup, factored.Basis], tuple[jax.Array, jax.Array]]
+
+
+def init(lora: common.Lora, num_clients: int) -> dict:
+    del num_clients
+    return {"merged": {n: jnp.zeros((f["B"].shape[0], f["A"].shape[1]), f["A"].dtype)
+                       for n, f in lora.items()}}  # fmt: skip
+
+
+def accumulate(state, aggregate: common.Aggregate, client_ids, uploads):
+    """The estimator's factors; this round's ``merge`` added to the merged total."""
+    del client_ids, uploads
+    merged = {n: m + aggregate.merge[n].astype(m.dtype) for n, m in state["merged"].items()}
+    return aggregate.lora, {"merged": merged}
+
+
+def base_delta(state) -> dict[str, jax.Array]:
+    return state["merged"]
 
 
 def dense_ideal(g: common.LayerGroup, p: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from floranna_jax.server import common, factored
+from floranna_jax.server.method import Method, make_method
 
 
 def _factors(group: common.LayerGroup, basis: factored.Basis, Ct, RB, RA, Uc, S, Vct):
@@ -40,8 +41,8 @@ def _factors(group: common.LayerGroup, basis: factored.Basis, Ct, RB, RA, Uc, S,
     return {"A": A, "B": B}, resid
 
 
-def aggregate(clients: common.Clients, weights, previous=None, svd_metric: bool = True):
-    del previous, svd_metric  # the SVD is the method itself
+def aggregate(clients: common.Clients, weights, state=None, svd_metric: bool = True):
+    del state, svd_metric  # the SVD is the method itself
     p = common.normalize(weights)
     groups = common.group_layers(clients)
     bases = [factored.build_basis(g, p) for g in groups]
@@ -59,6 +60,6 @@ def aggregate(clients: common.Clients, weights, previous=None, svd_metric: bool 
     return common.unstack(groups, loras), {}, metrics
 
 
-def make_svd() -> common.Estimator:
-    """Best rank-r approximation of ``dW_ideal`` in factored form. No hyperparameters."""
-    return common.Estimator(aggregate, common.fedit_bytes)
+def make_svd() -> Method:
+    """Best rank-r approximation of ``dW_ideal`` in factored form; stateless. No hparams."""
+    return make_method(aggregate, common.fedit_bytes)

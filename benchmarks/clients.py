@@ -1,6 +1,6 @@
 """Benchmark of one federated round of local training: vmap, chunked vmap and loop runners.
 
-    python -m floranna_jax.benchmarks.clients [--model PATH] [--out bench_out/clients.json]
+    python -m benchmarks.clients [--model PATH] [--out bench_out/clients.json]
 
 Runs one round of ``U=10`` clients on all-MiniLM-L6-v2 (sequence length 64, batch 16,
 5 local AdamW steps, LoRA r=16 on query/value, 2-label head, dropout on, synthetic
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from floranna_jax import clients, models
-from floranna_jax.benchmarks import machine
+from benchmarks import machine
+from floranna_jax import clients, keys, models
 
 DEFAULT_MODEL = pathlib.Path.home() / ".cache" / "floranna" / "models" / "all-MiniLM-L6-v2"
 
@@ -96,7 +96,7 @@ def round_args(model, opt, U: int, S: int, b: int, L: int) -> tuple:
         clients.broadcast(clients.init_opt_state(opt, trainable), U),
         make_batches(model.config["vocab_size"], U, S, b, L),
         jnp.ones((U, S), jnp.float32),
-        clients.client_keys(jax.random.key(0), 0, jnp.arange(U)),
+        keys.dropout_keys(keys.round_key(jax.random.key_data(keys.root(0)), 0), np.arange(U)),
     )
 
 

@@ -1,6 +1,6 @@
 """The reviewers' open questions (METHOD.md), measured on real federated training.
 
-    python -m floranna_jax.benchmarks.reviewers --model=FOLDER --glue=GLUE_FOLDER
+    python -m benchmarks.reviewers --model=FOLDER --glue=GLUE_FOLDER
 
 trains all-MiniLM-L6-v2 (any BERT/RoBERTa folder) with LoRA on SST-2 (any GLUE folder) over
 10 clients, once per (method, Dirichlet alpha) of ``--runs``, through ``train.run`` with the
@@ -26,8 +26,8 @@ import pathlib
 
 import numpy as np
 
+from benchmarks import machine
 from floranna_jax import reporting, train
-from floranna_jax.benchmarks import machine
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COMPARE = ("fedit", "floranna_layer", "floranna_model", "svd")

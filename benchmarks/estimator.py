@@ -1,6 +1,6 @@
 """Server aggregation cost at LLaMA-2-7B and RoBERTa-large adapter shapes.
 
-    python -m floranna_jax.benchmarks.estimator [--quick] [--out bench_out/estimator.json]
+    python -m benchmarks.estimator [--quick] [--out bench_out/estimator.json]
 
 prints, per model shape, the seconds per aggregation after compilation (median of
 ``--repeats`` runs, ``block_until_ready``) of the jitted pure estimator (metrics included:
@@ -37,8 +37,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks import machine
 from floranna_jax import server
-from floranna_jax.benchmarks import machine
 
 MODELS = {  # name -> (layers, d_out, d_in, r, U); {q, v} per transformer block
     "llama2-7b": (2 * 32, 4096, 4096, 16, 10),

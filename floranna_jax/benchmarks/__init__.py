@@ -1,1 +1,0 @@
-"""Benchmarks: print figures and write JSON; they assert nothing about time."""

@@ -1,0 +1,26 @@
+"""The errors a user sees as one line (``launch.py`` prints ``error: <message>``, exit 2).
+
+ConfigError: a bad config value, data file or path, found before anything is compiled;
+the message names the field, file, line or value. RoundError: a round produced something
+unusable (non-finite loss, upload or aggregate); the message names the 1-based round, the
+client or layer, and the round's state is never checkpointed.
+"""
+
+
+class ConfigError(ValueError):
+    """A bad config value or input file; the message names it and what is valid."""
+
+
+class RoundError(ValueError):
+    """A round produced a non-finite loss, upload or aggregate; nothing was saved."""
+
+
+class BadValue(ValueError):
+    """A component's own check failed for its parameter ``param`` (the name the component
+    knows it by, e.g. ``learning_rate``); ``config_check`` turns it into a ConfigError
+    naming the config field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message

@@ -1,0 +1,129 @@
+"""Every method by name, built once per run into a validated, jitted server step.
+
+    ESTIMATORS[name](**hparams) -> Method                 # pure functions (server.method)
+    server_ = build(name, **hparams)                      # once per run
+    server_.aggregate(uploads, weights, state) -> Aggregate   # validated, jitted, bytes added
+    aggregate(name, clients, weights, **hparams) -> Aggregate # one call, for scripts and tests
+    compare(labels, uploads, weights) -> {label: rho_rel}     # COMPARISONS on the same uploads
+
+Validation is eager, on concrete arrays, before anything compiles: unknown names and
+hyperparameters, bad shapes, weights or NaNs raise ``ValueError`` naming the culprit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from floranna_jax.server import common
+from floranna_jax.server.fedex import make_fedex
+from floranna_jax.server.fedit import make_fedit
+from floranna_jax.server.fedsa import make_fedsa
+from floranna_jax.server.ffa import make_ffa
+from floranna_jax.server.flora import make_flora
+from floranna_jax.server.floranna import make_floranna
+from floranna_jax.server.method import Method
+from floranna_jax.server.svd import make_svd
+
+ESTIMATORS: dict[str, Callable[..., Method]] = {
+    "fedit": make_fedit,
+    "ffa": make_ffa,
+    "fedsa": make_fedsa,
+    "flora": make_flora,
+    "fedex": make_fedex,
+    "svd": make_svd,
+    "floranna": make_floranna,
+}
+# What ``compare=`` can also run on each round's uploads: label -> (name, hparams).
+COMPARISONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedit": ("fedit", {}),
+    "svd": ("svd", {}),
+    "floranna_layer": ("floranna", {"scope": "layer"}),
+    "floranna_model": ("floranna", {"scope": "model"}),
+}
+
+
+def make(name: str, **hparams: Any) -> Method:
+    """``ESTIMATORS[name](**hparams)``; unknown names or hparams raise with the valid ones."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; valid: {sorted(ESTIMATORS)}")
+    common.check_hparams(name, ESTIMATORS[name], hparams)
+    return ESTIMATORS[name](**hparams)
+
+
+class Server(NamedTuple):
+    """A method built for one run. ``aggregate(uploads, weights, state) -> Aggregate``
+    validates its inputs, runs the method's estimator (jitted once, here) and adds the
+    per-client bytes to the metrics, which come back on the host."""
+
+    method: Method
+    aggregate: Callable[..., common.Aggregate]
+
+
+def build(name: str, **hparams: Any) -> Server:
+    """The method ``name`` with its estimator jitted once; raises on bad names/hparams."""
+    method = make(name, **hparams)
+    jitted = jax.jit(method.aggregate)
+
+    def aggregate(uploads: Mapping, weights: Any, state: Any = None) -> common.Aggregate:
+        uploads, shapes, U = common.validate_clients(uploads)
+        p = common.validate_weights(weights, U)
+        lora, merge, metrics = jitted(uploads, p, state)
+        up, down = method.comm_bytes(shapes, U)
+        metrics = {**_to_host(metrics), "bytes_up": float(up), "bytes_down": float(down)}
+        return common.Aggregate(lora, merge, metrics)
+
+    return Server(method, aggregate)
+
+
+def aggregate(name: str, clients: Mapping, weights: Any, **hparams: Any) -> common.Aggregate:
+    """Validate, aggregate with estimator ``name``, add bytes: one call, compiled anew.
+
+    ``previous=`` (the last global adapter, layer -> {"A", "B"}) is the method state's
+    history where the estimator uses one (floranna with ``combine="deltas"``): the state
+    is ``method.init(previous, U)``. Raises ``ValueError`` on any bad input, before compiling.
+    """
+    previous = hparams.pop("previous", None)
+    server_ = build(name, **hparams)
+    state = None
+    if previous is not None:
+        _, shapes, U = common.validate_clients(clients)
+        state = server_.method.init(common.validate_previous(previous, shapes), U)
+    return server_.aggregate(clients, weights, state)
+
+
+def check_comparisons(labels: tuple[str, ...]) -> None:
+    """Unknown labels raise ``ValueError`` listing :data:`COMPARISONS`."""
+    bad = [label for label in labels if label not in COMPARISONS]
+    if bad:
+        raise ValueError(f"unknown comparison(s) {bad}; valid: {', '.join(COMPARISONS)}")
+
+
+def make_compare(labels: tuple[str, ...]) -> Callable[[Mapping, Any], dict[str, float]]:
+    """``compare(uploads, weights) -> {label: rho_rel}`` of the :data:`COMPARISONS` named by
+    ``labels``, each jitted once: estimators compared on identical client factors, free of
+    the differences their own histories would cause."""
+    check_comparisons(labels)
+    servers = {label: build(COMPARISONS[label][0], **COMPARISONS[label][1]) for label in labels}
+
+    def compare(uploads: Mapping, weights: Any) -> dict[str, float]:
+        return {label: float(s.aggregate(uploads, weights).metrics["rho_rel"])
+                for label, s in servers.items()}  # fmt: skip
+
+    return compare
+
+
+def _to_host(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Scalars -> Python floats/ints, arrays -> numpy (one transfer)."""
+    out = {}
+    for k, v in jax.device_get(dict(metrics)).items():
+        if isinstance(v, Mapping):
+            out[k] = {n: (float(x) if np.ndim(x) == 0 else np.asarray(x)) for n, x in v.items()}
+        elif np.ndim(v) == 0:
+            out[k] = v.item() if hasattr(v, "item") else v
+        else:
+            out[k] = np.asarray(v)
+    return out

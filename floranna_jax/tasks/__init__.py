@@ -1,0 +1,9 @@
+"""Tasks: data, loss, evaluation and metrics of what a run trains for (task.py).
+
+Kinds: ``classification`` (GLUE classification and regression, synthetic tokens).
+"""
+
+from floranna_jax.tasks.registry import KINDS, get, names
+from floranna_jax.tasks.task import Evaluator, Task
+
+__all__ = ["KINDS", "Evaluator", "Task", "get", "names"]

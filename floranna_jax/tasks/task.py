@@ -1,0 +1,54 @@
+"""What a task provides to a run, and every task by name.
+
+A task owns its data, its loss, its evaluation and its metrics; the round and the run
+loop know none of them. A task kind is one module with ``NAMES`` (the task names it
+serves) and ``make(name) -> Task``, plus one entry in :data:`KINDS`.
+
+    task = tasks.get(config.data.task)
+    train, validation = task.load(config)          # numpy arrays {key: [N, ...]}
+    loss_fn = task.make_loss(model)                # (base, trainable, batch, key) -> scalar
+    evaluator = task.make_evaluator(model, train, validation, holdout_index, config)
+    evaluator.global_eval(base, trainable)              -> {metric: float}
+    evaluator.local_eval(base, trainable_U, client_ids) -> {metric: mean over clients}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+
+class Evaluator(NamedTuple):
+    """``global_eval(base, trainable) -> {metric: float}`` on the validation split;
+    ``local_eval(base, trainable_U, client_ids) -> {metric: mean over clients}`` of each
+    sampled client's own model on its held-out rows."""
+
+    global_eval: Callable[..., dict[str, float]]
+    local_eval: Callable[..., dict[str, float]]
+
+
+class Task(NamedTuple):
+    """One task of a run.
+
+    name: canonical name.  main_metric: the metric that ranks runs (a key of the evaluator's
+    result).  num_labels: outputs of the model's head (1 for regression).
+    load: ``config -> (train, validation)``, numpy arrays ``{key: [N, ...]}`` with equal
+      ``N`` per split; ``train["label"]`` (if any) is what label-based partitions split on.
+      Raises ``errors.ConfigError`` naming the file, line or field on bad input.
+    make_loss: ``model -> loss_fn(base, trainable, batch, dropout_key) -> scalar``, the mean
+      training loss over the real rows of ``batch`` (``batch["mask"]: [b]``).
+    make_evaluator: ``(model, train, validation, holdout_index, config) -> Evaluator``;
+      ``holdout_index[u]``: client ``u``'s held-out rows of ``train``; ``config``: the run's
+      config (section ``eval`` and ``train.clients_per_round``).
+    """
+
+    name: str
+    main_metric: str
+    num_labels: int
+    load: Callable[[Any], tuple[Arrays, Arrays]]
+    make_loss: Callable[[Any], Callable[..., Any]]
+    make_evaluator: Callable[..., Evaluator]
