@@ -173,6 +173,10 @@ def run(config, workdir: str) -> str:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):  # checked before building anything
         _check_same_run(config, workdir)
+    try:  # a corrupt metrics.jsonl is named before anything changes (a torn last row is fine)
+        reporting.read_rows(os.path.join(workdir, reporting.METRICS_FILE))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     run_ = build(config)
     c = config.ckpt
     if not os.path.isdir(ckpt_dir) and c.every_rounds == 0:

@@ -196,7 +196,7 @@ class RunnerTest(parameterized.TestCase):
         chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
 
     def test_chunk_is_validated(self):
-        with self.assertRaisesRegex(ValueError, "chunk must be an int >= 0"):
+        with self.assertRaisesRegex(ValueError, "chunk: must be an int >= 0"):
             clients.make_runner(lambda *a: a, chunk=-1)
         with self.assertRaisesRegex(ValueError, "one device"):
             clients.make_runner(lambda *a: a, chunk=2, mesh=clients.make_mesh())

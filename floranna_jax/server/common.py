@@ -69,13 +69,13 @@ def check_hparams(name: str, factory: Callable[..., Any], hparams: Mapping[str, 
     if unknown:
         raise BadValue(
             unknown[0],
-            f"unknown hyperparameter(s) {unknown} for estimator {name!r}; valid: {valid or 'none'}",
+            f"unknown hyperparameter(s) {unknown} for estimator {name!r}; valid: {valid}",
         )
 
 
 def check_choice(param: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise BadValue(param, f"{value!r} is not valid; choose one of {list(choices)}")
+        raise BadValue(param, f"{param}={value!r} is not valid; choose one of {list(choices)}")
 
 
 # ----------------------------------------------------------------------------- validation
