@@ -6,10 +6,12 @@ the GLUE layout (``data.dir``) and tokenizes it with the model's tokenizer;
 ``{"input_ids", "attention_mask", "token_type_ids": int32 [N, L], "label": [N]}``.
 
 Loss: the mean cross-entropy (squared error for regression) over the real rows of a
-batch. Evaluation: a jitted forward over fixed-size padded batches, so each compiles once
-per run: global over ``[b_eval, ...]`` chunks of the validation split, local vmapped over
-the ``U`` sampled clients with ``[U, b_local, ...]`` chunks of their held-out rows (as
-many chunks as the largest held-out split among the sampled clients needs).
+batch. Evaluation: a jitted forward, global over ``[b_eval, L_b]`` batches of the
+validation split, local vmapped over the ``U`` sampled clients with ``[U, b_local, L_b]``
+chunks of their held-out rows (as many chunks as the largest held-out split among the
+sampled clients needs). Rows go shortest first and each batch is cut to the bucket
+``L_b``, the smallest multiple of 16 tokens its longest row needs: little compute on
+padding, and at most ``L / 16`` compiled shapes per run.
 ``eval.max_local_examples`` caps each client's held-out rows (the first ones of its split,
 which the partition shuffled). Scores: the official GLUE metrics
 (:mod:`floranna_jax.data.metrics`) on the real rows only.
@@ -118,6 +120,8 @@ def loss_fn(model, is_regression: bool):
 
 # ----------------------------------------------------------------------------- evaluation
 
+BUCKET_TOKENS = 16  # evaluation pads each batch to a multiple of this many tokens
+
 
 def _inputs(arrays: Arrays) -> Arrays:
     return {k: arrays[k] for k in INPUT_KEYS if k in arrays}
@@ -134,10 +138,28 @@ def _predictions(logits: np.ndarray, is_regression: bool) -> np.ndarray:
     return logits[..., 0] if is_regression else logits.argmax(-1)
 
 
+def token_lengths(arrays: Arrays) -> np.ndarray:
+    """``[N]`` tokens each row needs: up to its last real token. Rows are right-padded
+    (a left-padded row counts as full length, so it is never cut)."""
+    mask = np.asarray(arrays["attention_mask"]) > 0
+    L = mask.shape[1]
+    last = L - np.argmax(mask[:, ::-1], axis=1)
+    return np.where(mask.any(axis=1), last, 1).astype(np.int64)
+
+
+def bucket(need: int, full: int) -> int:
+    """The padded length for rows needing ``need`` tokens: a multiple of
+    :data:`BUCKET_TOKENS`, at most ``full`` (so at most ``full / 16`` compiled shapes)."""
+    return min(full, -(-max(need, 1) // BUCKET_TOKENS) * BUCKET_TOKENS)
+
+
 def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
               holdout_index: list[np.ndarray], config) -> Evaluator:  # fmt: skip
     """Evaluators over ``validation`` (global) and ``train[holdout_index[u]]`` (local).
 
+    No compute on padding beyond a bucket: rows are scored shortest first, each batch cut
+    to the smallest multiple of 16 tokens its longest row needs (attention masks padding
+    out, so a row's logits do not depend on how much padding follows it).
     ``eval.batch_size``: rows per global forward; the local forward takes
     ``max(1, batch_size // clients_per_round)`` rows of each of the ``U`` clients at once.
     ``eval.max_local_examples``: at most this many held-out rows per client (0: all).
@@ -147,20 +169,26 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
     predict_U = jax.jit(jax.vmap(lambda base, t, batch: model.apply(base, t, batch),
                                  in_axes=(None, 0, 0)))  # fmt: skip
     val_inputs, val_labels = _inputs(validation), np.asarray(validation["label"])
-    n_val = len(val_labels)
+    full = val_inputs["input_ids"].shape[1]
+    val_need = token_lengths(val_inputs)
+    val_order = np.argsort(val_need, kind="stable")
     local_rows = max(1, batch_size // config.train.clients_per_round)
-    if cap:
-        holdout_index = [h[:cap] for h in holdout_index]
     train_inputs, train_labels = _inputs(train), np.asarray(train["label"])
+    train_need = token_lengths(train_inputs)
+    # Each client's held-out rows, capped, shortest first: chunk j of every client is short
+    # together, so the vmapped batch pads little.
+    holdout_index = [h[:cap] if cap else h for h in holdout_index]
+    holdout_index = [h[np.argsort(train_need[h], kind="stable")] for h in holdout_index]
 
     def global_eval(base, trainable) -> dict[str, float]:
         logits = []
-        for start in range(0, n_val, batch_size):
-            rows = np.arange(start, min(start + batch_size, n_val))
-            batch = _padded(val_inputs, rows, batch_size)
+        for start in range(0, len(val_order), batch_size):
+            rows = val_order[start : start + batch_size]
+            L = bucket(int(val_need[rows].max()), full)
+            batch = {k: v[:, :L] for k, v in _padded(val_inputs, rows, batch_size).items()}
             logits.append(np.asarray(predict(base, trainable, batch))[: len(rows)])
         preds = _predictions(np.concatenate(logits).astype(np.float32), info.is_regression)
-        return task_metrics.compute(info.name, preds, val_labels)
+        return task_metrics.compute(info.name, preds, val_labels[val_order])
 
     def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
         index = [holdout_index[int(u)] for u in client_ids]
@@ -169,7 +197,9 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
         batches = {k: np.stack([s[k] for s in stacked]) for k in train_inputs}
         logits = []
         for start in range(0, local_size, local_rows):
-            chunk = {k: v[:, start : start + local_rows] for k, v in batches.items()}
+            need = [int(train_need[h[start : start + local_rows]].max(initial=1)) for h in index]
+            L = bucket(max(need), full)
+            chunk = {k: v[:, start : start + local_rows, :L] for k, v in batches.items()}
             logits.append(np.asarray(predict_U(base, trainable_U, chunk)))
         logits = np.concatenate(logits, axis=1).astype(np.float32)
         scores = [
