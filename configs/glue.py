@@ -8,7 +8,7 @@ tokens: no files, no network, under a minute on a laptop CPU. It shows a progres
 
     | global accuracy                    | 1 |
     | local accuracy (mean over clients) | 0.9074 |
-    | rho_rel (last / mean)              | 0.08 / 0.05 |
+    | rho_rel (last / mean)              | 0.07 / 0.05 |
     | bytes up (total)                   | 49.2 KB |   ... and seconds per phase
 
 and writes metrics.jsonl, TensorBoard events (tensorboard/), summary.md, metric.png,
