@@ -124,9 +124,12 @@ def test_two_rounds_of_each_method(name, hp):
     got = (sum(float(x.sum()) for x in f64), sum(float(np.abs(x).sum()) for x in f64),
            sum(float(np.abs(np.asarray(x, np.float64)).sum()) for x in jax.tree.leaves(state.head)),
            out.metrics["server/rho_rel"])  # fmt: skip
-    # Bit-identical on the machine that recorded them; other CPUs may fuse float32 ops
-    # differently, hence the tolerance (a changed method moves these by far more).
-    np.testing.assert_allclose(got, BEFORE_PLUGINS[_label(name, hp)], rtol=1e-5, atol=1e-9)
+    # Bit-identical on the machine that recorded them. Another CPU may fuse float32 ops
+    # differently over six local steps, and FLoRA-NA's Adam, flat near its optimum, may then
+    # keep a neighbouring iterate (see test_server); a changed method moves these sums by
+    # whole percents.
+    rtol = 2e-3 if name == "floranna" else 1e-4
+    np.testing.assert_allclose(got, BEFORE_PLUGINS[_label(name, hp)], rtol=rtol, atol=1e-9)
 
 
 def test_compare_runs_other_estimators_on_the_same_uploads(tmp_path):
