@@ -43,7 +43,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:  # e.g. "flag --config.train.num_rounds=abc: invalid literal ..."
         _check_overrides(argv)
-        _fail(re.sub(r"^flag ", "", str(e).splitlines()[0]))
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        where = re.sub(r"^flag ", "", lines[0]).split(": ")[0]
+        # A failing config file comes with its traceback: its last line says what failed.
+        _fail(f"{where}: {lines[-1]}" if len(lines) > 1 else re.sub(r"^flag ", "", lines[0]))
+    except OSError as e:  # the config file failed to load, and an override needed it
+        _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
     except (AttributeError, KeyError) as e:  # a field the locked config does not have
         _check_overrides(argv)
         _fail(f"bad override: {str(e).splitlines()[0]}")
@@ -56,12 +61,13 @@ def _config_file(argv: list[str]):
     if spec is None:
         return None
     path, _, arg = spec.partition(":")
-    module = importlib.util.spec_from_file_location("launched_config", path)
-    if module is None:
+    try:
+        module = importlib.util.spec_from_file_location("launched_config", path)
+        loaded = importlib.util.module_from_spec(module)
+        module.loader.exec_module(loaded)
+        return loaded.get_config(arg) if arg else loaded.get_config()
+    except Exception:  # a missing file or a bad arg: absl's own message says which
         return None
-    loaded = importlib.util.module_from_spec(module)
-    module.loader.exec_module(loaded)
-    return loaded.get_config(arg) if arg else loaded.get_config()
 
 
 def _check_overrides(argv: list[str]) -> None:
@@ -72,6 +78,8 @@ def _check_overrides(argv: list[str]) -> None:
         config_check.check_overrides(config, _overrides(argv))
     except ConfigError as e:
         _fail(str(e))
+    except OSError:  # the file itself failed to load: main names that
+        return
 
 
 def main(argv):
@@ -80,8 +88,12 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
+    try:  # config_flags defers a failed file load to the first access
+        method, task = config.server.name, config.data.task
+    except OSError as e:
+        _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
     _check_overrides(sys.argv)
-    workdir = _WORKDIR.value or os.path.join("runs", f"{config.server.name}_{config.data.task}")
+    workdir = _WORKDIR.value or os.path.join("runs", f"{method}_{task}")
     try:
         summary = train.run(config, workdir)
     except ConfigError as e:

@@ -88,3 +88,17 @@ def test_bad_data_file_is_one_line(case, tmp_path, minilm_dir):
             "--config.data.source=glue", f"--config.data.dir={tmp_path / 'glue'}"]  # fmt: skip
     _assert_one_line(_launch(*args, workdir=workdir), words)
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [("configs/nope.py", ["--config", "No such file", "configs/nope.py"]),
+     ("configs/glue.py:bogus", ["configs/glue.py", "'bogus'", "smoke"])],
+)  # fmt: skip
+def test_bad_config_file_is_one_line(config, words, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    _assert_one_line(proc, words)
+    assert not workdir.exists()
