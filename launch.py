@@ -31,6 +31,11 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _config_unreadable(e: OSError) -> None:
+    """config_flags lists the paths it tried; the last line says why the file failed."""
+    _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
+
+
 def _overrides(argv: list[str]) -> list[str]:
     """The ``section.field`` paths that ``--config.section.field=value`` arguments set."""
     return [m.group(1) for a in argv[1:] if (m := _OVERRIDE.match(a))]
@@ -48,7 +53,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         # A failing config file comes with its traceback: its last line says what failed.
         _fail(f"{where}: {lines[-1]}" if len(lines) > 1 else re.sub(r"^flag ", "", lines[0]))
     except OSError as e:  # the config file failed to load, and an override needed it
-        _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
+        _config_unreadable(e)
     except (AttributeError, KeyError) as e:  # a field the locked config does not have
         _check_overrides(argv)
         _fail(f"bad override: {str(e).splitlines()[0]}")
@@ -91,7 +96,7 @@ def main(argv):
     try:  # config_flags defers a failed file load to the first access
         method, task = config.server.name, config.data.task
     except OSError as e:
-        _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
+        _config_unreadable(e)
     _check_overrides(sys.argv)
     workdir = _WORKDIR.value or os.path.join("runs", f"{method}_{task}")
     try:

@@ -7,6 +7,13 @@ client or layer, and the round's state is never checkpointed.
 """
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ("" if it has none): libraries often add
+    tracebacks or hints on later lines, and the user gets one line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class ConfigError(ValueError):
     """A bad config value or input file; the message names it and what is valid."""
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from floranna_jax import models, partition, tasks
-from floranna_jax.errors import BadValue, ConfigError
+from floranna_jax.errors import BadValue, ConfigError, first_line
 from floranna_jax.tasks.classification import OFFLINE_HINT
 
 
@@ -52,10 +52,9 @@ def build_model(config, num_labels: int, key: jax.Array) -> Any:
     except ValueError as e:  # e.g. an unsupported model_type or a checkpoint mismatch
         raise ConfigError(f"config field model.path: {config.model.path!r}: {e}") from e
     except (OSError, RuntimeError) as e:
-        text = str(e).strip().splitlines()
         raise ConfigError(
             f"config field model.path: cannot load {config.model.path!r}: "
-            f"{type(e).__name__}: {text[0] if text else ''}; {OFFLINE_HINT}"
+            f"{type(e).__name__}: {first_line(e)}; {OFFLINE_HINT}"
         ) from e
 
 

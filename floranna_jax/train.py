@@ -35,7 +35,7 @@ from floranna_jax import (
     server,
     tasks,
 )
-from floranna_jax.errors import ConfigError
+from floranna_jax.errors import ConfigError, first_line
 
 RESUMABLE_CHANGES = ("train.num_rounds", "eval", "ckpt")  # fields a resumed run may change
 
@@ -147,10 +147,9 @@ def _restore(ckpt: checkpoint.Checkpointer, state: rounds.RoundState, workdir: s
     try:
         restored = ckpt.restore(state)
     except Exception as e:  # orbax raises many types; all mean "this checkpoint is unusable"
-        text = str(e).strip().splitlines()
         raise ConfigError(
             f"{workdir}/checkpoints: cannot resume from round {ckpt.latest_round()}: "
-            f"{type(e).__name__}: {text[0] if text else ''}"
+            f"{type(e).__name__}: {first_line(e)}"
         ) from e
     return state if restored is None else restored
 

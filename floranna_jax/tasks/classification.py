@@ -28,7 +28,7 @@ import optax
 
 from floranna_jax.data import glue, synthetic
 from floranna_jax.data import metrics as task_metrics
-from floranna_jax.errors import ConfigError
+from floranna_jax.errors import ConfigError, first_line
 from floranna_jax.tasks.task import Arrays, Evaluator, Task
 
 NAMES = tuple(glue.TASKS)
@@ -67,8 +67,7 @@ def make(name: str) -> Task:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return first_line(e) or type(e).__name__
 
 
 def load_data(config, info: glue.TaskInfo) -> tuple[Arrays, Arrays]:
