@@ -1,6 +1,11 @@
 """Benchmark of one federated round of local training: vmap, chunked vmap and loop runners.
 
     python -m benchmarks.clients [--model PATH] [--out bench_out/clients.json]
+    python -m benchmarks.clients --data=real --glue=../shared/data/glue   # real SST-2
+
+The second form is the real-data mode (:mod:`benchmarks.real_data`): packed and padded
+runners against the PyTorch + PEFT peer, and evaluation against training. The rest of
+this docstring is about the first, synthetic form.
 
 Runs one round of ``U=10`` clients on all-MiniLM-L6-v2 (sequence length 64, batch 16,
 5 local AdamW steps, LoRA r=16 on query/value, 2-label head, dropout on, synthetic
@@ -36,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import machine
+from benchmarks import machine, real_data
 from floranna_jax import clients, keys, models
 
 DEFAULT_MODEL = pathlib.Path.home() / ".cache" / "floranna" / "models" / "all-MiniLM-L6-v2"
@@ -176,7 +181,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=2, help="clients at once, chunked mode")
+    parser.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
+    parser.add_argument("--glue", default="../shared/data/glue", help="real: GLUE folder")
+    parser.add_argument("--rounds", type=int, default=2, help="real: timed rounds per runner")
+    parser.add_argument("--max-local", type=int, default=256, help="real: held-out rows/client")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="real: torch threads of the peer")  # fmt: skip
     a = parser.parse_args(argv)
+    if a.data == "real":
+        if a.out == parser.get_default("out"):
+            a.out = "bench_out/clients_real.json"
+        return real_data.main(a)
     U, S, b, L = a.clients, a.local_steps, a.batch_size, a.seq_len
 
     report = {"machine": machine.describe(), "setup": vars(a)}

@@ -56,7 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         source="glue",  # "glue" (tokenized GLUE task) or "synthetic" (random tokens)
         task="sst2",  # GLUE task name (data.glue.TASKS)
         dir="",  # local GLUE folder (SST-2/train.tsv, ...); "" = hub datasets
-        max_length=128,  # tokens per example (padded / truncated)
+        max_length=128,  # tokens per example at most (longer ones are truncated)
+        # Examples share rows of tokens, so no compute is spent on padding (client.batch_size
+        # stays examples per step); False pads every example to max_length.
+        packing=True,
         num_train_examples=512,  # synthetic only: training examples
         num_eval_examples=128,  # synthetic only: validation examples
         vocab_size=1000,  # synthetic only: token ids in [0, vocab_size)

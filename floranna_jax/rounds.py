@@ -16,7 +16,8 @@ the runner the caller built from the task. Every key comes from :mod:`floranna_j
 Batches: a client shuffles its training indices and takes the first ``S * b`` of them
 (``S`` local steps, ``b`` examples each). A client with fewer examples gets fewer real
 steps: padded steps are masked by ``step_mask`` ``[U, S]`` (they change nothing) and the
-last partial batch by the per-example ``"mask"`` ``[U, S, b]``. The trainable head is
+last partial batch by the per-example ``"mask"`` ``[U, S, b]``. Tokens are packed (the
+``b`` examples of a step share ``R`` rows, :mod:`floranna_jax.packing`) or padded. The trainable head is
 averaged with weights ``p_u = n_u / sum n`` (client training sizes) for every method.
 """
 
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floranna_jax import clients, keys, models, server
+from floranna_jax import clients, keys, models, packing, server
 from floranna_jax.errors import RoundError
 
 PyTree = Any
@@ -92,35 +93,35 @@ def sample_clients(rkey: jax.Array, num_clients: int, clients_per_round: int) ->
     return np.sort(np.asarray(perm)[:clients_per_round])
 
 
-def make_batches(
-    arrays: dict[str, np.ndarray], index: np.ndarray, data_key: jax.Array, steps: int, batch: int
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One client's batches ``{k: [S, b, ...]}`` (plus ``"mask": [S, b]``) and ``step_mask [S]``.
-
-    The first ``S * b`` of a permutation of ``index`` drawn from ``data_key``; the rest is
-    padding (row 0, masked).
-    """
+def client_order(
+    index: np.ndarray, data_key: jax.Array, steps: int, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One client's examples ``take [S, b]`` and ``real [S, b]`` (False: padding, row 0): the
+    first ``S * b`` of a permutation of ``index`` drawn from ``data_key``."""
     rng = np.random.default_rng(np.asarray(jax.random.key_data(data_key)).tolist())
     order = rng.permutation(np.asarray(index, np.int64))[: steps * batch]
     real = np.arange(steps * batch) < len(order)
     take = np.zeros(steps * batch, np.int64)
     take[: len(order)] = order
-    out = {k: v[take].reshape(steps, batch, *v.shape[1:]) for k, v in arrays.items()}
-    out["mask"] = real.reshape(steps, batch).astype(np.float32)
-    return out, out["mask"].max(axis=1)
+    return take.reshape(steps, batch), real.reshape(steps, batch)
 
 
 def client_batches(
-    rkey: jax.Array, ids: np.ndarray, arrays, train_index, steps: int, batch: int
+    rkey: jax.Array, ids: np.ndarray, arrays, train_index, steps: int, batch: int,
+    packed: tuple[np.ndarray, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Batches ``[U, S, b, ...]`` and ``step_mask [U, S]`` of the sampled clients, each
-    client's order drawn from its data key."""
-    data = [
-        make_batches(arrays, train_index[u], keys.data_key(keys.client_key(rkey, u)), steps, batch)
+    """Batches ``[U, S, ...]`` and ``step_mask [U, S]`` of the sampled clients, each
+    client's examples drawn by :func:`client_order` from its data key; padded, or with
+    ``packed = (token lengths, T)`` packed in rows of ``T`` tokens, one row count for the
+    whole round (:func:`packing.batches`)."""
+    orders = [
+        client_order(train_index[u], keys.data_key(keys.client_key(rkey, u)), steps, batch)
         for u in ids
     ]
-    batches = {k: np.stack([d[0][k] for d in data]) for k in data[0][0]}
-    return batches, np.stack([d[1] for d in data])
+    take, real = (np.concatenate([o[i] for o in orders]) for i in (0, 1))  # [U * S, b]
+    flat = packing.batches(arrays, take, real, packed)
+    out = {k: v.reshape(len(ids), steps, *v.shape[1:]) for k, v in flat.items()}
+    return out, out["mask"].max(axis=2)
 
 
 def first_nonfinite(tree: PyTree, stacked: bool = True) -> tuple[int, str] | None:
@@ -230,6 +231,7 @@ def make_round(
     clients_per_round: int,
     persistent_opt_state: bool = False,
     compare: Callable | None = None,
+    packed: bool = False,
 ) -> Callable[[RoundState], tuple[RoundState, RoundOutput]]:
     """Build ``round_fn(state) -> (state, RoundOutput)`` for one run.
 
@@ -237,8 +239,11 @@ def make_round(
     ``u``'s rows. ``server_``: the run's method, built once (``server.build``).
     ``compare``: ``server.make_compare(labels)``, whose ``rho_rel`` on this round's very
     uploads is logged as ``compare/<label>/rho_rel`` (the run itself still uses its method).
+    ``packed``: each step's examples share rows of the longest training example's length
+    (rounded up to 16 tokens; :mod:`floranna_jax.packing`), else each is padded to ``L``.
     """
     num_clients = len(train_index)
+    layout = packing.layout(arrays) if packed else None
     sizes = np.asarray([len(i) for i in train_index], np.float64)
     method = server_.method
     effective_base = make_effective_base(model)
@@ -247,7 +252,9 @@ def make_round(
         number, t0 = int(state.round) + 1, time.perf_counter()
         rkey = keys.round_key(state.key, int(state.round))
         ids = sample_clients(rkey, num_clients, clients_per_round)
-        batches, step_mask = client_batches(rkey, ids, arrays, train_index, local_steps, batch_size)
+        batches, step_mask = client_batches(
+            rkey, ids, arrays, train_index, local_steps, batch_size, layout
+        )
         trainable, opt_state = _start(state, method, rkey, ids, opt, persistent_opt_state)
         base = effective_base(model.base, method.base_delta(state.method))
         trained, opt_state, cm = runner(
@@ -265,6 +272,7 @@ def make_round(
         metrics = {
             "train/loss": float(np.sum(loss * examples) / max(examples.sum(), 1.0)),
             "train/real_steps": float(np.mean(steps)),
+            "train/examples": float(examples.sum()),
             **_server_metrics(agg.metrics),
             "comm/bytes_up_total": float(new_state.bytes_up),
             "comm/bytes_down_total": float(new_state.bytes_down),

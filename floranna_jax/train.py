@@ -80,6 +80,7 @@ def build(config, *, loss_wrapper=None) -> Run:
         clients_per_round=config.train.clients_per_round,
         persistent_opt_state=c.persistent_opt_state,
         compare=server.make_compare(compare) if compare else None,
+        packed=config.data.packing,
     )  # fmt: skip
     state = rounds.init_state(
         seed, exp.model.trainable, method, config.partition.num_clients,

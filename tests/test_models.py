@@ -207,7 +207,8 @@ class ModelTest(chex.TestCase):
 
     def test_optional_batch_fields_default_to_no_padding_and_type_zero(self):
         ids = np.ones((2, 5), np.int32)
-        got_ids, mask, types = encoder._inputs({"input_ids": ids})
+        got_ids, mask, types, packed = encoder._inputs({"input_ids": ids})
+        self.assertIsNone(packed)
         chex.assert_trees_all_equal((mask, types), (np.ones_like(ids), np.zeros_like(ids)))
 
     def test_dropout(self):

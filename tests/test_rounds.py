@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from smoke_setup import shared_compilation, smoke_config
 
-from floranna_jax import keys, rounds, train
+from floranna_jax import keys, packing, rounds, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,18 +27,20 @@ def test_sample_clients_is_deterministic_and_distinct():
     assert len(draws) > 1  # rounds differ
 
 
-def test_make_batches_masks_short_clients():
-    arrays = {"x": np.arange(10) * 10, "label": np.arange(10)}
+def test_client_order_masks_short_clients():
     key = jax.random.key(0)
-    batches, step_mask = rounds.make_batches(arrays, np.array([1, 4, 7]), key, steps=3, batch=2)
-    np.testing.assert_array_equal(step_mask, [1, 1, 0])
-    np.testing.assert_array_equal(batches["mask"], [[1, 1], [1, 0], [0, 0]])
-    real = batches["label"][batches["mask"] > 0]
-    assert sorted(real.tolist()) == [1, 4, 7]  # every row once
-    again, _ = rounds.make_batches(arrays, np.array([1, 4, 7]), key, steps=3, batch=2)
-    np.testing.assert_array_equal(again["label"], batches["label"])
-    full, full_mask = rounds.make_batches(arrays, np.arange(10), key, steps=2, batch=3)
-    assert full_mask.tolist() == [1, 1] and len(set(full["label"].ravel().tolist())) == 6
+    take, real = rounds.client_order(np.array([1, 4, 7]), key, steps=3, batch=2)
+    np.testing.assert_array_equal(real, [[1, 1], [1, 0], [0, 0]])
+    assert sorted(take[real].tolist()) == [1, 4, 7]  # every row once
+    again, _ = rounds.client_order(np.array([1, 4, 7]), key, steps=3, batch=2)
+    np.testing.assert_array_equal(again, take)
+    full, full_real = rounds.client_order(np.arange(10), key, steps=2, batch=3)
+    assert full_real.all() and len(set(full.ravel().tolist())) == 6
+
+
+def _padded_batches(arrays, index, data_key, steps, batch):
+    take, real = rounds.client_order(index, data_key, steps, batch)
+    return packing.batches(arrays, take, real)
 
 
 def test_nonfinite_update_names_round_client_and_layer():
@@ -55,6 +57,7 @@ def test_fedit_one_client_one_step_equals_centralized_step(tmp_path):
         "partition.num_clients": 1, "train.clients_per_round": 1, "partition.holdout_fraction": 0.0,
         "client.local_steps": 1, "client.batch_size": 256, "client.optimizer": "sgd",
         "client.learning_rate": 0.5, "server.name": "fedit", "lora.dropout": 0.0,
+        "data.packing": False,  # the step below uses the same padded batch
     })  # fmt: skip
     run = train.build(config)
     state, _ = run.round_fn(run.state)
@@ -62,7 +65,7 @@ def test_fedit_one_client_one_step_equals_centralized_step(tmp_path):
     # The same batch and dropout key the round used, then one plain SGD step.
     model, exp = run.exp.model, run.exp
     ckey = keys.client_key(keys.round_key(run.state.key, 0), 0)
-    batches, _ = rounds.make_batches(exp.train, exp.part.train[0], keys.data_key(ckey), 1, 256)
+    batches = _padded_batches(exp.train, exp.part.train[0], keys.data_key(ckey), 1, 256)
     batch = jax.tree.map(lambda x: x[0], batches)
     loss_fn = exp.task.make_loss(model)
     dropout_key = jax.random.fold_in(keys.dropout_key(ckey), 0)  # runner: step t=0

@@ -53,7 +53,10 @@ class Model(NamedTuple):
     dropout_key=None) -> [b, num_labels]`` float32 logits (regression: ``[b, 1]``).
 
     ``batch``: ``input_ids`` int32 ``[b, L]``; ``attention_mask`` int32 ``[b, L]``
-    (absent: all ones); ``token_type_ids`` int32 ``[b, L]`` (absent: zeros).
+    (absent: all ones); ``token_type_ids`` int32 ``[b, L]`` (absent: zeros). Or ``b``
+    examples packed in ``R`` rows of ``T`` tokens (:mod:`floranna_jax.packing`):
+    ``input_ids``, ``token_type_ids``, ``segment_ids``, ``positions`` ``[R, T]`` and
+    ``starts`` ``[b]``; the logits are the same as padded, one row per example.
     """
 
     base: Params

@@ -6,12 +6,11 @@ the GLUE layout (``data.dir``) and tokenizes it with the model's tokenizer;
 ``{"input_ids", "attention_mask", "token_type_ids": int32 [N, L], "label": [N]}``.
 
 Loss: the mean cross-entropy (squared error for regression) over the real rows of a
-batch. Evaluation: a jitted forward, global over ``[b_eval, L_b]`` batches of the
-validation split, local vmapped over the ``U`` sampled clients with ``[U, b_local, L_b]``
-chunks of their held-out rows (as many chunks as the largest held-out split among the
-sampled clients needs). Rows go shortest first and each batch is cut to the bucket
-``L_b``, the smallest multiple of 16 tokens its longest row needs: little compute on
-padding, and at most ``L / 16`` compiled shapes per run.
+batch, padded or packed alike (the model reads one logit row per example). Evaluation: a
+jitted forward, global over batches of ``eval.batch_size`` validation rows, local vmapped
+over the ``U`` sampled clients with chunks of their held-out rows (as many chunks as the
+largest held-out split among the sampled clients needs); the rows of a forward are packed
+like training batches when ``data.packing`` (:mod:`floranna_jax.packing`).
 ``eval.max_local_examples`` caps each client's held-out rows (the first ones of its split,
 which the partition shuffled). Scores: the official GLUE metrics
 (:mod:`floranna_jax.data.metrics`) on the real rows only.
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from floranna_jax import packing
 from floranna_jax.data import glue, synthetic
 from floranna_jax.data import metrics as task_metrics
 from floranna_jax.errors import ConfigError, first_line
@@ -119,88 +119,70 @@ def loss_fn(model, is_regression: bool):
 
 # ----------------------------------------------------------------------------- evaluation
 
-BUCKET_TOKENS = 16  # evaluation pads each batch to a multiple of this many tokens
-
 
 def _inputs(arrays: Arrays) -> Arrays:
     return {k: arrays[k] for k in INPUT_KEYS if k in arrays}
-
-
-def _padded(arrays: Arrays, rows: np.ndarray, size: int) -> Arrays:
-    """``arrays[rows]`` padded with row 0 to ``size`` rows."""
-    take = np.zeros(size, np.int64)
-    take[: len(rows)] = rows
-    return {k: v[take] for k, v in arrays.items()}
 
 
 def _predictions(logits: np.ndarray, is_regression: bool) -> np.ndarray:
     return logits[..., 0] if is_regression else logits.argmax(-1)
 
 
-def token_lengths(arrays: Arrays) -> np.ndarray:
-    """``[N]`` tokens each row needs: up to its last real token. Rows are right-padded
-    (a left-padded row counts as full length, so it is never cut)."""
-    mask = np.asarray(arrays["attention_mask"]) > 0
-    L = mask.shape[1]
-    last = L - np.argmax(mask[:, ::-1], axis=1)
-    return np.where(mask.any(axis=1), last, 1).astype(np.int64)
-
-
-def bucket(need: int, full: int) -> int:
-    """The padded length for rows needing ``need`` tokens: a multiple of
-    :data:`BUCKET_TOKENS`, at most ``full`` (so at most ``full / 16`` compiled shapes)."""
-    return min(full, -(-max(need, 1) // BUCKET_TOKENS) * BUCKET_TOKENS)
+def _chunks(rows: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``take [len(rows), n, size]`` and ``real``: each list of rows cut into ``n`` chunks of
+    ``size`` (``n`` for the longest list; the rest padded with row 0)."""
+    n = max(1, -(-max(len(r) for r in rows) // size))
+    take, real = np.zeros((len(rows), n * size), np.int64), np.zeros((len(rows), n * size), bool)
+    for i, r in enumerate(rows):
+        take[i, : len(r)], real[i, : len(r)] = r, True
+    return take.reshape(len(rows), n, size), real.reshape(len(rows), n, size)
 
 
 def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
               holdout_index: list[np.ndarray], config) -> Evaluator:  # fmt: skip
     """Evaluators over ``validation`` (global) and ``train[holdout_index[u]]`` (local).
 
-    No compute on padding beyond a bucket: rows are scored shortest first, each batch cut
-    to the smallest multiple of 16 tokens its longest row needs (attention masks padding
-    out, so a row's logits do not depend on how much padding follows it).
     ``eval.batch_size``: rows per global forward; the local forward takes
     ``max(1, batch_size // clients_per_round)`` rows of each of the ``U`` clients at once.
     ``eval.max_local_examples``: at most this many held-out rows per client (0: all).
+    With ``data.packing`` the rows of a forward share rows of tokens
+    (:mod:`floranna_jax.packing`): no compute on padding, one row count per call (the
+    global evaluation compiles once per run).
     """
     batch_size, cap = config.eval.batch_size, config.eval.max_local_examples
     predict = jax.jit(lambda base, trainable, batch: model.apply(base, trainable, batch))
     predict_U = jax.jit(jax.vmap(lambda base, t, batch: model.apply(base, t, batch),
                                  in_axes=(None, 0, 0)))  # fmt: skip
-    val_inputs, val_labels = _inputs(validation), np.asarray(validation["label"])
-    full = val_inputs["input_ids"].shape[1]
-    val_need = token_lengths(val_inputs)
-    val_order = np.argsort(val_need, kind="stable")
     local_rows = max(1, batch_size // config.train.clients_per_round)
+    val_inputs, val_labels = _inputs(validation), np.asarray(validation["label"])
     train_inputs, train_labels = _inputs(train), np.asarray(train["label"])
-    train_need = token_lengths(train_inputs)
-    # Each client's held-out rows, capped, shortest first: chunk j of every client is short
-    # together, so the vmapped batch pads little.
+    val_layout = packing.layout(val_inputs) if config.data.packing else None
+    train_layout = packing.layout(train_inputs) if config.data.packing else None
     holdout_index = [h[:cap] if cap else h for h in holdout_index]
-    holdout_index = [h[np.argsort(train_need[h], kind="stable")] for h in holdout_index]
 
     def global_eval(base, trainable) -> dict[str, float]:
-        logits = []
-        for start in range(0, len(val_order), batch_size):
-            rows = val_order[start : start + batch_size]
-            L = bucket(int(val_need[rows].max()), full)
-            batch = {k: v[:, :L] for k, v in _padded(val_inputs, rows, batch_size).items()}
-            logits.append(np.asarray(predict(base, trainable, batch))[: len(rows)])
-        preds = _predictions(np.concatenate(logits).astype(np.float32), info.is_regression)
-        return task_metrics.compute(info.name, preds, val_labels[val_order])
+        take, real = _chunks([np.arange(len(val_labels))], batch_size)
+        batches = packing.batches(val_inputs, take[0], real[0], val_layout)
+        logits = [
+            np.asarray(predict(base, trainable, {k: v[i] for k, v in batches.items()}))
+            for i in range(take.shape[1])
+        ]
+        logits = np.concatenate(logits).astype(np.float32)[real[0].reshape(-1)]
+        preds = _predictions(logits, info.is_regression)
+        return task_metrics.compute(info.name, preds, val_labels)
 
     def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
         index = [holdout_index[int(u)] for u in client_ids]
-        local_size = -(-max([len(h) for h in index] + [1]) // local_rows) * local_rows
-        stacked = [_padded(train_inputs, rows, local_size) for rows in index]
-        batches = {k: np.stack([s[k] for s in stacked]) for k in train_inputs}
-        logits = []
-        for start in range(0, local_size, local_rows):
-            need = [int(train_need[h[start : start + local_rows]].max(initial=1)) for h in index]
-            L = bucket(max(need), full)
-            chunk = {k: v[:, start : start + local_rows, :L] for k, v in batches.items()}
-            logits.append(np.asarray(predict_U(base, trainable_U, chunk)))
-        logits = np.concatenate(logits, axis=1).astype(np.float32)
+        take, real = _chunks(index, local_rows)  # [U, n, local_rows]
+        U, n = take.shape[:2]
+        flat = packing.batches(train_inputs, take.reshape(U * n, -1), real.reshape(U * n, -1),
+                               train_layout)  # fmt: skip
+        batches = {k: v.reshape(U, n, *v.shape[1:]) for k, v in flat.items()}
+        logits = [
+            np.asarray(predict_U(base, trainable_U, {k: v[:, i] for k, v in batches.items()}))
+            for i in range(n)
+        ]
+        logits = np.concatenate(logits, axis=1).astype(np.float32)  # [U, n * local_rows, C]
         scores = [
             task_metrics.compute(info.name, _predictions(logits[u, : len(rows)],
                                                          info.is_regression), train_labels[rows])

@@ -106,8 +106,9 @@ def make(
                 raise ValueError("deterministic=False needs a dropout_key")
             k_enc, k_head = jax.random.split(dropout_key)
             rngs_enc, rngs_head = {"dropout": k_enc}, {"dropout": k_head}
+        ids, mask, types, packed = _inputs(batch)
         _, pooled = encoder.apply(
-            {"params": base}, *_inputs(batch), adapters, deterministic, rngs=rngs_enc
+            {"params": base}, ids, mask, types, adapters, deterministic, packed, rngs=rngs_enc
         )
         logits = head.apply({"params": trainable["head"]}, pooled, deterministic, rngs=rngs_head)
         return logits.astype(jnp.float32)

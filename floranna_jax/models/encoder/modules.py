@@ -152,9 +152,13 @@ class Layer(nn.Module):
         return x.astype(self.dtype)
 
 
-def position_ids(cfg: EncoderConfig, input_ids: jax.Array) -> jax.Array:
-    """``[b, L]`` positions: ``0..L-1`` (BERT) or RoBERTa's count of non-pad tokens."""
+def position_ids(cfg: EncoderConfig, input_ids: jax.Array, offsets=None) -> jax.Array:
+    """``[b, L]`` positions: ``0..L-1`` (BERT) or RoBERTa's count of non-pad tokens;
+    of a packed row (``offsets``: each token's place in its example), ``offsets`` (BERT)
+    or ``offsets + pad_token_id + 1`` (RoBERTa)."""
     b, L = input_ids.shape
+    if offsets is not None:
+        return offsets + (cfg.pad_token_id + 1 if cfg.model_type == "roberta" else 0)
     if cfg.model_type == "roberta":
         not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
         return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
@@ -168,7 +172,7 @@ class Embeddings(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, deterministic):
+    def __call__(self, input_ids, token_type_ids, deterministic, positions=None):
         cfg = self.cfg
         L = input_ids.shape[1]
         needed = L + (cfg.pad_token_id + 1 if cfg.model_type == "roberta" else 0)
@@ -182,7 +186,7 @@ class Embeddings(nn.Module):
         embed = functools.partial(nn.Embed, features=cfg.hidden_size, embedding_init=init)
         x = (
             embed(cfg.vocab_size, name="word")(input_ids)
-            + embed(cfg.max_positions, name="position")(position_ids(cfg, input_ids))
+            + embed(cfg.max_positions, name="position")(position_ids(cfg, input_ids, positions))
             + embed(cfg.type_vocab_size, name="token_type")(token_type_ids)
         )
         x = _layer_norm(cfg, "ln")(x)
@@ -195,6 +199,10 @@ class Encoder(nn.Module):
 
     Returns ``(hidden [b, L, d], pooled [b, d])`` in ``dtype``; RoBERTa's ``pooled`` is
     the un-pooled ``<s>`` vector its head expects.
+
+    Packed rows (:mod:`floranna_jax.packing`): ``packed = (segment_ids [R, T], positions
+    [R, T], starts [b])``; a token attends only to its own example's tokens, positions
+    restart per example, and ``pooled [b, d]`` reads each example's first token.
     """
 
     cfg: EncoderConfig
@@ -203,15 +211,25 @@ class Encoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids, adapters, deterministic=True):
+    def __call__(
+        self, input_ids, attention_mask, token_type_ids, adapters, deterministic=True, packed=None
+    ):
         cfg = self.cfg
-        x = Embeddings(cfg, self.dtype, name="embeddings")(input_ids, token_type_ids, deterministic)
-        # Additive key mask; finfo.min (not -inf) keeps an all-pad row finite.
-        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        segments, positions, starts = (None, None, None) if packed is None else packed
+        embed = Embeddings(cfg, self.dtype, name="embeddings")
+        x = embed(input_ids, token_type_ids, deterministic, positions)
+        if packed is None:  # a key mask [b, 1, 1, L]
+            allowed = attention_mask[:, None, None, :] > 0
+        else:  # same example, same row: [R, 1, T, T]
+            allowed = (segments[:, None, :, None] == segments[:, None, None, :]) & (
+                segments[:, None, None, :] > 0
+            )
+        # Additive mask; finfo.min (not -inf) keeps an all-pad row finite.
+        mask_bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
         for i in range(cfg.num_layers):
             layer = Layer(cfg, i, self.lora_scale, self.lora_dropout, self.dtype, name=f"layer_{i}")
             x = layer(x, mask_bias, adapters, deterministic)
-        pooled = x[:, 0]
+        pooled = x[:, 0] if packed is None else x.reshape(-1, x.shape[-1])[starts]
         if cfg.model_type == "bert":
             pooler = nn.Dense(
                 cfg.hidden_size,
@@ -253,13 +271,20 @@ class Head(nn.Module):
         return dense(self.num_labels, name="classifier")(x)
 
 
-def _inputs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _inputs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array, tuple | None]:
+    """``(ids, mask, types, packed)`` of a padded batch or a packed one (``segment_ids``)."""
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
-    mask = batch.get("attention_mask")
-    mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask, jnp.int32)
+    packed = None
+    if "segment_ids" in batch:
+        packed = tuple(jnp.asarray(batch[k], jnp.int32)
+                       for k in ("segment_ids", "positions", "starts"))  # fmt: skip
+        mask = (packed[0] > 0).astype(jnp.int32)
+    else:
+        mask = batch.get("attention_mask")
+        mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask, jnp.int32)
     types = batch.get("token_type_ids")
     types = jnp.zeros_like(ids) if types is None else jnp.asarray(types, jnp.int32)
-    return ids, mask, types
+    return ids, mask, types, packed
 
 
 def encode(
@@ -276,7 +301,10 @@ def encode(
     ``pooled`` is BERT's pooler output, or RoBERTa's ``<s>`` hidden state.
     """
     run = _encoder_fn(parse_config(hf_config), float(lora_scale), jnp.dtype(compute_dtype).name)
-    return run(base, adapters or {}, *_inputs(batch))
+    ids, mask, types, packed = _inputs(batch)
+    if packed is not None:
+        raise ValueError("encode takes padded rows (input_ids, attention_mask), not packed ones")
+    return run(base, adapters or {}, ids, mask, types)
 
 
 @functools.lru_cache(maxsize=16)
