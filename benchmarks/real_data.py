@@ -8,14 +8,18 @@ clients all sampled, LoRA r=16 on query and value, 5 local AdamW steps of batch 
 Each project variant is a real ``train.build`` run (``launch.py``'s code path: host
 batching, the runner, the checks, the server). Each timed round is called twice on the
 same state: the first call compiles whatever that round needs (a new packed row count),
-the second, timed, gives steady-state speed; the figure is the sum over ``--rounds``
-rounds. The peer (:mod:`benchmarks.torch_peer`, when torch and peft import) trains the
-same clients on the same examples and token ids, each batch padded to its own longest.
+the second, timed, gives steady-state speed; figures sum ``--rounds`` rounds. The peer
+(:mod:`benchmarks.torch_peer`, when torch and peft import) trains the same clients on
+the same examples and token ids, each batch padded to its own longest.
 
-Evaluation: the run's evaluator, global (SST-2 dev) plus local (each client's held-out
-rows, at most ``--max-local``), packed and padded, after a warm-up call; rows/s against
-the packed default runner's training examples/s. Prints the figures and the ratios and
-writes JSON (``--out``). Asserts nothing.
+Evaluation, after the last round: the run's evaluator, global (SST-2 dev) plus local (each
+client's held-out rows, at most ``--max-local``), packed and padded, after a warm-up call.
+
+Runners take turns round by round, so a change of machine load hits all alike; each
+figure is given per wall second and per process CPU second (all threads), the latter
+less sensitive to other work on the machine. Prints a table and the ratios (against the
+peer; evaluation against the default runner's training) and writes JSON (``--out``).
+Asserts nothing.
 """
 
 from __future__ import annotations
@@ -58,102 +62,122 @@ def bench_config(a, overrides: dict):
     return c
 
 
-def timed_rounds(run, num_rounds: int):
-    """Steady-state seconds and real examples over ``num_rounds`` rounds (each round called
-    once to compile, once timed), the final state and the last round's output."""
-    state, seconds, examples = run.state, 0.0, 0.0
-    for _ in range(num_rounds):
-        run.round_fn(state)  # compiles what this round's shapes need
-        t0 = time.perf_counter()
-        new_state, out = run.round_fn(state)
-        seconds += time.perf_counter() - t0
-        examples += out.metrics["train/examples"]
-        state = new_state
-    return seconds, examples, state, out
+class Clock:
+    """Wall and process CPU seconds (all threads) of what runs inside ``with clock:``."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        self._t = (time.perf_counter(), time.process_time())
+
+    def __exit__(self, *exc):
+        self.wall += time.perf_counter() - self._t[0]
+        self.cpu += time.process_time() - self._t[1]
 
 
-def peer_rounds(a, config, run, num_rounds: int) -> tuple[float, float]:
-    """The peer on the rounds ``run`` trains: same clients, same examples; (seconds, examples)."""
-    c = config
-    peer = torch_peer.Peer(
-        a.model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-        targets=tuple(c.lora.targets), learning_rate=c.client.learning_rate, threads=a.threads,
-    )  # fmt: skip
-    arrays, part = run.exp.train, run.exp.part
+def project_round(run, state, clock: Clock):
+    """One round of ``run`` from ``state``: called once to compile what its shapes need,
+    then again, timed. Returns the new state, the output and its real examples."""
+    run.round_fn(state)
+    with clock:
+        state, out = run.round_fn(state)
+    return state, out, out.metrics["train/examples"]
+
+
+def peer_work(config, run, r: int) -> tuple[list, np.ndarray, int]:
+    """Round ``r`` of ``run`` for the peer: each sampled client's dynamically padded batches
+    of the very examples the project trains on, the FedIT weights, the real examples."""
+    c, arrays, part = config, run.exp.train, run.exp.part
+    rkey = keys.round_key(run.state.key, r)
+    ids = rounds.sample_clients(rkey, c.partition.num_clients, c.train.clients_per_round)
     lengths = packing.token_lengths(arrays)
-    seconds = examples = 0.0
-    for r in range(num_rounds):
-        rkey = keys.round_key(run.state.key, r)
-        ids = rounds.sample_clients(rkey, c.partition.num_clients, c.train.clients_per_round)
-        work = []
-        for u in ids:
-            take, real = rounds.client_order(
-                part.train[u], keys.data_key(keys.client_key(rkey, u)), c.client.local_steps,
-                c.client.batch_size,
-            )
-            work.append(torch_peer.dynamic_batches(arrays, lengths, take, real))
-            examples += real.sum()
-        sizes = np.asarray([len(part.train[u]) for u in ids], np.float64)
-        if r == 0:
-            peer.round(work, sizes / sizes.sum())  # warm-up, as the project's first call
-        seconds += peer.round(work, sizes / sizes.sum())
-    return seconds, examples
+    work, examples = [], 0
+    for u in ids:
+        take, real = rounds.client_order(part.train[u], keys.data_key(keys.client_key(rkey, u)),
+                                         c.client.local_steps, c.client.batch_size)  # fmt: skip
+        work.append(torch_peer.dynamic_batches(arrays, lengths, take, real))
+        examples += int(real.sum())
+    sizes = np.asarray([len(part.train[u]) for u in ids], np.float64)
+    return work, sizes / sizes.sum(), examples
 
 
-def eval_rows_per_s(run, state, out, rows: int) -> tuple[float, dict]:
+def evaluate(run, state, out, clock: Clock) -> dict:
+    """Global and local evaluation of ``run`` at ``state`` (compiled by a first call)."""
     glob = (run.base_of(state), {"lora": state.lora, "head": state.head})
     local = (out.base, out.trainable, out.client_ids)
-    run.evaluator.global_eval(*glob), run.evaluator.local_eval(*local)  # compiles
-    t0 = time.perf_counter()
-    scores = {"global": run.evaluator.global_eval(*glob), "local": run.evaluator.local_eval(*local)}
-    return rows / (time.perf_counter() - t0), scores
+    run.evaluator.global_eval(*glob), run.evaluator.local_eval(*local)
+    with clock:
+        return {"global": run.evaluator.global_eval(*glob), "local": run.evaluator.local_eval(*local)}
 
 
 def main(a) -> dict:
+    """Every runner and the peer, interleaved round by round, then both evaluations."""
     logging.set_verbosity(logging.WARNING)
     report = {"machine": machine.describe(), "setup": {k: str(v) for k, v in vars(a).items()}}
-    runs = {}
-    for label, overrides in VARIANTS.items():
-        config = bench_config(a, overrides)
-        run = train.build(config)
-        seconds, examples, state, out = timed_rounds(run, a.rounds)
-        runs[label] = (config, run, state, out)
-        report[label] = {"seconds": seconds, "examples": examples, "per_s": examples / seconds}
-        print(f"{label}: {examples:.0f} examples in {seconds:.2f} s = "
-              f"{examples / seconds:.1f} examples/s", flush=True)  # fmt: skip
+    configs = {label: bench_config(a, o) for label, o in VARIANTS.items()}
+    runs = {label: train.build(c) for label, c in configs.items()}
+    states = {label: run.state for label, run in runs.items()}
+    outs = {}
+    clocks = {label: Clock() for label in [*VARIANTS, "peer", "eval packed", "eval padded"]}
+    examples = dict.fromkeys(clocks, 0.0)
+    peer = None
     if torch_peer.available():
-        config, run = runs[DEFAULT][:2]
-        seconds, examples = peer_rounds(a, config, run, a.rounds)
-        report["peer"] = {"seconds": seconds, "examples": float(examples),
-                          "per_s": examples / seconds}  # fmt: skip
-        print(f"PyTorch + PEFT peer, dynamic padding: {examples:.0f} examples in {seconds:.2f} s "
-              f"= {examples / seconds:.1f} examples/s", flush=True)  # fmt: skip
-        for label in VARIANTS:
-            ratio = report[label]["per_s"] / report["peer"]["per_s"]
-            report[label]["over_peer"] = ratio
-            print(f"  {label} / peer: {ratio:.2f}x")
-    else:
-        print("PyTorch peer skipped: torch, peft or transformers does not import")
-    base = report["padded, chunked vmap"]["per_s"]
-    for label in VARIANTS:
-        print(f"  {label} / padded: {report[label]['per_s'] / base:.2f}x")
-
-    training = report[DEFAULT]["per_s"]
-    for label in (DEFAULT, "padded, chunked vmap"):
-        config, run, state, out = runs[label]
-        part = run.exp.part
-        rows = len(run.exp.validation["label"]) + sum(
-            min(len(part.holdout[u]), a.max_local or len(part.holdout[u])) for u in out.client_ids
+        c = configs[DEFAULT]
+        peer = torch_peer.Peer(
+            a.model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
+            targets=tuple(c.lora.targets), learning_rate=c.client.learning_rate,
+            threads=a.threads,
+        )  # fmt: skip
+    for r in range(a.rounds):
+        for label, run in runs.items():
+            states[label], outs[label], n = project_round(run, states[label], clocks[label])
+            examples[label] += n
+            print(f"round {r + 1}, {label}: {n:.0f} examples", flush=True)
+        if peer is not None:
+            work, weights, n = peer_work(configs[DEFAULT], runs[DEFAULT], r)
+            if r == 0:
+                peer.round(work, weights)  # warm-up, as the project's compiling call
+            with clocks["peer"]:
+                peer.round(work, weights)
+            examples["peer"] += n
+    for label, layout in ((DEFAULT, "packed"), ("padded, chunked vmap", "padded")):
+        run, part = runs[label], runs[label].exp.part
+        scores = evaluate(run, states[label], outs[label], clocks[f"eval {layout}"])
+        examples[f"eval {layout}"] += len(run.exp.validation["label"]) + sum(
+            min(len(part.holdout[u]), a.max_local or len(part.holdout[u]))
+            for u in outs[label].client_ids
         )
-        per_s, scores = eval_rows_per_s(run, state, out, rows)
-        layout = "packed" if config.data.packing else "padded"
-        report[f"eval_{layout}"] = {"rows": rows, "rows_per_s": per_s,
-                                    "over_training": per_s / training, "scores": scores}
-        print(f"evaluation, {layout}: {rows} rows at {per_s:.1f} rows/s = "
-              f"{per_s / training:.2f}x training ({DEFAULT}); accuracy global "
-              f"{scores['global']['accuracy']:.4f}, local {scores['local']['accuracy']:.4f}")
-    print(json.dumps(report["machine"]))
+        report[f"eval {layout} scores"] = scores
+    if peer is None:
+        print("PyTorch peer skipped: torch, peft or transformers does not import")
+        del clocks["peer"]
+    for label, clock in clocks.items():
+        report[label] = {"examples": examples[label], "wall_s": clock.wall, "cpu_s": clock.cpu,
+                         "per_s": examples[label] / clock.wall,
+                         "per_cpu_s": examples[label] / clock.cpu}  # fmt: skip
+    print_report(report, list(clocks))
     path = pathlib.Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=float) + "\n")
     return report
+
+
+def print_report(report: dict, labels: list[str]) -> None:
+    m = report["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}, "
+          f"load {m['load_avg_1m_at_start']:.1f} at start")  # fmt: skip
+    print("| runner | examples (rows) | wall s | per s | per CPU-s |")
+    print("|---|---|---|---|---|")
+    for label in labels:
+        x = report[label]
+        print(f"| {label} | {x['examples']:.0f} | {x['wall_s']:.2f} | {x['per_s']:.1f} | "
+              f"{x['per_cpu_s']:.2f} |")  # fmt: skip
+    train_ = report[DEFAULT]
+    ratio = lambda x, y: f"{x['per_s'] / y['per_s']:.2f}x wall, {x['per_cpu_s'] / y['per_cpu_s']:.2f}x CPU"  # noqa: E731,E501
+    for label in labels:
+        if label.startswith("eval"):
+            print(f"{label} / training ({DEFAULT}): {ratio(report[label], train_)}")
+        elif "peer" in report and label != "peer":
+            print(f"{label} / peer: {ratio(report[label], report['peer'])}")
+    print(f"packed / padded, chunked vmap: {ratio(train_, report['padded, chunked vmap'])}")
