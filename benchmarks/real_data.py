@@ -108,7 +108,10 @@ def evaluate(run, state, out, clock: Clock) -> dict:
     local = (out.base, out.trainable, out.client_ids)
     run.evaluator.global_eval(*glob), run.evaluator.local_eval(*local)
     with clock:
-        return {"global": run.evaluator.global_eval(*glob), "local": run.evaluator.local_eval(*local)}
+        return {
+            "global": run.evaluator.global_eval(*glob),
+            "local": run.evaluator.local_eval(*local),
+        }
 
 
 def main(a) -> dict:
@@ -174,7 +177,10 @@ def print_report(report: dict, labels: list[str]) -> None:
         print(f"| {label} | {x['examples']:.0f} | {x['wall_s']:.2f} | {x['per_s']:.1f} | "
               f"{x['per_cpu_s']:.2f} |")  # fmt: skip
     train_ = report[DEFAULT]
-    ratio = lambda x, y: f"{x['per_s'] / y['per_s']:.2f}x wall, {x['per_cpu_s'] / y['per_cpu_s']:.2f}x CPU"  # noqa: E731,E501
+
+    def ratio(x, y):
+        return f"{x['per_s'] / y['per_s']:.2f}x wall, {x['per_cpu_s'] / y['per_cpu_s']:.2f}x CPU"
+
     for label in labels:
         if label.startswith("eval"):
             print(f"{label} / training ({DEFAULT}): {ratio(report[label], train_)}")

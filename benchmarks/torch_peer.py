@@ -67,7 +67,7 @@ class Peer:
         uploads = [self.client(b) for b in clients]
         with self.torch.no_grad():
             for n in self.start:
-                self.start[n] = sum(float(w) * u[n] for w, u in zip(weights, uploads))
+                self.start[n] = sum(float(w) * u[n] for w, u in zip(weights, uploads, strict=True))
         return time.perf_counter() - t0
 
 
@@ -75,7 +75,7 @@ def dynamic_batches(arrays: dict[str, np.ndarray], lengths: np.ndarray, take: np
                     real: np.ndarray) -> list[dict[str, np.ndarray]]:  # fmt: skip
     """One client's batches ``take [S, b]`` (real rows only), each cut to its longest row."""
     out = []
-    for rows, ok in zip(take, real):
+    for rows, ok in zip(take, real, strict=True):
         rows = rows[ok]
         if not len(rows):
             continue

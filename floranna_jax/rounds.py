@@ -17,8 +17,9 @@ Batches: a client shuffles its training indices and takes the first ``S * b`` of
 (``S`` local steps, ``b`` examples each). A client with fewer examples gets fewer real
 steps: padded steps are masked by ``step_mask`` ``[U, S]`` (they change nothing) and the
 last partial batch by the per-example ``"mask"`` ``[U, S, b]``. Tokens are packed (the
-``b`` examples of a step share ``R`` rows, :mod:`floranna_jax.packing`) or padded. The trainable head is
-averaged with weights ``p_u = n_u / sum n`` (client training sizes) for every method.
+``b`` examples of a step share ``R`` rows, :mod:`floranna_jax.packing`) or padded. The
+trainable head is averaged with weights ``p_u = n_u / sum n`` (client training sizes)
+for every method.
 """
 
 from __future__ import annotations
@@ -107,7 +108,12 @@ def client_order(
 
 
 def client_batches(
-    rkey: jax.Array, ids: np.ndarray, arrays, train_index, steps: int, batch: int,
+    rkey: jax.Array,
+    ids: np.ndarray,
+    arrays,
+    train_index,
+    steps: int,
+    batch: int,
     packed: tuple[np.ndarray, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Batches ``[U, S, ...]`` and ``step_mask [U, S]`` of the sampled clients, each

@@ -85,7 +85,13 @@ def _model(model_type, dropout=0.1):
     noise = lambda x, k: x + 0.3 * jax.random.normal(k, x.shape)  # noqa: E731
     leaves, tree = jax.tree.flatten(model.trainable)
     ks = jax.random.split(jax.random.key(2), len(leaves))
-    return model._replace(trainable=jax.tree.unflatten(tree, [noise(x, k) for x, k in zip(leaves, ks)]))
+    return model._replace(
+        trainable=jax.tree.unflatten(tree, [noise(x, k) for x, k in zip(leaves, ks, strict=True)])
+    )
+
+
+def _batch(batches, i):
+    return {k: v[i] for k, v in batches.items()}
 
 
 def _both(arrays, take, real):
@@ -102,15 +108,15 @@ def test_packed_forward_gives_the_padded_logits(model_type):
     packed, padded = _both(arrays, take, real)
     apply = jax.jit(model.apply)
     for i in range(take.shape[0]):
-        got = np.asarray(apply(model.base, model.trainable, jax.tree.map(lambda x: x[i], packed)))
-        want = np.asarray(apply(model.base, model.trainable, jax.tree.map(lambda x: x[i], padded)))
+        got = np.asarray(apply(model.base, model.trainable, _batch(packed, i)))
+        want = np.asarray(apply(model.base, model.trainable, _batch(padded, i)))
         assert np.abs(want).max() > 0.1  # logits far from zero: a wrong mask would show
         np.testing.assert_allclose(got[real[i]], want[real[i]], rtol=1e-5, atol=1e-5)
     # The check can fail: attention leaking across the examples of a row changes the logits.
-    leaky = dict(jax.tree.map(lambda x: x[0], packed))
+    leaky = _batch(packed, 0)
     leaky["segment_ids"] = (leaky["segment_ids"] > 0).astype(np.int32)
     got = np.asarray(apply(model.base, model.trainable, leaky))
-    want = np.asarray(apply(model.base, model.trainable, jax.tree.map(lambda x: x[0], padded)))
+    want = np.asarray(apply(model.base, model.trainable, _batch(padded, 0)))
     assert np.abs(got - want).max() > 1e-3
 
 
