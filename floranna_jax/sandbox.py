@@ -49,6 +49,7 @@ PROTECTIONS = (
     "die_with_launcher",
 )  # fmt: skip
 _TAIL_BYTES = 4096
+_PROCESS_LIMIT = "sandbox setup failed: process limit"
 
 
 class Limits(NamedTuple):
@@ -281,7 +282,13 @@ def run(
         run_one, timeout_s=timeout_s, limits=limits, python=python, namespaces=namespaces
     )
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, programs))
+        results = list(pool.map(one, programs))
+    # A fork bomb among the programs holds the sandbox user's process count at its limit
+    # until killed, so programs launched beside it cannot start: give those a second try.
+    again = [i for i, r in enumerate(results) if r.reason.startswith(_PROCESS_LIMIT)]
+    for i in again:
+        results[i] = one(programs[i])
+    return results
 
 
 @functools.cache

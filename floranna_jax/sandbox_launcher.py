@@ -183,13 +183,18 @@ def _program_side(spec: dict, code: bytes, workdir: str, done: list, status: int
         _check(_libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl(PDEATHSIG)")
         done.append("die_with_launcher")
         os.write(status, (json.dumps({"protections": done}) + "\n").encode())
-        os.close(status)
+        os.set_inheritable(status, False)  # closed by a successful exec, kept for an error
         os.close(0)  # standard input closed, not merely empty
         python = spec["python"]
         os.execve(python, [python, "-I", "-B", "program.py"], spec["env"])
+    except BlockingIOError:  # EAGAIN from execve after setuid: the user's process count
+        error = f"process limit: user {spec['uid']} has {spec['limits']['processes']} processes"
     except BaseException as e:  # noqa: BLE001 - any failure is reported, and nothing runs
-        os.write(status, (json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n").encode())
-    os._exit(125)
+        error = f"{type(e).__name__}: {e}"
+    try:
+        os.write(status, (json.dumps({"error": error}) + "\n").encode())
+    finally:
+        os._exit(125)
 
 
 def main() -> None:
