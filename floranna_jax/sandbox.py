@@ -16,10 +16,10 @@ A program passes only if it exits 0 AND prints a random marker that ``run`` appe
 its last line, so ``sys.exit(0)`` (or ``os._exit(0)``) before its tests fails. The marker
 guards against generated code that stops early, not against code written to find it.
 
-Two things no rlimit covers, the reason it runs as ``nobody`` rather than in a cgroup of
-its own: the process limit counts all of that user's processes, so a fork bomb can make
-programs that start beside it fail to start ("process limit") until it is killed; and the
-memory bound is per process (processes x address space at worst).
+What rlimits cannot do (a cgroup could; programs get none): the process limit counts
+every process of the sandbox user, so a fork bomb keeps the programs started beside it
+from starting until it is killed (`run` starts those once more afterwards); and memory is
+bounded per process (processes x address space at worst, 32 GiB with the defaults).
 """
 
 import concurrent.futures
@@ -67,7 +67,7 @@ DEFAULT_LIMITS = Limits()
 
 
 class Result(NamedTuple):
-    """passed: exited 0 and printed the marker. reason: "passed", "timeout after 3.0 s",
+    """passed: exited 0 and printed the marker. reason: "passed", "timeout after 3 s",
     "exit 1: AssertionError", "signal SIGKILL", "exited 0 before the end (no marker)", or
     "sandbox setup failed: ...". seconds: wall-clock time. protections: those active."""
 
@@ -205,9 +205,14 @@ def _read_status(path: pathlib.Path) -> dict:
     return report
 
 
+def _private_file(path: pathlib.Path):
+    """A new file only we may read: programs beside this one cannot see its output."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
 def _launch(private: pathlib.Path, spec: dict) -> subprocess.Popen:
     """Starts the launcher in a new session, its output in files of `private`."""
-    files = {n: open(private / n, "wb") for n in ("stdout", "stderr", "status")}  # noqa: SIM115
+    files = {n: _private_file(private / n) for n in ("stdout", "stderr", "status")}
     try:
         spec = {**spec, "status_fd": files["status"].fileno()}
         return subprocess.Popen(
@@ -239,7 +244,8 @@ def run_one(
         if uid is not None:
             os.chown(private / "work", uid, gid)
         marked = program + f"\n\n__import__('os').write(1, b'\\n{marker}\\n')\n"
-        (private / "program.py").write_text(marked)
+        with _private_file(private / "program.py") as f:
+            f.write(marked.encode())
         spec = _spec(private, limits, timeout_s, python or default_python(), namespaces)
         proc = _launch(private, spec)
         finished = _wait_unreaped(proc, timeout_s)

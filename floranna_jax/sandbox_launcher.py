@@ -182,7 +182,7 @@ def _program_side(spec: dict, code: bytes, workdir: str, done: list, status: int
         # after setuid: a change of credentials clears the parent-death signal
         _check(_libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl(PDEATHSIG)")
         done.append("die_with_launcher")
-        os.write(status, (json.dumps({"protections": done}) + "\n").encode())
+        _report(status, {"protections": done})
         os.set_inheritable(status, False)  # closed by a successful exec, kept for an error
         os.close(0)  # standard input closed, not merely empty
         python = spec["python"]
@@ -192,28 +192,35 @@ def _program_side(spec: dict, code: bytes, workdir: str, done: list, status: int
     except BaseException as e:  # noqa: BLE001 - any failure is reported, and nothing runs
         error = f"{type(e).__name__}: {e}"
     try:
-        os.write(status, (json.dumps({"error": error}) + "\n").encode())
+        _report(status, {"error": error})
     finally:
         os._exit(125)
+
+
+def _report(status: int, report: dict) -> None:
+    os.write(status, (json.dumps(report) + "\n").encode())
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
     status = spec["status_fd"]
     done: list[str] = []
-    with open(spec["program"], "rb") as f:  # before a private /tmp hides the host's
-        code = f.read()
-    _place_program(code, spec["host_workdir"], spec)
-    workdir = _isolate(spec, done)
-    pid = os.fork()
+    try:
+        with open(spec["program"], "rb") as f:  # before a private /tmp hides the host's
+            code = f.read()
+        _place_program(code, spec["host_workdir"], spec)
+        workdir = _isolate(spec, done)
+        pid = os.fork()
+    except Exception as e:  # noqa: BLE001 - reported; the program never started
+        _report(status, {"error": f"{type(e).__name__}: {e}"})
+        return
     if pid == 0:
         _program_side(spec, code, workdir, done, status)
     _, wait_status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(wait_status):
-        report = {"signal": os.WTERMSIG(wait_status)}
+        _report(status, {"signal": os.WTERMSIG(wait_status)})
     else:
-        report = {"exit": os.WEXITSTATUS(wait_status)}
-    os.write(status, (json.dumps(report) + "\n").encode())
+        _report(status, {"exit": os.WEXITSTATUS(wait_status)})
 
 
 if __name__ == "__main__":
