@@ -3,4 +3,6 @@ MBPP and HumanEval problems and their generation-scored metrics (exact match, pa
 synthetic task for smoke runs.
 
     from floranna_jax.data import code, glue, gsm8k, metrics, synthetic
+
+jsonl and sources are their shared readers (local files, the hub).
 """

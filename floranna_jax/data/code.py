@@ -23,7 +23,6 @@ floranna_jax.sandbox, never in this process.
 """
 
 import os
-import pathlib
 import re
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -31,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from floranna_jax import sandbox
-from floranna_jax.data import jsonl
+from floranna_jax.data import jsonl, sources
 
 MBPP_SPLITS = {
     "prompt": (1, 10),
@@ -80,30 +79,6 @@ class CodeScore(NamedTuple):
     results: list[list[sandbox.Result]]
 
 
-def _find(data_dir: str | os.PathLike, folder: str, names: Sequence[str], what: str):
-    root = pathlib.Path(data_dir)
-    tried = [base / name for base in (root, root / folder) for name in names]
-    for path in tried:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"{what}: no file at {' or '.join(map(str, tried))} (pass data_dir=<folder holding "
-        f"{names[0]}>)"
-    )
-
-
-def _hub(path: str, config: str | None, split: str, what: str):
-    try:
-        import datasets  # slow import, only for the hub path
-
-        return datasets.load_dataset(path, config, split=split)
-    except Exception as e:  # offline, hub down, no cache: all mean "use a local folder"
-        raise RuntimeError(
-            f"could not load {what} from the Hugging Face hub ({path}, config {config!r}, "
-            f"split {split!r}): {type(e).__name__}: {e}. Pass data_dir=<local folder>."
-        ) from e
-
-
 def _mbpp_problem(row: dict, variant: str) -> Problem:
     tests = tuple(row["test_list"])
     if variant == "sanitized":
@@ -129,9 +104,10 @@ def read_mbpp(
     else:
         fields |= {"text": str, "test_setup_code": str}
     if data_dir is None:
-        rows = list(_hub(MBPP_HUB, variant, split, f"MBPP {variant} {split}"))
+        hint = "<folder holding mbpp.jsonl>"
+        rows = list(sources.load_hub(MBPP_HUB, variant, split, "MBPP", hint=hint))
     else:
-        path = _find(data_dir, "mbpp", [MBPP_VARIANTS[variant]], f"MBPP {variant}")
+        path = sources.find_file(data_dir, "mbpp", [MBPP_VARIANTS[variant]], f"MBPP {variant}")
         reader = jsonl.read_list if path.suffix == ".json" else jsonl.read
         rows = reader(path, required=fields)
         low, high = MBPP_SPLITS[split]
@@ -143,9 +119,10 @@ def read_humaneval(*, data_dir: str | os.PathLike | None = None) -> list[Problem
     """The 164 HumanEval problems, in file order (evaluation only: no other split)."""
     fields = dict.fromkeys(("task_id", "prompt", "canonical_solution", "test", "entry_point"), str)
     if data_dir is None:
-        rows = list(_hub(HUMANEVAL_HUB, None, "test", "HumanEval"))
+        hint = "<folder holding HumanEval.jsonl.gz>"
+        rows = list(sources.load_hub(HUMANEVAL_HUB, None, "test", "HumanEval", hint=hint))
     else:
-        rows = jsonl.read(_find(data_dir, "humaneval", HUMANEVAL_FILES, "HumanEval"),
+        rows = jsonl.read(sources.find_file(data_dir, "humaneval", HUMANEVAL_FILES, "HumanEval"),
                           required=fields)  # fmt: skip
     return [
         Problem(

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from floranna_jax.data import jsonl
+from floranna_jax.data import jsonl, sources
 
 SPLITS = ("train", "test")
 HUB_PATH, HUB_CONFIG = "openai/gsm8k", "main"
@@ -53,29 +53,8 @@ def _split_name(split: str) -> str:
 def split_path(split: str, data_dir: str | os.PathLike) -> pathlib.Path:
     """The file of `split` under `data_dir` (also under data_dir/gsm8k); raises
     FileNotFoundError naming every path tried."""
-    root = pathlib.Path(data_dir)
-    tried = [root / f"{_split_name(split)}.jsonl", root / "gsm8k" / f"{split}.jsonl"]
-    for path in tried:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"GSM8K split {split!r}: no file at {' or '.join(map(str, tried))} "
-        "(pass data_dir=<folder holding train.jsonl and test.jsonl>)"
-    )
-
-
-def _read_hub(split: str) -> list[Problem]:
-    try:
-        import datasets  # slow import, only for the hub path
-
-        ds = datasets.load_dataset(HUB_PATH, HUB_CONFIG, split=split)
-    except Exception as e:  # offline, hub down, no cache: all mean "use a local folder"
-        raise RuntimeError(
-            f"could not load GSM8K split {split!r} from the Hugging Face hub ({HUB_PATH}, "
-            f"config {HUB_CONFIG!r}): {type(e).__name__}: {e}. "
-            "Pass data_dir=<folder holding train.jsonl and test.jsonl>."
-        ) from e
-    return [Problem(q, a) for q, a in zip(ds["question"], ds["answer"], strict=True)]
+    name = f"{_split_name(split)}.jsonl"
+    return sources.find_file(data_dir, "gsm8k", [name], f"GSM8K split {split!r}")
 
 
 def read(split: str, *, data_dir: str | os.PathLike | None = None) -> list[Problem]:
@@ -85,7 +64,9 @@ def read(split: str, *, data_dir: str | os.PathLike | None = None) -> list[Probl
     without its "#### N" line.
     """
     if data_dir is None:
-        return _read_hub(_split_name(split))
+        hint = "<folder holding train.jsonl and test.jsonl>"
+        ds = sources.load_hub(HUB_PATH, HUB_CONFIG, _split_name(split), "GSM8K", hint=hint)
+        return [Problem(q, a) for q, a in zip(ds["question"], ds["answer"], strict=True)]
     rows = jsonl.read(
         split_path(split, data_dir), required={"question": str, "answer": str}, check=_check_row
     )
