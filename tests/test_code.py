@@ -73,8 +73,10 @@ def test_evaluate_pass_at_k(humaneval_dir, mbpp_dir):
     np.testing.assert_array_equal(out.passed, [[False, True], [False, True], [False, False]])
     assert out.metrics == pytest.approx({"pass@1": (0.5 + 0.5 + 0) / 3, "pass@2": 2 / 3})
     assert out.results[0][0].reason == "exit 1: AssertionError"
-    with pytest.raises(ValueError, match="same number of samples"):
+    with pytest.raises(ValueError, match=r"same n >= 1 samples, got \[1, 2\]"):
         code.evaluate(problems, [["a"], ["b", "c"], ["d"]])
+    with pytest.raises(ValueError, match=r"same n >= 1 samples, got \[0\]"):
+        code.evaluate(problems, [[], [], []])
 
 
 @pytest.mark.parametrize(

@@ -209,9 +209,9 @@ def evaluate(
     if len(completions) != len(problems):
         raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems")
     counts = {len(c) for c in completions}
-    if len(counts) > 1:
-        raise ValueError(f"every problem needs the same number of samples, got {sorted(counts)}")
-    n = counts.pop() if counts else 0
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"every problem needs the same n >= 1 samples, got {sorted(counts)}")
+    n = counts.pop()
     programs = [program(p, c) for p, cs in zip(problems, completions, strict=True) for c in cs]
     flat = sandbox.run(programs, timeout_s=timeout_s, workers=workers)
     results = [flat[i * n : (i + 1) * n] for i in range(len(problems))]
