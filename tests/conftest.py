@@ -1,7 +1,8 @@
 """Shared test fixtures: where the real data and checkpoints live, if anywhere.
 
 Tests never require them: each fixture skips with the place it looked.
-  FLORANNA_DATA_DIR    folder with glue/, gsm8k/, ... (default: ../shared/data beside the repo)
+  FLORANNA_DATA_DIR    folder with glue/, gsm8k/, mbpp/, humaneval/ (default: ../shared/data
+                       beside the repo)
   FLORANNA_MODELS_DIR  folder filled by shared/tools/fetch_models.sh
                        (default: ~/.cache/floranna/models)
 """
@@ -39,3 +40,25 @@ def minilm_dir() -> pathlib.Path:
             f"no checkpoint at {path} (run shared/tools/fetch_models.sh, set FLORANNA_MODELS_DIR)"
         )
     return path
+
+
+def _data_subdir(name: str, marker: str) -> pathlib.Path:
+    path = _data_dir() / name
+    if not (path / marker).is_file():
+        pytest.skip(f"no {marker} at {path} (set FLORANNA_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> pathlib.Path:
+    return _data_subdir("gsm8k", "test.jsonl")
+
+
+@pytest.fixture(scope="session")
+def mbpp_dir() -> pathlib.Path:
+    return _data_subdir("mbpp", "mbpp.jsonl")
+
+
+@pytest.fixture(scope="session")
+def humaneval_dir() -> pathlib.Path:
+    return _data_subdir("humaneval", "HumanEval.jsonl.gz")
