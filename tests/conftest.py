@@ -39,3 +39,14 @@ def minilm_dir() -> pathlib.Path:
             f"no checkpoint at {path} (run shared/tools/fetch_models.sh, set FLORANNA_MODELS_DIR)"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> pathlib.Path:
+    """SmolLM2-135M-Instruct as llama.cpp's 4-bit GGUF (convert it with convert_gguf)."""
+    path = _models_dir() / "SmolLM2-135M-Instruct" / "model.gguf"
+    if not path.is_file():
+        pytest.skip(
+            f"no GGUF file at {path} (run shared/tools/fetch_models.sh, set FLORANNA_MODELS_DIR)"
+        )
+    return path
