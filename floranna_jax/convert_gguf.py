@@ -31,6 +31,7 @@ Two llama.cpp conventions are undone here:
 from __future__ import annotations
 
 import collections
+import importlib.metadata
 import json
 import math
 import os
@@ -224,14 +225,34 @@ def plan_weights(tensors, config: dict) -> list[tuple[str, tuple[int, ...], obje
 
 
 def _dequantize(gguf, tensor, heads: int | None) -> np.ndarray:
-    try:
-        w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError:
-        raise ConversionError(
-            f"{tensor.name}: no dequantization for type {tensor.tensor_type.name}"
-        ) from None
+    """One tensor as float32 ``[d_out, d_in]``, Q/K rows in Hugging Face order."""
+    w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     w = np.asarray(w, np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape)))
     return unpermute_rows(w, heads) if heads else w
+
+
+def check_dequantizable(gguf, tensors) -> None:
+    """Dequantize the smallest tensor of each storage type, so that a type the installed
+    ``gguf`` cannot read fails before anything is written."""
+    smallest = {}
+    for t in tensors:
+        if t.tensor_type not in smallest or t.n_elements < smallest[t.tensor_type].n_elements:
+            smallest[t.tensor_type] = t
+    for t in smallest.values():
+        try:
+            _dequantize(gguf, t, None)
+        except Exception as e:  # NotImplementedError for types this gguf version lacks
+            raise ConversionError(
+                f"{t.name}: cannot dequantize type {t.tensor_type.name} with gguf "
+                f"{_version('gguf')}: {first_line(e) or type(e).__name__}"
+            ) from None
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version)"
 
 
 def write_safetensors(path: pathlib.Path, items: list[tuple[str, tuple[int, ...]]], load) -> None:
@@ -249,13 +270,16 @@ def write_safetensors(path: pathlib.Path, items: list[tuple[str, tuple[int, ...]
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for i, (_, shape) in enumerate(items):
-            array = np.ascontiguousarray(load(i), dtype="<f4")
-            assert array.shape == shape, (items[i][0], array.shape, shape)
-            f.write(array.tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for i, (_, shape) in enumerate(items):
+                array = np.ascontiguousarray(load(i), dtype="<f4")
+                assert array.shape == shape, (items[i][0], array.shape, shape)
+                f.write(array.tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def convert(src, dest, log: Callable[[str], None] = logging.info) -> dict:
@@ -272,22 +296,33 @@ def convert(src, dest, log: Callable[[str], None] = logging.info) -> dict:
         config = hf_config(meta, {t.name for t in reader.tensors})
         plan = plan_weights(reader.tensors, config)
         tokenizer, tokenizer_config, special_map = build_tokenizer(meta, config)
+        check_dequantizable(gguf, reader.tensors)
     except ConversionError as e:
         raise ConversionError(f"{src}: {e}") from None
     types = collections.Counter(t.tensor_type.name for t in reader.tensors)
     log(
         f"read {src}: llama, {config['num_hidden_layers']} layers, hidden {config['hidden_size']},"
-        f" {len(plan)} tensors ({', '.join(f'{k} x{n}' for k, n in types.most_common())})"
+        f" {len(plan)} tensors ({', '.join(f'{k} x{n}' for k, n in types.most_common())}),"
+        f" tokenizer {meta('tokenizer.ggml.model')}/{meta('tokenizer.ggml.pre')}"
         f" in {time.perf_counter() - start:.1f} s"
     )
+    try:
+        _write_folder(dest, gguf, plan, config, (tokenizer, tokenizer_config, special_map), log)
+    except OSError as e:  # no space, no permission: one line naming the folder
+        raise ConversionError(f"{dest}: cannot write: {first_line(e)}") from None
+    log(f"done: {dest} in {time.perf_counter() - start:.1f} s")
+    return config
+
+
+def _write_folder(dest: pathlib.Path, gguf, plan, config: dict, tokenizer_files, log) -> None:
+    """The tokenizer files, then the weights, then config.json (last: a folder with a
+    config is whole)."""
+    tokenizer, tokenizer_config, special_map = tokenizer_files
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(dest / "tokenizer.json"))
     _write_json(dest / "tokenizer_config.json", tokenizer_config)
     _write_json(dest / "special_tokens_map.json", special_map)
-    log(
-        f"tokenizer: {tokenizer.get_vocab_size()} tokens, pre-tokenizer "
-        f"{meta('tokenizer.ggml.pre')!r} -> {dest / 'tokenizer.json'}"
-    )
+    log(f"tokenizer: {tokenizer.get_vocab_size()} tokens -> {dest / 'tokenizer.json'}")
     t0 = time.perf_counter()
     write_safetensors(
         dest / "model.safetensors",
@@ -300,8 +335,6 @@ def convert(src, dest, log: Callable[[str], None] = logging.info) -> dict:
         f"{dest / 'model.safetensors'} in {time.perf_counter() - t0:.1f} s"
     )
     _write_json(dest / "config.json", config)
-    log(f"done: {dest} in {time.perf_counter() - start:.1f} s")
-    return config
 
 
 def _write_json(path: pathlib.Path, value: dict) -> None:

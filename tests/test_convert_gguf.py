@@ -91,7 +91,9 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{i}.{LAYER[kind]}.weight"
 
 
-def write_tiny_gguf(path, tied=False, arch="llama", pre="smollm", model="gpt2", drop=()):
+def write_tiny_gguf(
+    path, tied=False, arch="llama", pre="smollm", model="gpt2", drop=(), add_bos=False
+):
     """A float32 GGUF as llama.cpp writes a LLaMA; returns the weights it came from."""
     weights = _tiny_weights(tied)
     tokens, types = _tiny_vocab()
@@ -114,7 +116,7 @@ def write_tiny_gguf(path, tied=False, arch="llama", pre="smollm", model="gpt2", 
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     w.add_chat_template(CHAT_TEMPLATE)
     for name, array in weights.items():
         if ".q_proj." in name or ".k_proj." in name:
@@ -226,6 +228,18 @@ def test_tiny_folder_loads_in_transformers_without_gguf(tiny):
     assert config.rope_parameters["rope_theta"] == 5000.0 and config.num_key_value_heads == 2
 
 
+def test_add_bos_token_is_kept(tmp_path):
+    from tokenizers import Tokenizer
+
+    write_tiny_gguf(tmp_path / "model.gguf", add_bos=True)
+    convert_gguf.convert(tmp_path / "model.gguf", tmp_path / "hf", log=lambda line: None)
+    tok = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    assert tok.encode("the").tokens == ["<|im_start|>", "t", "he"]
+    assert tok.encode("the", add_special_tokens=False).tokens == ["t", "he"]
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is True and config["bos_token"] == "<|im_start|>"
+
+
 def test_gpt2_pre_tokenizer_keeps_digit_runs():
     from floranna_jax.gguf_tokenizer import PRE_TOKENIZERS, _split
 
@@ -266,6 +280,15 @@ def test_bad_inputs(tmp_path, monkeypatch):
         convert_gguf.convert(tmp_path / "cut.gguf", tmp_path / "hf")
     with pytest.raises(ConversionError, match="is not a folder"):
         convert_gguf.convert(tmp_path / "model.gguf", tmp_path / "text.gguf")
+    assert not (tmp_path / "hf").exists()
+
+    def unsupported(data, qtype):
+        raise NotImplementedError(f"Dequantization for {qtype.name} is not yet implemented")
+
+    with monkeypatch.context() as m:  # a storage type this gguf version cannot read
+        m.setattr(gguf.quants, "dequantize", unsupported)
+        with pytest.raises(ConversionError, match="cannot dequantize type F32 with gguf"):
+            convert_gguf.convert(tmp_path / "model.gguf", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
     with pytest.raises(ConversionError, match=r"pip install 'floranna_jax\[convert\]'"):
