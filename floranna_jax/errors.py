@@ -4,6 +4,8 @@ ConfigError: a bad config value, data file or path, found before anything is com
 the message names the field, file, line or value. RoundError: a round produced something
 unusable (non-finite loss, upload or aggregate); the message names the 1-based round, the
 client or layer, and the round's state is never checkpointed.
+ConversionError: a model file ``convert_gguf`` cannot convert; its command line prints it
+as one ``error: ...`` line, exit 2.
 """
 
 
@@ -31,3 +33,8 @@ class BadValue(ValueError):
         super().__init__(f"{param}: {message}")
         self.param = param
         self.message = message
+
+
+class ConversionError(ValueError):
+    """A model file that cannot be converted (``convert_gguf``): the message names the file
+    and what is wrong with it."""

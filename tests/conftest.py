@@ -62,3 +62,14 @@ def mbpp_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def humaneval_dir() -> pathlib.Path:
     return _data_subdir("humaneval", "HumanEval.jsonl.gz")
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> pathlib.Path:
+    """SmolLM2-135M-Instruct as llama.cpp's 4-bit GGUF (convert it with convert_gguf)."""
+    path = _models_dir() / "SmolLM2-135M-Instruct" / "model.gguf"
+    if not path.is_file():
+        pytest.skip(
+            f"no GGUF file at {path} (run shared/tools/fetch_models.sh, set FLORANNA_MODELS_DIR)"
+        )
+    return path
