@@ -58,15 +58,27 @@ def build_model(config, num_labels: int, key: jax.Array) -> Any:
         ) from e
 
 
+def split_labels(train: dict[str, np.ndarray]) -> np.ndarray:
+    """What partitions split on: the labels, or one class for a task without labels."""
+    if "label" in train:
+        return train["label"]
+    return np.zeros(len(next(iter(train.values()))), np.int64)
+
+
 def build(config, key: jax.Array) -> Experiment:
     """Data first (cheap to fail), then the partition, then the model (``key`` inits it)."""
     task = tasks.get(config.data.task)
     train, validation = task.load(config)
     p = config.partition
     extra = {"classes_per_client": p.classes_per_client} if p.scheme == "k_classes" else {}
+    if p.scheme not in partition.LABEL_FREE and "label" not in train:
+        raise ConfigError(
+            f"config field partition.scheme: {p.scheme!r} splits by label and task "
+            f"{task.name} has none; use one of {', '.join(partition.LABEL_FREE)}"
+        )
     try:
         part = partition.split(
-            train["label"], p.num_clients, scheme=p.scheme, seed=config.train.seed,
+            split_labels(train), p.num_clients, scheme=p.scheme, seed=config.train.seed,
             alpha=p.alpha, holdout_fraction=p.holdout_fraction, **extra,
         )  # fmt: skip
     except BadValue as e:

@@ -28,6 +28,8 @@ import numpy as np
 
 from floranna_jax.errors import BadValue
 
+LABEL_FREE = ("iid", "quantity")  # schemes that do not look at the labels
+
 
 class Partition(NamedTuple):
     """train[u], holdout[u]: sorted int64 index arrays into the labels, for each client u."""

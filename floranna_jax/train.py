@@ -158,7 +158,7 @@ def _restore(ckpt: checkpoint.Checkpointer, state: rounds.RoundState, workdir: s
 def _write_inputs(config, workdir: str, exp: experiment.Experiment) -> None:
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2) + "\n")
-    labels = exp.train["label"]
+    labels = experiment.split_labels(exp.train)
     logging.info("partition\n%s", partition.summary(labels, exp.part))
     partition.plot(labels, exp.part, os.path.join(workdir, "partition.png"))
 

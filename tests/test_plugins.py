@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from smoke_setup import REPO, shared_compilation, smoke_config
 
-from floranna_jax import server, tasks, train
+from floranna_jax import experiment, keys, server, tasks, train
+from floranna_jax.errors import ConfigError
 from floranna_jax.server import common, fedit
 from floranna_jax.server.method import make_method
 
@@ -51,3 +52,21 @@ def test_a_new_stateful_method_is_one_dict_entry(monkeypatch):
         want[ids] += 1
     np.testing.assert_array_equal(state.method["rounds"], want)
     assert np.isfinite(out2.metrics["server/rho_rel"])
+
+
+def test_a_task_without_labels_splits_iid_and_refuses_label_schemes(monkeypatch):
+    """Generation tasks have no labels: iid and quantity split them; dirichlet is an error."""
+    task = tasks.get("sst2")
+
+    def load(config):
+        train, validation = task.load(config)
+        return {k: v for k, v in train.items() if k != "label"}, validation
+
+    monkeypatch.setattr(tasks, "get", lambda name: task._replace(load=load))
+    config = smoke_config(**{"partition.scheme": "iid"})
+    exp = experiment.build(config, keys.model_key(0))
+    assert "label" not in exp.train
+    sizes = [len(t) + len(h) for t, h in zip(exp.part.train, exp.part.holdout, strict=True)]
+    assert sum(sizes) == len(exp.train["input_ids"]) and max(sizes) - min(sizes) <= 1
+    with pytest.raises(ConfigError, match=r"partition.scheme: 'dirichlet' splits by label"):
+        experiment.build(smoke_config(**{"partition.scheme": "dirichlet"}), keys.model_key(0))
