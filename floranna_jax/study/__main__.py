@@ -13,6 +13,7 @@ code 2, before anything runs.
 """
 
 import difflib
+import importlib.util
 import re
 import sys
 
@@ -38,9 +39,25 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _config_file(argv: list[str]):
+    """The study of ``--config=FILE[:arg]``, loaded as config_flags loads it (absl's parsing
+    stops before handing it over when an override fails); None if it does not load."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    try:
+        module = importlib.util.spec_from_file_location("study_config", path)
+        loaded = importlib.util.module_from_spec(module)
+        module.loader.exec_module(loaded)
+        return loaded.get_config(arg) if arg else loaded.get_config()
+    except Exception:  # a missing file or a bad arg: absl's own message says which
+        return None
+
+
 def _unknown_field(argv: list[str]) -> str | None:
     """The first ``--config.<path>`` override that names no field, with the nearest one."""
-    config = flags.FLAGS["config"].value
+    config = _config_file(argv)
     if config is None:
         return None
     fields = list(grid_lib.flatten(config.to_dict()))
@@ -59,9 +76,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:  # e.g. "flag --config.base.train.seed=x: invalid literal ..."
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        where = re.sub(r"^flag ", "", lines[0]).split(": ")[0]
-        _fail(_unknown_field(argv) or (f"{where}: {lines[-1]}" if len(lines) > 1 else where))
+        lines = [
+            re.sub(r"^flag ", "", line.strip()) for line in str(e).splitlines() if line.strip()
+        ]
+        # A failing config file comes with its traceback: its last line says what failed.
+        where = lines[0].split(": ")[0] + ": " if len(lines) > 1 else ""
+        _fail(_unknown_field(argv) or where + lines[-1])
     except OSError as e:  # the config file failed to load
         _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
     except (AttributeError, KeyError) as e:  # a field the locked config does not have

@@ -73,7 +73,15 @@ def _axes(study, grid: str) -> list[tuple[str, list[tuple[str, Any, dict[str, An
     """``[(axis, [(label, value, overrides), ...]), ...]`` of grid ``grid``."""
     spec = _grid(study, grid)
     out = []
-    for axis, values in spec.get("axes", ()):
+    axes = spec.get("axes", ())
+    pairs = isinstance(axes, tuple | list) and all(
+        isinstance(a, tuple | list) and len(a) == 2 and isinstance(a[0], str) for a in axes
+    )
+    if not pairs:
+        raise ConfigError(
+            f"grid {grid}: axes must be (field or variant, values) pairs, got {axes!r}"
+        )
+    for axis, values in axes:
         if isinstance(values, str | bytes) or not hasattr(values, "__iter__") or not values:
             raise ConfigError(
                 f"grid {grid}, axis {axis}: values must be a non-empty list, got {values!r}"
