@@ -185,6 +185,18 @@ def test_report_from_committed_rows_alone(grid_run, tmp_path):
     assert "grid `extra`: 0 of 1 cells finished; not yet: ffa_alpha0.5_seed0" in text
 
 
+def test_report_command_writes_the_study_report(grid_run, tmp_path):
+    shutil.copytree(grid_run.out / "smoke", tmp_path / "docs" / "study" / "smoke")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    config = REPO / "configs" / "studies" / "evidence.py"
+    cmd = [sys.executable, "-m", "floranna_jax.study", "report", f"--config={config}:smoke"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "docs" / "study" / "smoke" / "report.md").read_text()  # report.path
+    assert "| 0.5 | floranna_layer | 1 |" in text
+    assert (tmp_path / "docs" / "study" / "smoke" / "report_curves.png").is_file()
+
+
 def test_report_keeps_the_handwritten_findings(grid_run, tmp_path):
     path = tmp_path / "evidence.md"
     report.write_report(grid_run.study, str(grid_run.out), str(path), "s.py")

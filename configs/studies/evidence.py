@@ -32,16 +32,13 @@ import pathlib
 
 import ml_collections
 
-# Labelled values of the "method" axis: each sets config fields (section -> field -> value).
-METHODS = {
-    "fedit": {"server": {"name": "fedit"}},
-    "floranna_layer": {"server": {"name": "floranna", "scope": "layer"}},
-    "floranna_model": {"server": {"name": "floranna", "scope": "model"}},
-    "svd": {"server": {"name": "svd"}},
-    "fedex": {"server": {"name": "fedex"}},
-    "ffa": {"server": {"name": "ffa"}},
-    "fedsa": {"server": {"name": "fedsa"}},
-    "flora": {"server": {"name": "flora"}},
+from floranna_jax import server
+
+# Labelled values of the "method" axis, each the config fields it sets: every estimator by its
+# name, and FLoRA-NA's scopes by their server.COMPARISONS labels (floranna_layer, ..._model).
+METHODS = {name: {"server": {"name": name}} for name in server.ESTIMATORS} | {
+    label: {"server": {"name": name, **hparams}}
+    for label, (name, hparams) in server.COMPARISONS.items()
 }
 CORE = ("fedit", "floranna_layer", "floranna_model", "svd", "fedex")
 
@@ -113,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         },
     }
     c.report = dict(
+        title="Evidence: does FLoRA-NA's lower aggregation error buy global accuracy?",
         grids=("core", "extra"),  # grids whose cells the method tables compare
         method_axis="method",  # the axis that names a cell's method
         group_axis="partition.alpha",  # one table block per value of this axis
@@ -121,5 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         paired=("floranna_layer", "floranna_model", "svd", "fedex"),  # ... from these
         lr_grid="lr",  # grid of the learning-rate table ("" = none)
         lr_axis="client.learning_rate",  # its rate axis
+        # The report (its PNGs beside it), relative to the repository root, where it runs.
+        path="docs/study/smoke/report.md" if smoke else "docs/evidence.md",
     )
     return c

@@ -6,7 +6,8 @@ r"""The study command: run grids of a study config, or regenerate its report.
 ``run`` (the default) trains every unfinished cell of the grids (comma-separated) through
 ``train.run``, checkpoints in ``--work/<study>/<cell>/`` (scratch, large) and keeps each
 cell's small text in ``--out/<study>/<cell>/`` (to commit); interrupted, it resumes where it
-stopped. ``report`` writes ``--report`` and its PNGs from ``--out`` alone. Any field can be
+stopped. ``report`` writes the study's ``report.path`` (or ``--report``) and its PNGs from ``--out``
+alone. Any field can be
 overridden (``--config.base.client.learning_rate=1e-3``). A bad input (an unknown grid or
 field, a value of the wrong type, a bad value) is one ``error: ...`` line on stderr and exit
 code 2, before anything runs.
@@ -30,7 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _GRID = flags.DEFINE_list("grid", None, "grids to run, comma-separated (run)")
 _OUT = flags.DEFINE_string("out", "docs/study", "committed results: <out>/<study>/<cell>/")
 _WORK = flags.DEFINE_string("work", "runs/study", "scratch checkpoints: <work>/<study>/<cell>/")
-_REPORT = flags.DEFINE_string("report", "docs/evidence.md", "the report file (report)")
+_REPORT = flags.DEFINE_string("report", None, "the report file (default: report.path)")
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
 
 
@@ -105,8 +106,9 @@ def main(argv):
         _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
     try:
         if command == ["report"]:
-            report.write_report(study, _OUT.value, _REPORT.value, source)
-            print(f"wrote {_REPORT.value}")
+            path = _REPORT.value or study.report.path
+            report.write_report(study, _OUT.value, path, source)
+            print(f"wrote {path}")
             return
         if not _GRID.value:
             _fail(f"--grid: which grid to run? the study's grids: {', '.join(study.grids)}")

@@ -200,7 +200,7 @@ def write_report(study, out: str, path: str, source: str) -> str:
     ga = rc.group_axis
     finished = {r.name for r in runs}
     lines = [
-        f"# Study {study.name}: does a lower aggregation error buy global {metric}?",
+        f"# {rc.title}",
         "",
         "Generated from the committed rows alone (no model, no data) by",
         "",
