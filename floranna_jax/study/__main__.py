@@ -14,13 +14,13 @@ code 2, before anything runs.
 """
 
 import difflib
-import importlib.util
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from floranna_jax import config_check
 from floranna_jax.errors import ConfigError, first_line
 from floranna_jax.study import grid as grid_lib
 from floranna_jax.study import report, runner
@@ -40,25 +40,9 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _config_file(argv: list[str]):
-    """The study of ``--config=FILE[:arg]``, loaded as config_flags loads it (absl's parsing
-    stops before handing it over when an override fails); None if it does not load."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None:
-        return None
-    path, _, arg = spec.partition(":")
-    try:
-        module = importlib.util.spec_from_file_location("study_config", path)
-        loaded = importlib.util.module_from_spec(module)
-        module.loader.exec_module(loaded)
-        return loaded.get_config(arg) if arg else loaded.get_config()
-    except Exception:  # a missing file or a bad arg: absl's own message says which
-        return None
-
-
 def _unknown_field(argv: list[str]) -> str | None:
     """The first ``--config.<path>`` override that names no field, with the nearest one."""
-    config = _config_file(argv)
+    config = config_check.config_of_argv(argv)
     if config is None:
         return None
     fields = list(grid_lib.flatten(config.to_dict()))
