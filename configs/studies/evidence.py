@@ -5,7 +5,7 @@ r"""Evidence study: does FLoRA-NA's lower aggregation error buy global accuracy?
     python -m floranna_jax.study report --config=configs/studies/evidence.py
 
 The first runs the learning-rate sweep of FedIT, the second the method comparison; each
-prints a line per cell ("[3/30] fedit_alpha0.1_seed1: running (2 done; elapsed 0:21:40;
+prints a line per cell ("[3/30] fedit_alpha0.1_seed1: running (2 of 30 done; elapsed 0:21:40;
 ~2:58:05 left at 0:06:10 per cell)"), then the grid's table. Cells land in
 docs/study/evidence/<cell>/ (metrics.jsonl, config.json, summary.md: commit them) and their
 checkpoints in runs/study/evidence/<cell>/; run the command again and it skips finished

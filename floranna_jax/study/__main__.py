@@ -6,11 +6,11 @@ r"""The study command: run grids of a study config, or regenerate its report.
 ``run`` (the default) trains every unfinished cell of the grids (comma-separated) through
 ``train.run``, checkpoints in ``--work/<study>/<cell>/`` (scratch, large) and keeps each
 cell's small text in ``--out/<study>/<cell>/`` (to commit); interrupted, it resumes where it
-stopped. ``report`` writes the study's ``report.path`` (or ``--report``) and its PNGs from ``--out``
-alone. Any field can be
-overridden (``--config.base.client.learning_rate=1e-3``). A bad input (an unknown grid or
-field, a value of the wrong type, a bad value) is one ``error: ...`` line on stderr and exit
-code 2, before anything runs.
+stopped. ``report`` writes the study's ``report.path`` (or ``--report``) and its PNGs from
+``--out`` alone. Any field can be overridden (``--config.base.client.learning_rate=1e-3``).
+A bad input (an unknown grid or field, a value of the wrong type, a bad value) is one
+``error: ...`` line on stderr and exit code 2, before anything runs; a cell whose round
+fails is kept with its error and the study goes on, then exits with code 1.
 """
 
 import difflib
@@ -104,8 +104,11 @@ def main(argv):
     for grid in _GRID.value:
         print(runner.summary(study, grid, _OUT.value, source))
     failed = [r for r in results if r.status == "failed"]
-    if failed:
-        print(f"{len(failed)} cell(s) failed: {', '.join(r.cell.name for r in failed)}")
+    if failed:  # kept in their folders (error.txt); a re-run tries them again
+        sys.stderr.write(
+            f"{len(failed)} cell(s) failed: {', '.join(r.cell.name for r in failed)}\n"
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9._=+-]+$")  # a cell name is a folder name 
 class Cell(NamedTuple):
     """One run of a grid: ``name`` (its folder), ``grid``, ``values`` (axis -> the label or
     value this cell takes, in the grid's axis order) and ``config`` (the experiment, locked,
-    validated)."""
+    validated unless expanded with ``validate=False``)."""
 
     name: str
     grid: str

@@ -133,6 +133,14 @@ def _run_cell(cell: grid_lib.Cell, out_dir: str, work_dir: str) -> str:
     return ""
 
 
+def _status(got: results.CellRows) -> str:
+    if got.finished:
+        return "done"
+    if got.error:
+        return f"failed: {got.error}"
+    return f"{len(got.rows)} rounds, unfinished" if got.rows else "not run"
+
+
 def summary(study, grid: str, out: str, source: str = "<study config>") -> str:
     """A markdown table of ``grid``'s cells as ``<out>/<study>/`` holds them now;
     ``source`` names the study config in the command it shows."""
@@ -149,15 +157,7 @@ def summary(study, grid: str, out: str, source: str = "<study config>") -> str:
     ]
     for cell in cells:
         got = results.read_cell(os.path.join(out, study.name, cell.name))
-        status = (
-            "done"
-            if got.finished
-            else f"failed: {got.error}"
-            if got.error
-            else f"{len(got.rows)} rounds, unfinished"
-            if got.rows
-            else "not run"
-        )
+        status = _status(got)
         if not got.rows:
             lines.append(f"| {cell.name} | {status} |" + " - |" * 6)
             continue
@@ -202,32 +202,26 @@ def run_grids(
     for cell, (out_dir, work_dir) in zip(cells, folders, strict=True):
         _check_folders(cell, out_dir, work_dir)
     os.makedirs(os.path.join(out, study.name), exist_ok=True)
+    finished = [results.read_cell(out_dir).finished for out_dir, _ in folders]
     start, timed, done = time.perf_counter(), [], []
     for i, (cell, (out_dir, work_dir)) in enumerate(zip(cells, folders, strict=True)):
-        if results.read_cell(out_dir).finished:
+        where = f"[{i + 1}/{len(cells)}] {cell.name}"
+        if finished[i]:
             done.append(CellResult(cell, "skipped", 0.0))
-            progress(f"[{i + 1}/{len(cells)}] {cell.name}: finished before, skipped")
+            progress(f"{where}: finished before, skipped")
             continue
-        elapsed = time.perf_counter() - start
-        left = len(cells) - i
-        eta = (
-            f"~{_hms(left * sum(timed) / len(timed))} left at {_hms(sum(timed) / len(timed))}"
-            " per cell"
-            if timed
-            else "time left: after the first cell"
-        )
-        progress(
-            f"[{i + 1}/{len(cells)}] {cell.name}: running ({i} done; elapsed "
-            f"{_hms(elapsed)}; {eta})"
-        )
+        if timed:
+            per_cell, to_run = sum(timed) / len(timed), len(cells) - i - sum(finished[i:])
+            eta = f"~{_hms(per_cell * to_run)} left at {_hms(per_cell)} per cell"
+        else:
+            eta = "time left: known after the first cell"
+        elapsed = _hms(time.perf_counter() - start)
+        progress(f"{where}: running ({i} of {len(cells)} done; elapsed {elapsed}; {eta})")
         t0 = time.perf_counter()
         error = _run_cell(cell, out_dir, work_dir)
         timed.append(time.perf_counter() - t0)
         done.append(CellResult(cell, "failed" if error else "done", timed[-1], error))
-        progress(
-            f"[{i + 1}/{len(cells)}] {cell.name}: "
-            f"{'failed: ' + error if error else 'done'} in {_hms(timed[-1])}"
-        )
+        progress(f"{where}: {'failed: ' + error if error else 'done'} in {_hms(timed[-1])}")
         _write_summaries(study, grids, out, source)
     _write_summaries(study, grids, out, source)
     return done
