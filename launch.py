@@ -8,7 +8,6 @@ before anything is compiled and with the workdir untouched. A round that produce
 Inf is one ``error: round N: ...`` line and exit code 1; its state is not checkpointed.
 """
 
-import importlib.util
 import os
 import re
 import sys
@@ -59,24 +58,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail(f"bad override: {str(e).splitlines()[0]}")
 
 
-def _config_file(argv: list[str]):
-    """The config of ``--config=FILE[:arg]``, loaded the way config_flags loads it, for
-    naming a bad override when absl's parsing stopped before giving it to us."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None:
-        return None
-    path, _, arg = spec.partition(":")
-    try:
-        module = importlib.util.spec_from_file_location("launched_config", path)
-        loaded = importlib.util.module_from_spec(module)
-        module.loader.exec_module(loaded)
-        return loaded.get_config(arg) if arg else loaded.get_config()
-    except Exception:  # a missing file or a bad arg: absl's own message says which
-        return None
-
-
 def _check_overrides(argv: list[str]) -> None:
-    config = flags.FLAGS["config"].value or _config_file(argv)
+    config = flags.FLAGS["config"].value or config_check.config_of_argv(argv)
     if config is None:
         return
     try:

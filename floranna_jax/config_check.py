@@ -10,12 +10,14 @@ hyperparameters the chosen method accepts (``server_hparams``).
 
 ``check_overrides(config, overrides)`` checks command-line overrides: a field that does not
 exist (with the nearest valid name), and a ``server.*`` hyperparameter the chosen method
-does not take.
+does not take. ``config_of_argv(argv)`` loads the ``--config=FILE[:arg]`` a command was given,
+for naming a bad override when absl's parsing stopped before handing the config over.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 import json
 import os
@@ -184,3 +186,19 @@ def check_overrides(config, overrides: list[str]) -> None:
                          if name in inspect.signature(f).parameters]  # fmt: skip
                 _fail(path, f"method {method!r} takes no hyperparameter {name!r} "
                       f"(it is one of {', '.join(users) or 'no method'})")  # fmt: skip
+
+
+def config_of_argv(argv: list[str]):
+    """The config of the ``--config=FILE[:arg]`` in ``argv``, loaded the way config_flags
+    loads it; None when there is none or it does not load (absl's own message says why)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    try:
+        module = importlib.util.spec_from_file_location("command_config", path)
+        loaded = importlib.util.module_from_spec(module)
+        module.loader.exec_module(loaded)
+        return loaded.get_config(arg) if arg else loaded.get_config()
+    except Exception:  # a missing file or a bad arg: absl's own message says which
+        return None

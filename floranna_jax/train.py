@@ -114,27 +114,32 @@ def _comparable(config_dict: dict) -> dict:
     return out
 
 
+def changed_fields(old: dict, new: dict) -> list[str]:
+    """The ``section.field`` paths, sorted, where two configs (as config.json holds them)
+    differ beyond :data:`RESUMABLE_CHANGES`: empty when ``new`` may resume a run of ``old``."""
+    old, new = _comparable(old), _comparable(new)
+    return sorted(
+        f"{s}.{k}" for s in set(old) | set(new)
+        for k in set(old.get(s, {})) | set(new.get(s, {}))
+        if old.get(s, {}).get(k) != new.get(s, {}).get(k)
+    )  # fmt: skip
+
+
 def _check_workdir(workdir: str) -> None:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir}: is a file, not a folder; choose another path")
 
 
-def _check_same_run(config, workdir: str) -> None:
+def check_same_run(config, workdir: str) -> None:
     """A workdir with a checkpoint resumes only the same experiment (up to num_rounds)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
     try:
         with open(path) as f:
-            old = _comparable(json.load(f))
+            diff = changed_fields(json.load(f), json.loads(config.to_json()))
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(f"{path}: unreadable ({e}); it says which run the workdir holds") from e
-    new = _comparable(json.loads(config.to_json()))
-    diff = sorted(
-        f"{s}.{k}" for s in set(old) | set(new)
-        for k in set(old.get(s, {})) | set(new.get(s, {}))
-        if old.get(s, {}).get(k) != new.get(s, {}).get(k)
-    )  # fmt: skip
     if diff:
         raise ConfigError(
             f"config field {diff[0]}: {workdir} holds a checkpoint of a run with other values "
@@ -172,7 +177,7 @@ def run(config, workdir: str) -> str:
     _check_workdir(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):  # checked before building anything
-        _check_same_run(config, workdir)
+        check_same_run(config, workdir)
     try:  # a corrupt metrics.jsonl is named before anything changes (a torn last row is fine)
         reporting.read_rows(os.path.join(workdir, reporting.METRICS_FILE))
     except ValueError as e:

@@ -1,0 +1,161 @@
+"""The study's tables, as markdown lines, from finished runs (``Run``) alone.
+
+Each table has one block per group (``report.group_axis``, e.g. Dirichlet alpha) and one row
+per method; "mean ± std" is over seeds with ddof = 1. ``spearman`` is Spearman's rank
+correlation, written out (ties get their average rank) so reports need no SciPy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from floranna_jax import reporting
+from floranna_jax.study import results
+
+
+class Run(NamedTuple):
+    """A finished cell: its ``name``, ``method`` label, ``group`` and ``seed`` values, its
+    ``rows`` and ``stats`` (``results.stats``)."""
+
+    name: str
+    method: str
+    group: Any
+    seed: Any
+    rows: list[dict[str, Any]]
+    stats: dict[str, float]
+
+
+def mean_std(values, digits: int = 4, sign: str = "") -> str:
+    """ "mean ± std" (ddof=1) of the non-NaN ``values``; "-" for none, the value for one.
+    ``sign="+"`` signs the mean (for differences)."""
+    values = [v for v in values if not np.isnan(v)]
+    if not values:
+        return "-"
+    mean = f"{np.mean(values):{sign}.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def _ranks(x) -> np.ndarray:
+    """1-based ranks of ``x``, ties given their average rank."""
+    x = np.asarray(x, float)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (Pearson's of the tie-averaged ranks); NaN when either
+    side is constant or there are fewer than 3 points."""
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = _ranks(x), _ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def by_group(runs: list[Run], group) -> dict[str, list[Run]]:
+    out: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.group == group:
+            out.setdefault(run.method, []).append(run)
+    return out
+
+
+def metric_table(runs: list[Run], groups, metric: str, group_axis: str) -> list[str]:
+    cols = ["global final", "global best", "local final", "local best", "gap final"]
+    keys = ["global_final", "global_best", "local_final", "local_best", "gap_final"]
+    lines = [
+        f"| {group_axis} | method | seeds | "
+        + " | ".join(f"{c} {metric}" for c in cols)
+        + " | rho_rel (mean over rounds) | bytes (up + down) | server s |",
+        "|" + "---|" * 11,
+    ]
+    for group in groups:
+        for method, mine in by_group(runs, group).items():
+            figures = [mean_std([r.stats[k] for r in mine]) for k in (*keys, "rho_rel")]
+            nbytes = reporting.format_value(
+                float(np.mean([r.stats["bytes"] for r in mine])), "bytes"
+            )
+            server_s = mean_std([r.stats["server_s"] for r in mine], 2)
+            lines.append(
+                f"| {group} | {method} | {len(mine)} | "
+                + " | ".join(figures)
+                + f" | {nbytes} | {server_s} |"
+            )
+    return lines
+
+
+def compare_table(runs: list[Run], groups, group_axis: str) -> list[str]:
+    lines = [
+        f"| {group_axis} | run's method | " + " | ".join(results.COMPARED) + " |",
+        "|" + "---|" * (2 + len(results.COMPARED)),
+    ]
+    for group in groups:
+        for method, mine in by_group(runs, group).items():
+            cols = [mean_std([r.stats[f"compare/{c}"] for r in mine]) for c in results.COMPARED]
+            lines.append(f"| {group} | {method} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def paired_table(runs, groups, baseline: str, paired, metric: str, group_axis: str) -> list[str]:
+    lines = [
+        f"| {group_axis} | method - {baseline} | seeds | global final {metric}: mean "
+        "| std | min | max | better on | global best: mean ± std "
+        "| rho_rel: mean ± std |",
+        "|" + "---|" * 10,
+    ]
+    for group in groups:
+        by = by_group(runs, group)
+        base = {r.seed: r.stats for r in by.get(baseline, [])}
+        for method in paired:
+            pairs = [(r.stats, base[r.seed]) for r in by.get(method, []) if r.seed in base]
+            if not pairs:
+                lines.append(f"| {group} | {method} | 0 |" + " - |" * 7)
+                continue
+            d = {
+                k: [a[k] - b[k] for a, b in pairs]
+                for k in ("global_final", "global_best", "rho_rel")
+            }
+            final = d["global_final"]
+            std = f"{np.std(final, ddof=1):.4f}" if len(final) > 1 else "-"
+            better = sum(x > 0 for x in final)
+            lines.append(
+                f"| {group} | {method} | {len(pairs)} | {np.mean(final):+.4f} | {std} "
+                f"| {min(final):+.4f} | {max(final):+.4f} | {better} of {len(pairs)} "
+                f"| {mean_std(d['global_best'], sign='+')} | {mean_std(d['rho_rel'], sign='+')} |"
+            )
+    return lines
+
+
+def ordering_table(runs: list[Run], groups, group_axis: str) -> list[str]:
+    lines = [
+        f"| {group_axis} | by rho_rel, lowest first | by global final, highest first "
+        "| Spearman over method means | Spearman over runs |",
+        "|" + "---|" * 5,
+    ]
+    for group in groups:
+        by = by_group(runs, group)
+        rho = {m: np.mean([r.stats["rho_rel"] for r in rs]) for m, rs in by.items()}
+        acc = {m: np.mean([r.stats["global_final"] for r in rs]) for m, rs in by.items()}
+        mine = [r for rs in by.values() for r in rs]
+        over_means = spearman(list(rho.values()), [acc[m] for m in rho])
+        over_runs = spearman(
+            [r.stats["rho_rel"] for r in mine], [r.stats["global_final"] for r in mine]
+        )
+        lines.append(
+            f"| {group} | {', '.join(sorted(rho, key=rho.get))} "
+            f"| {', '.join(sorted(acc, key=lambda m: -acc[m]))} "
+            f"| {reporting.format_value(over_means)} "
+            f"| {reporting.format_value(over_runs)} |"
+        )
+    return lines
