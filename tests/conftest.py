@@ -39,3 +39,13 @@ def minilm_dir() -> pathlib.Path:
             f"no checkpoint at {path} (run shared/tools/fetch_models.sh, set FLORANNA_MODELS_DIR)"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+    path = _models_dir() / "SmolLM2-135M-Instruct" / "model.gguf"
+    if not path.is_file():
+        pytest.skip(
+            f"no GGUF at {path} (run shared/tools/fetch_models.sh, set FLORANNA_MODELS_DIR)"
+        )
+    return path
