@@ -86,6 +86,22 @@ def split_stacked(name: str) -> tuple[str, int, str] | None:
     return m["stack"], int(m["index"]), (m["rest"] or "").lstrip("/")
 
 
+def table_name(path: tuple[str, ...], modules: dict[str, str], leaves: dict[str, str],
+               layer: str) -> str:  # fmt: skip
+    """A parameter path -> checkpoint name through two tables: ``modules`` maps the
+    "/"-joined module path, with a first part ``"{layer}_{i}"`` written ``"{layer}_{{i}}"``,
+    to a name that may hold ``{i}``; ``leaves`` maps the leaf (``kernel`` -> ``weight``).
+    ``KeyError`` for a path neither table knows."""
+    *module, leaf = path
+    index = None
+    if module and module[0].startswith(f"{layer}_"):
+        index, module[0] = module[0].removeprefix(f"{layer}_"), f"{layer}_{{i}}"
+    key = "/".join(module)
+    if key not in modules or leaf not in leaves:
+        raise KeyError(f"no checkpoint name for parameter {'/'.join(path)}")
+    return f"{modules[key].format(i=index)}.{leaves[leaf]}"
+
+
 def _rng(key: jax.Array) -> np.random.Generator:
     """A numpy generator seeded by a jax key (typed or raw uint32)."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):

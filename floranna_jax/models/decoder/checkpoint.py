@@ -10,6 +10,8 @@ and ``lm_head.weight`` of a tied model, are known and unused.
 
 from __future__ import annotations
 
+from floranna_jax.models.architecture import table_name
+
 _MODULE_NAMES = {
     "embed_tokens": "model.embed_tokens",
     "norm": "model.norm",
@@ -29,14 +31,7 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 def checkpoint_name(path: tuple[str, ...]) -> str:
     """Our per-layer parameter path -> the Hugging Face name (``model.layers.0....``)."""
-    *module, leaf = path
-    index = None
-    if module and module[0].startswith("layers_"):
-        index, module[0] = module[0].removeprefix("layers_"), "layers_{i}"
-    key = "/".join(module)
-    if key not in _MODULE_NAMES or leaf not in _LEAF_NAMES:
-        raise KeyError(f"no checkpoint name for parameter {'/'.join(path)}")
-    return f"{_MODULE_NAMES[key].format(i=index)}.{_LEAF_NAMES[leaf]}"
+    return table_name(path, _MODULE_NAMES, _LEAF_NAMES, "layers")
 
 
 def canonical_key(tied: bool, key: str) -> str | None:
