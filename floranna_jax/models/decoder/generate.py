@@ -52,8 +52,8 @@ def generate(model, base, adapters, prompt_ids, prompt_mask, *, max_new_tokens: 
     ids = jnp.asarray(prompt_ids, jnp.int32)
     mask = jnp.asarray(prompt_mask, jnp.int32)
     if ids.shape[1] + int(max_new_tokens) > cfg.max_positions:
-        logging_hint = f"{ids.shape[1]} + {max_new_tokens} > {cfg.max_positions}"
-        raise ValueError(f"prompt plus new tokens exceed the model's positions: {logging_hint}")
+        need = f"{ids.shape[1]} + {max_new_tokens} > {cfg.max_positions}"
+        raise ValueError(f"prompt plus new tokens exceed the model's positions: {need}")
     run = _decoder(cfg, float(lora_scale), jnp.dtype(compute_dtype).name, int(max_new_tokens),
                    greedy)  # fmt: skip
     key = jax.random.key(0) if key is None else key
