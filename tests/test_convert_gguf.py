@@ -369,7 +369,7 @@ def smollm(smollm_gguf, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gguf_folder(smollm_gguf, tmp_path_factory):
     """A folder holding only the GGUF, for transformers' ``gguf_file=`` loading."""
-    folder = tmp_path_factory.mktemp("smollm2_gguf")
+    folder = tmp_path_factory.mktemp("smollm_gguf")
     (folder / "model.gguf").symlink_to(smollm_gguf)
     return folder
 

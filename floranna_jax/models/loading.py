@@ -8,7 +8,11 @@ initialized and that is logged. Checkpoint names are normalized by the architect
 (``bert.``/``roberta.`` prefixes, LayerNorm ``gamma``/``beta``), so prefixed and unprefixed
 checkpoints both load. PyTorch ``Linear`` weights ``[d_out, d_in]`` become Flax kernels
 ``[d_in, d_out]`` (every leaf named ``kernel``). Parameters are float32 whatever the
-checkpoint dtype.
+checkpoint dtype. A sharded checkpoint (``model.safetensors.index.json``) reads as one.
+
+Stacked layers (``Architecture.stacked``): a leaf ``[N, ...]`` under ``"layers"`` is
+``N`` checkpoint tensors, those of ``"layers_0"`` ... ``"layers_{N-1}"``; each is
+checked, read and written one by one.
 """
 
 from __future__ import annotations
@@ -76,7 +80,13 @@ def checkpoint_index(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, tupl
     folder = pathlib.Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+        absent = [name for name in files if not (folder / name).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shards that are not in {folder}: {absent}")
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -91,6 +101,8 @@ def checkpoint_index(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, tupl
     for name in files:
         with safe_open(folder / name, framework="numpy") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key in keys:
+                    raise ValueError(f"tensor {key!r} is in both {keys[key][0].name} and {name}")
                 keys[key] = (folder / name, tuple(f.get_slice(key).get_shape()))
     return keys
 
@@ -112,11 +124,17 @@ def _listing(names, limit: int = 20) -> str:
 
 
 def _expected(arch: Architecture, shapes: Params, prefix: tuple[str, ...]) -> dict:
-    """Canonical name -> (path, checkpoint shape) for every leaf of ``shapes``."""
+    """Canonical name -> (path, layer, checkpoint shape) for every leaf of ``shapes``;
+    ``layer`` is the index into a stacked leaf's axis 0, None for an unstacked one."""
     out = {}
     for path, leaf in traverse_util.flatten_dict(shapes).items():
-        shape = tuple(leaf.shape)[::-1] if path[-1] == "kernel" else tuple(leaf.shape)
-        out[arch.checkpoint_name(prefix + path)] = (path, shape)
+        shape = tuple(leaf.shape)
+        layers = [(None, path, shape)]
+        if not prefix and path[0] in arch.stacked:
+            layers = [(i, (f"{path[0]}_{i}", *path[1:]), shape[1:]) for i in range(shape[0])]
+        for i, name_path, s in layers:
+            s = s[::-1] if path[-1] == "kernel" else s
+            out[arch.checkpoint_name(prefix + name_path)] = (path, i, s)
     return out
 
 
@@ -163,11 +181,12 @@ def load_params(
     unexpected = set(canon) - set(want)
     wrong = {
         n: f"{canon[n]} {index[canon[n]][1]} (model expects {shape})"
-        for n, (_, shape) in want.items()
+        for n, (_, _, shape) in want.items()
         if n in canon and index[canon[n]][1] != shape
     }
     if missing or unexpected or wrong:
-        parts = [f"checkpoint in {folder} does not match the {arch.checkpoint_prefix[:-1]} model"]
+        family = arch.name or arch.checkpoint_prefix[:-1]
+        parts = [f"checkpoint in {folder} does not match the {family} model"]
         if missing:
             parts.append(f"missing keys: {_listing(missing)}")
         if unexpected:
@@ -179,15 +198,23 @@ def load_params(
         raise ValueError("\n  ".join(parts))
 
     def read(names: dict) -> Params:
-        flat = {}
-        for name, (path, _) in names.items():
+        flat, layers = {}, {}
+        for name, (path, i, _) in names.items():
             value = read_tensor(index[canon[name]][0], canon[name])
-            flat[path] = jnp.asarray(value.T if path[-1] == "kernel" else value)
+            value = value.T if path[-1] == "kernel" else value
+            if i is None:
+                flat[path] = jnp.asarray(value)
+            else:
+                layers.setdefault(path, {})[i] = value
+        for path, values in layers.items():
+            flat[path] = jnp.asarray(np.stack([values[i] for i in range(len(values))]))
         return traverse_util.unflatten_dict(flat)
 
     base = read(base_want)
     if head_found:
         return base, read(head_want)
+    if not head_want:  # a family without a task head (decoders)
+        return base, arch.init_head(head_key)
     logging.warning("task head %s is not in %s: initialized fresh", _listing(head_want), folder)
     return base, arch.init_head(head_key)
 
@@ -206,7 +233,12 @@ def save_folder(
     for tree, prefix, key_prefix in ((base, (), arch.checkpoint_prefix), (head, ("head",), "")):
         for path, value in traverse_util.flatten_dict(tree).items():
             value = np.asarray(value, np.float32)
-            value = value.T if path[-1] == "kernel" else value
-            tensors[key_prefix + arch.checkpoint_name(prefix + path)] = np.ascontiguousarray(value)
+            layers = [(path, value)]
+            if not prefix and path[0] in arch.stacked:
+                layers = [((f"{path[0]}_{i}", *path[1:]), v) for i, v in enumerate(value)]
+            for name_path, v in layers:
+                v = v.T if path[-1] == "kernel" else v
+                name = key_prefix + arch.checkpoint_name(prefix + name_path)
+                tensors[name] = np.ascontiguousarray(v)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

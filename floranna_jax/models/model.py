@@ -6,7 +6,10 @@ so rebuilding a model reuses its jit compilations); :func:`build_random` and
 :func:`load_pretrained` fill the base (random, or from a Hugging Face folder) and draw
 fresh adapters ``{"A": [r, d_in], "B": [d_out, r]}`` with ``B = 0``;
 :func:`save_pretrained` writes base + head back; :func:`merge_into_base` folds dense
-``[d_out, d_in]`` updates into the frozen kernels.
+``[d_out, d_in]`` updates into the frozen kernels (also into a layer of stacked kernels).
+
+Family options beyond the shared ones (decoders: ``remat``, ``loss_chunk_elements``) pass
+through :func:`build_random` / :func:`load_pretrained` as keyword arguments.
 """
 
 from __future__ import annotations
@@ -24,33 +27,54 @@ from flax import traverse_util
 
 from floranna_jax import lora as lora_lib
 from floranna_jax.errors import BadValue
-from floranna_jax.models import encoder, loading
-from floranna_jax.models.architecture import Architecture, Params
+from floranna_jax.models import decoder, encoder, loading
+from floranna_jax.models.architecture import Architecture, Params, split_stacked
 
-FAMILIES: dict[str, Callable[..., Architecture]] = {"bert": encoder.make, "roberta": encoder.make}
+FAMILIES: dict[str, Callable[..., Architecture]] = {
+    "bert": encoder.make,
+    "roberta": encoder.make,
+    "llama": decoder.make,
+    "mistral": decoder.make,
+}
 # The names a LoRA target may take in each family.
-TARGETS: dict[str, tuple[str, ...]] = {"bert": encoder.TARGETS, "roberta": encoder.TARGETS}
+TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": encoder.TARGETS,
+    "roberta": encoder.TARGETS,
+    "llama": decoder.TARGETS,
+    "mistral": decoder.TARGETS,
+}
+# What LoraSpec(targets=None) adapts in each family.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "llama": decoder.DEFAULT_TARGETS,
+    "mistral": decoder.DEFAULT_TARGETS,
+}
 
 
 class LoraSpec(NamedTuple):
     """Which projections carry LoRA and how it is scaled.
 
     Fields: rank ``r``; ``alpha`` (scale ``alpha/r``, or ``alpha/sqrt(r)`` with
-    ``rslora``); ``targets`` among ``encoder.TARGETS`` = query, key, value, attn_out,
-    mlp_up, mlp_down (empty: no adapters, head-only training); ``dropout`` on the adapter
-    input during training.
+    ``rslora``); ``targets`` among the family's :data:`TARGETS` (encoders: query, key,
+    value, attn_out, mlp_up, mlp_down; decoders: q_proj, k_proj, v_proj, o_proj,
+    gate_proj, up_proj, down_proj; empty: no adapters, head-only training; None: the
+    family's :data:`DEFAULT_TARGETS`, query+value / q_proj+v_proj); ``dropout`` on the
+    adapter input during training.
     """
 
     rank: int = 16
     alpha: float = 16.0
     rslora: bool = False
-    targets: tuple[str, ...] = ("query", "value")
+    targets: tuple[str, ...] | None = None
     dropout: float = 0.0
 
 
 class Model(NamedTuple):
     """A built model. ``apply(base, trainable, batch, *, deterministic=True,
-    dropout_key=None) -> [b, num_labels]`` float32 logits (regression: ``[b, 1]``).
+    dropout_key=None)``: encoders return ``[b, num_labels]`` float32 logits (regression:
+    ``[b, 1]``); decoders the per-example causal-LM sums ``(nll [b], tokens [b])`` (see
+    :mod:`floranna_jax.models.decoder.family` for their batches: ``loss_mask`` added).
 
     ``batch``: ``input_ids`` int32 ``[b, L]``; ``attention_mask`` int32 ``[b, L]``
     (absent: all ones); ``token_type_ids`` int32 ``[b, L]`` (absent: zeros). Or ``b``
@@ -67,23 +91,29 @@ class Model(NamedTuple):
 
 
 def tiny_config(model_type: str = "bert") -> dict:
-    """A tiny Hugging Face style config (vocab 1000, hidden 64, 2 layers, 4 heads)."""
+    """A tiny Hugging Face style config: encoders vocab 1000, hidden 64, 2 layers, 4
+    heads; decoders vocab 512, hidden 64, 2 layers, 4 query and 2 key/value heads."""
+    if model_type in decoder.MODEL_TYPES:
+        return decoder.tiny_config(model_type)
     return encoder.tiny_config(model_type)
 
 
 def architecture(
-    hf_config: dict, num_labels: int, lora: LoraSpec, compute_dtype=jnp.float32
+    hf_config: dict, num_labels: int, lora: LoraSpec, compute_dtype=jnp.float32, **options
 ) -> Architecture:
     """The family's :class:`Architecture` for a config dict; unknown types raise.
 
-    Cached by value: rebuilding the same model returns the same ``apply`` and ``init``
-    functions, so their jit compilations are reused instead of repeated.
+    ``options``: the family's own keyword arguments (decoders: ``remat``,
+    ``loss_chunk_elements``). Cached by value: rebuilding the same model returns the same
+    ``apply`` and ``init`` functions, so their jit compilations are reused.
     """
     model_type = hf_config.get("model_type")
     check_lora(lora, model_type)
-    lora = lora._replace(targets=tuple(lora.targets))
+    targets = DEFAULT_TARGETS[model_type] if lora.targets is None else tuple(lora.targets)
+    lora = lora._replace(targets=targets)
     config_json = json.dumps(hf_config, sort_keys=True, default=str)
-    return _architecture(config_json, num_labels, lora, jnp.dtype(compute_dtype).name)
+    dtype = jnp.dtype(compute_dtype).name
+    return _architecture(config_json, num_labels, lora, dtype, tuple(sorted(options.items())))
 
 
 def check_lora(lora: LoraSpec, model_type: str) -> None:
@@ -97,7 +127,7 @@ def check_lora(lora: LoraSpec, model_type: str) -> None:
         raise BadValue("alpha", f"must be a finite number > 0, got {lora.alpha!r}")
     if not (isinstance(lora.dropout, int | float) and 0.0 <= lora.dropout < 1.0):
         raise BadValue("dropout", f"must be in [0, 1), got {lora.dropout!r}")
-    targets = lora.targets
+    targets = DEFAULT_TARGETS[model_type] if lora.targets is None else lora.targets
     if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
         raise BadValue("targets", f"must be a tuple of names, got {targets!r}")
     unknown = [t for t in targets if t not in TARGETS[model_type]]
@@ -109,7 +139,9 @@ def check_lora(lora: LoraSpec, model_type: str) -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def _architecture(config_json: str, num_labels: int, lora: LoraSpec, dtype: str) -> Architecture:
+def _architecture(
+    config_json: str, num_labels: int, lora: LoraSpec, dtype: str, options: tuple
+) -> Architecture:
     hf_config = json.loads(config_json)
     return FAMILIES[hf_config["model_type"]](
         hf_config,
@@ -118,6 +150,7 @@ def _architecture(config_json: str, num_labels: int, lora: LoraSpec, dtype: str)
         lora_scale=lora_lib.scale(lora.alpha, lora.rank, lora.rslora),
         lora_dropout=lora.dropout,
         compute_dtype=jnp.dtype(dtype),
+        **dict(options),
     )
 
 
@@ -145,9 +178,11 @@ def build_random(
     lora: LoraSpec = LoraSpec(),  # noqa: B008 (immutable NamedTuple)
     key: jax.Array | None = None,
     compute_dtype=jnp.float32,
+    **options,
 ) -> Model:
-    """A model with a random base (no files, no network); ``key=None`` means key(0)."""
-    arch = architecture(hf_config, num_labels, lora, compute_dtype)
+    """A model with a random base (no files, no network); ``key=None`` means key(0).
+    ``options``: the family's own keyword arguments (see :func:`architecture`)."""
+    arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
     k_base, k_head, k_lora = _keys(key)
     base = arch.init_base(k_base)
     head = arch.init_head(k_head)
@@ -162,15 +197,17 @@ def load_pretrained(
     compute_dtype=jnp.float32,
     *,
     load_head: bool = True,
+    **options,
 ) -> Model:
     """A model whose base comes from a Hugging Face folder (or hub id, when online).
 
     Checkpoint and model must agree exactly (see :mod:`loading`); the task head is read
     when the checkpoint has one of the right size and ``load_head``, else fresh (logged).
+    ``options``: the family's own keyword arguments (see :func:`architecture`).
     """
     folder = loading.resolve_folder(path_or_hub_id)
     hf_config = loading.read_config(folder)
-    arch = architecture(hf_config, num_labels, lora, compute_dtype)
+    arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
     _, k_head, k_lora = _keys(key)
     base, head = loading.load_params(arch, folder, head_key=k_head, load_head=load_head)
     logging.info("loaded %s model from %s", hf_config["model_type"], folder)
@@ -179,11 +216,15 @@ def load_pretrained(
 
 def save_pretrained(model: Model, folder: str | os.PathLike) -> None:
     """Write base + head as a Hugging Face folder (adapters are not saved: merge first)."""
-    num_labels = jax.tree.leaves(model.trainable["head"])[-1].shape[-1]
+    head_leaves = jax.tree.leaves(model.trainable["head"])
+    config = dict(model.config)
+    num_labels = 0  # a decoder: no head, the config stays as it is
+    if head_leaves:
+        num_labels = head_leaves[-1].shape[-1]
+        config["num_labels"] = num_labels
+        config.pop("id2label", None)
+        config.pop("label2id", None)
     arch = architecture(model.config, num_labels, LoraSpec(targets=()))
-    config = dict(model.config, num_labels=num_labels)
-    config.pop("id2label", None)
-    config.pop("label2id", None)
     loading.save_folder(folder, config, arch, model.base, model.trainable["head"])
 
 
@@ -191,12 +232,33 @@ def merge_into_base(base: Params, merges: dict[str, jax.Array], s: float) -> Par
     """Fold dense updates ``merges[layer_name]: [d_out, d_in]`` (B@A units, scaled by ``s``)
     into the matching frozen kernels; returns a new base, the input is untouched.
 
-    Raises ``ValueError`` naming every ``layer_name`` without a kernel in ``base``.
+    A ``layer_name`` is the path of its kernel (``"layer_0/attention/query"``), or names
+    layer ``i`` of stacked kernels (``"layers_3/attn/q_proj"`` -> slice 3 of
+    ``layers/attn/q_proj/kernel [N, d_in, d_out]``; see :mod:`.architecture`). Raises
+    ``ValueError`` naming every ``layer_name`` without a kernel in ``base``.
     """
     flat = traverse_util.flatten_dict(base, sep="/")
-    unknown = sorted(n for n in merges if f"{n}/kernel" not in flat)
-    if unknown:
-        raise ValueError(f"merge_into_base: no kernel for layer names {unknown}")
+    slices: dict[str, list[tuple[int, jax.Array]]] = {}
+    unknown = []
     for name, dW in merges.items():
-        flat[f"{name}/kernel"] = lora_lib.merge_into_kernel(flat[f"{name}/kernel"], dW, s)
+        if f"{name}/kernel" in flat:
+            flat[f"{name}/kernel"] = lora_lib.merge_into_kernel(flat[f"{name}/kernel"], dW, s)
+            continue
+        parts = split_stacked(name)
+        path = parts and f"{parts[0]}/{parts[2]}/kernel"
+        if not parts or path not in flat or not 0 <= parts[1] < flat[path].shape[0]:
+            unknown.append(name)
+        else:
+            slices.setdefault(path, []).append((parts[1], dW))
+    if unknown:
+        raise ValueError(f"merge_into_base: no kernel for layer names {sorted(unknown)}")
+    for path, updates in slices.items():  # one scatter per stacked kernel
+        index = jnp.asarray([i for i, _ in updates])
+        kernel = flat[path]
+        for _, dW in updates:
+            if dW.shape != kernel.shape[:0:-1]:
+                raise ValueError(f"merge shape {dW.shape} does not match kernel "
+                                 f"{kernel.shape[1:]} transposed")  # fmt: skip
+        update = jnp.stack([(s * dW).T for _, dW in updates]).astype(kernel.dtype)
+        flat[path] = kernel.at[index].add(update)
     return traverse_util.unflatten_dict(flat, sep="/")

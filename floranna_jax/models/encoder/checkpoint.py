@@ -9,6 +9,8 @@ unprefixed checkpoints both load; :mod:`floranna_jax.models.loading` does the ma
 
 from __future__ import annotations
 
+from floranna_jax.models.architecture import table_name
+
 _MODULE_NAMES = {
     "embeddings/word": "embeddings.word_embeddings",
     "embeddings/position": "embeddings.position_embeddings",
@@ -32,14 +34,7 @@ _LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding
 
 def checkpoint_name(path: tuple[str, ...]) -> str:
     """Our parameter path -> the unprefixed Hugging Face name (``encoder.layer.0....``)."""
-    *module, leaf = path
-    index = None
-    if module and module[0].startswith("layer_"):
-        index, module[0] = module[0].removeprefix("layer_"), "layer_{i}"
-    key = "/".join(module)
-    if key not in _MODULE_NAMES or leaf not in _LEAF_NAMES:
-        raise KeyError(f"no checkpoint name for parameter {'/'.join(path)}")
-    return f"{_MODULE_NAMES[key].format(i=index)}.{_LEAF_NAMES[leaf]}"
+    return table_name(path, _MODULE_NAMES, _LEAF_NAMES, "layer")
 
 
 def canonical_key(model_type: str, key: str) -> str | None:

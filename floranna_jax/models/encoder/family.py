@@ -13,9 +13,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from floranna_jax.models.architecture import Architecture, Params
+from floranna_jax.models.architecture import Architecture, Params, init_like
 from floranna_jax.models.encoder.checkpoint import canonical_key, checkpoint_name
 from floranna_jax.models.encoder.config import (
     ATTENTION_TARGETS,
@@ -39,31 +38,6 @@ def layer_names(cfg: EncoderConfig, targets: tuple[str, ...]) -> dict[str, tuple
             block = "attention" if t in ATTENTION_TARGETS else "mlp"
             shapes[f"layer_{i}/{block}/{t}"] = dims[t]
     return dict(sorted(shapes.items()))
-
-
-def _rng(key: jax.Array) -> np.random.Generator:
-    """A numpy generator seeded by a jax key (typed or raw uint32)."""
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
-
-
-def init_like(shapes: Params, key: jax.Array, std: float) -> Params:
-    """Hugging Face's BERT init for a tree of shapes: kernels and embeddings
-    ``N(0, std^2)``, biases 0, LayerNorm scales 1; float32.
-
-    numpy, not XLA: compiling a jitted random init of every layer costs seconds on a
-    CPU, filling arrays costs milliseconds; the result is still a function of ``key``.
-    """
-    rng = _rng(key)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name in ("kernel", "embedding"):
-            return jnp.asarray(rng.normal(0.0, std, s.shape), jnp.float32)
-        return jnp.full(s.shape, 1.0 if name == "scale" else 0.0, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,0 +1,210 @@
+"""The LLaMA/Mistral family as one :class:`~floranna_jax.models.architecture.Architecture`.
+
+``make(hf_config, num_labels=..., targets=..., lora_scale=...)`` ties together the config
+(:mod:`.config`), the layer functions (:mod:`.modules`) and the checkpoint names
+(:mod:`.checkpoint`). Its ``apply(base, trainable, batch)`` is the training output: the
+per-example causal-LM sums ``(nll [b], tokens [b])`` float32 over completion tokens,
+
+    nll[j] = sum over tokens t of example j with loss_mask[t] = 1 of -log p(x_t | x_<t),
+
+computed over chunks of the sequence (:func:`token_nll`), so the ``[b, T, vocab]``
+float32 logits of a whole batch are never formed. ``trainable["head"]`` is ``{}``.
+
+Batches, right-padded: ``input_ids``, ``attention_mask``, ``loss_mask`` int32 ``[b, L]``
+(``loss_mask[t] = 1``: token ``t`` is a completion token, predicted from position
+``t - 1``). Or packed by :mod:`floranna_jax.packing`: ``input_ids``, ``loss_mask``,
+``segment_ids``, ``positions`` ``[R, T]`` and ``starts`` ``[b]``; a token attends causally
+within its own segment (example ``j`` is segment ``j + 1``). Both give the same sums.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from floranna_jax.models.architecture import Architecture, Params, init_like
+from floranna_jax.models.decoder import modules
+from floranna_jax.models.decoder.checkpoint import canonical_key, checkpoint_name
+from floranna_jax.models.decoder.config import TARGETS, DecoderConfig, parse_config
+
+# Logits elements per loss chunk ([rows, chunk, vocab] float32: 16 MB); the chunk length
+# is the largest power of two that keeps a chunk within it.
+LOSS_CHUNK_ELEMENTS = 1 << 22
+
+
+def layer_names(cfg: DecoderConfig, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """``layer_name -> (d_in, d_out)`` for ``targets`` in every layer, sorted by name."""
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {unknown}; valid: {list(TARGETS)}")
+    dims = modules.target_dims(cfg)
+    shapes = {}
+    for i in range(cfg.num_layers):
+        for t in targets:
+            block = "attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            shapes[f"layers_{i}/{block}/{t}"] = dims[t]
+    return dict(sorted(shapes.items()))
+
+
+def chunk_length(rows: int, T: int, vocab: int, budget: int = LOSS_CHUNK_ELEMENTS) -> int:
+    """Positions per loss chunk: a power of two with ``rows * chunk * vocab <= budget``
+    (at least 1), at most ``T``."""
+    fits = max(1, budget // max(1, rows * vocab))
+    return min(T, 1 << (fits.bit_length() - 1))
+
+
+def token_nll(h, kernel, labels, dtype, chunk: int) -> jax.Array:
+    """``[R, T]`` float32 ``-log softmax(h @ kernel)[labels]``, ``chunk`` positions at a time.
+
+    ``h [R, T, d]``, ``kernel [d, V]``, ``labels [R, T]``. Each chunk's logits are
+    rematerialized in the backward pass, so neither pass holds more than one chunk's
+    ``[R, chunk, V]`` logits.
+    """
+    R, T, d = h.shape
+    n = -(-T // chunk)
+    h = jnp.pad(h, ((0, 0), (0, n * chunk - T), (0, 0))).reshape(R, n, chunk, d)
+    y = jnp.pad(labels, ((0, 0), (0, n * chunk - T))).reshape(R, n, chunk)
+    w = kernel.astype(dtype)
+
+    @jax.checkpoint
+    def one(h, y, w):
+        logits = jnp.matmul(h.astype(dtype), w, preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - picked
+
+    out = jax.lax.map(lambda hy: one(*hy, w), (h.swapaxes(0, 1), y.swapaxes(0, 1)))
+    return out.swapaxes(0, 1).reshape(R, n * chunk)[:, :T]
+
+
+def _shift(x: jax.Array) -> jax.Array:
+    """``x[:, t + 1]`` at ``t`` (0 at the end): what position ``t`` predicts."""
+    return jnp.pad(x[:, 1:], ((0, 0), (0, 1)))
+
+
+def prepare(cfg: DecoderConfig, batch: dict):
+    """``(ids, positions, allowed, labels, weights, sum_fn)`` of a padded or packed batch.
+
+    ``weights [R, T]`` float32 is 1 where position ``t`` predicts a completion token of
+    the same example; ``sum_fn`` turns ``[R, T]`` per-token values into ``[b]`` sums.
+    """
+    if "loss_mask" not in batch:
+        raise ValueError("a decoder batch needs loss_mask [b, L] (1 on completion tokens)")
+    ids = jnp.asarray(batch["input_ids"], jnp.int32)
+    loss_mask = jnp.asarray(batch["loss_mask"], jnp.int32)
+    T = ids.shape[1]
+    if "segment_ids" in batch:
+        seg = jnp.asarray(batch["segment_ids"], jnp.int32)
+        positions = jnp.asarray(batch["positions"], jnp.int32)
+        same = seg[:, :, None] == seg[:, None, :]
+        allowed = modules.attention_allowed(cfg, positions, positions, same, modules.causal(T))
+        weights = _shift(loss_mask) * (_shift(seg) == seg) * (seg > 0)
+        b = batch["starts"].shape[0]
+
+        def sum_fn(x):  # segment j + 1 holds example j; segment 0 is padding
+            return jnp.zeros(b + 1, jnp.float32).at[seg.reshape(-1)].add(x.reshape(-1))[1:]
+
+    else:
+        mask = batch.get("attention_mask")
+        mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask, jnp.int32)
+        positions = padded_positions(mask)
+        allowed = modules.attention_allowed(cfg, positions, positions, mask > 0, modules.causal(T))
+        weights = _shift(loss_mask) * _shift(mask)
+
+        def sum_fn(x):
+            return jnp.sum(x, axis=1)
+
+    return ids, positions, allowed, _shift(ids), weights.astype(jnp.float32), sum_fn
+
+
+def padded_positions(mask: jax.Array) -> jax.Array:
+    """``[b, L]`` positions of padded rows: the count of real tokens before each token, so
+    right and left padding both number a row's real tokens ``0, 1, ...``."""
+    return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def hidden_states(cfg, base, adapters, ids, positions, allowed, *, dtype, scale, dropout=None,
+                  key=None, remat=False) -> jax.Array:  # fmt: skip
+    """The final normed hidden states ``[R, T, d]`` float32; ``adapters`` per layer_name."""
+    cos, sin = modules.rotary(cfg, positions)
+    ctx = modules.Context(cos, sin, allowed, dtype, scale, dropout)
+    stacked = modules.stack_adapters(cfg, adapters)
+    x = modules.embed(base, ids)
+    x, _ = modules.run_layers(cfg, ctx, base["layers"], stacked, x, key=key, remat=remat)
+    return modules.final_hidden(cfg, base, x)
+
+
+def make(
+    hf_config: dict,
+    *,
+    num_labels: int = 0,
+    targets: tuple[str, ...],
+    lora_scale: float,
+    lora_dropout: float = 0.0,
+    compute_dtype=jnp.float32,
+    remat: bool = False,
+    loss_chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+) -> Architecture:
+    """The :class:`Architecture` of a LLaMA/Mistral config (``num_labels`` is unused: the
+    vocabulary is the output). ``remat``: recompute each layer in the backward pass;
+    ``loss_chunk_elements``: the logits elements one loss chunk may hold."""
+    del num_labels
+    cfg = parse_config(hf_config)
+    dtype = jnp.dtype(compute_dtype)
+    shapes = modules.param_shapes(cfg)
+
+    def apply(base, trainable, batch, *, deterministic=True, dropout_key=None):
+        if not deterministic and dropout_key is None:
+            raise ValueError("deterministic=False needs a dropout_key")
+        dropout = None if deterministic else (lora_dropout, cfg.attention_dropout)
+        ids, positions, allowed, labels, weights, sum_fn = prepare(cfg, batch)
+        h = hidden_states(
+            cfg, base, trainable["lora"], ids, positions, allowed,
+            dtype=dtype, scale=lora_scale, dropout=dropout, key=dropout_key, remat=remat,
+        )  # fmt: skip
+        chunk = chunk_length(ids.shape[0], ids.shape[1], cfg.vocab_size, loss_chunk_elements)
+        nll = token_nll(h, modules.head_kernel(cfg, base), labels, dtype, chunk)
+        return sum_fn(nll * weights), sum_fn(weights)
+
+    return Architecture(
+        base_shapes=shapes,
+        head_shapes={},
+        init_base=functools.partial(init_like, shapes, std=cfg.initializer_range),
+        init_head=lambda key: {},
+        apply=apply,
+        lora_shapes=layer_names(cfg, tuple(targets)),
+        checkpoint_name=checkpoint_name,
+        canonical_key=functools.partial(canonical_key, cfg.tie_embeddings),
+        checkpoint_prefix="",
+        stacked=("layers",),
+        name=cfg.model_type,
+    )
+
+
+def logits(hf_config: dict, base: Params, adapters: dict, input_ids, attention_mask=None, *,
+           lora_scale: float = 1.0, compute_dtype=jnp.float32) -> jax.Array:  # fmt: skip
+    """``[b, L, vocab]`` float32 next-token logits of padded rows (left or right padding;
+    positions count real tokens). Materializes the full logits: for tests and small inputs."""
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    run = _logits_fn(parse_config(hf_config), float(lora_scale), jnp.dtype(compute_dtype).name)
+    return run(base, adapters or {}, ids, mask)
+
+
+@functools.lru_cache(maxsize=16)
+def _logits_fn(cfg: DecoderConfig, lora_scale: float, dtype: str):
+    dtype = jnp.dtype(dtype)
+
+    @jax.jit
+    def run(base, adapters, ids, mask):
+        positions = padded_positions(mask)
+        allowed = modules.attention_allowed(
+            cfg, positions, positions, mask > 0, modules.causal(ids.shape[1])
+        )
+        h = hidden_states(cfg, base, adapters, ids, positions, allowed, dtype=dtype,
+                          scale=lora_scale)  # fmt: skip
+        kernel = modules.head_kernel(cfg, base).astype(dtype)
+        return jnp.matmul(h.astype(dtype), kernel, preferred_element_type=jnp.float32)
+
+    return run

@@ -1,0 +1,136 @@
+"""Batched decoding with a key/value cache: greedy, or sampling at a temperature.
+
+    tokens = decoder.generate(model, base, adapters, prompt_ids, prompt_mask,
+                              max_new_tokens=64, eos_ids=(2,))       # [b, 64] int32
+
+Prompts are LEFT-padded (``prompt_mask [b, P]`` 0 on the padding), so every row's next
+token goes to the same cache slot. One program per ``(b, P, max_new_tokens)`` (and per
+greedy/sampling): the prompt fills the cache ``[N, b, P + max_new_tokens, KV, hd]`` in one
+pass, then a ``while_loop`` adds one token per step until every row has emitted one of
+``eos_ids`` or ``max_new_tokens`` are out. A finished row emits ``pad_id`` from then on.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from floranna_jax.models.decoder import modules
+from floranna_jax.models.decoder.config import DecoderConfig, parse_config
+from floranna_jax.models.decoder.family import padded_positions
+
+
+def generate(model, base, adapters, prompt_ids, prompt_mask, *, max_new_tokens: int,
+             eos_ids=None, temperature: float = 0.0, key: jax.Array | None = None,
+             pad_id: int | None = None, lora_scale: float | None = None,
+             compute_dtype=jnp.float32) -> jax.Array:  # fmt: skip
+    """``[b, max_new_tokens]`` int32 new tokens after left-padded prompts ``[b, P]``.
+
+    Args:
+      model: a :class:`floranna_jax.models.Model` (its ``config`` and ``lora_scale``) or
+        a Hugging Face config dict (then ``lora_scale`` defaults to 1).
+      base, adapters: the frozen weights and the per-layer adapters (``{}``: none).
+      eos_ids: the ids that end a row (default: the config's ``eos_token_id``).
+      temperature: 0 decodes greedily; above 0 samples ``softmax(logits / temperature)``
+        with ``key`` (step ``t`` uses ``fold_in(key, t)``).
+      pad_id: what a finished row emits (default: the config's pad id, else the first eos).
+    """
+    hf_config = model if isinstance(model, dict) else model.config
+    if lora_scale is None:
+        lora_scale = 1.0 if isinstance(model, dict) else model.lora_scale
+    cfg = parse_config(hf_config)
+    eos = cfg.eos_token_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos or (0,))[0]
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    greedy = float(temperature) == 0.0
+    if not greedy and key is None:
+        raise ValueError("sampling (temperature > 0) needs a key")
+    ids = jnp.asarray(prompt_ids, jnp.int32)
+    mask = jnp.asarray(prompt_mask, jnp.int32)
+    if ids.shape[1] + int(max_new_tokens) > cfg.max_positions:
+        need = f"{ids.shape[1]} + {max_new_tokens} > {cfg.max_positions}"
+        raise ValueError(f"prompt plus new tokens exceed the model's positions: {need}")
+    run = _decoder(cfg, float(lora_scale), jnp.dtype(compute_dtype).name, int(max_new_tokens),
+                   greedy)  # fmt: skip
+    key = jax.random.key(0) if key is None else key
+    return run(base, adapters or {}, ids, mask, jnp.asarray(eos, jnp.int32).reshape(-1),
+               jnp.int32(pad_id), jnp.float32(max(float(temperature), 1e-6)), key)  # fmt: skip
+
+
+def _pick(logits, greedy, temperature, key):
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, greedy: bool):
+    dtype = jnp.dtype(dtype)
+
+    def head(base, x):  # [b, d] residual -> [b, V] float32 logits
+        h = modules.final_hidden(cfg, base, x).astype(dtype)
+        kernel = modules.head_kernel(cfg, base).astype(dtype)
+        return jnp.matmul(h, kernel, preferred_element_type=jnp.float32)
+
+    def prefill(base, stacked, ids, mask):
+        b, P = ids.shape
+        positions = padded_positions(mask)
+        allowed = modules.attention_allowed(cfg, positions, positions, mask > 0,
+                                            modules.causal(P))  # fmt: skip
+        ctx = modules.Context(*modules.rotary(cfg, positions), allowed, dtype, lora_scale)
+        x, (k, v) = modules.run_layers(cfg, ctx, base["layers"], stacked,
+                                       modules.embed(base, ids), collect_kv=True)  # fmt: skip
+        empty = ((0, 0), (0, 0), (0, max_new), (0, 0), (0, 0))
+        return head(base, x[:, -1]), (jnp.pad(k, empty), jnp.pad(v, empty))
+
+    def step(base, stacked, token, t, cache, key_mask, key_positions, P):
+        """Feed ``token [b]`` at slot ``P + t``; next-token logits ``[b, V]`` and the cache."""
+        slot = P + t
+        key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones_like(key_mask[:, :1]),
+                                                (0, slot))  # fmt: skip
+        position = key_positions[:, slot][:, None]  # [b, 1]
+        allowed = modules.attention_allowed(cfg, position, key_positions, key_mask > 0,
+                                            jnp.ones((1, key_mask.shape[1]), bool))  # fmt: skip
+        ctx = modules.Context(*modules.rotary(cfg, position), allowed, dtype, lora_scale)
+        x = modules.embed(base, token[:, None])
+        x, (k, v) = modules.run_layers(cfg, ctx, base["layers"], stacked, x,
+                                       cache=(*cache, slot))  # fmt: skip
+        cache = tuple(jax.lax.dynamic_update_slice(c, new, (0, 0, slot, 0, 0))
+                      for c, new in zip(cache, (k, v), strict=True))  # fmt: skip
+        return head(base, x[:, 0]), cache, key_mask
+
+    @jax.jit
+    def run(base, adapters, ids, mask, eos, pad, temperature, key):
+        b, P = ids.shape
+        stacked = modules.stack_adapters(cfg, adapters)
+        logits, cache = prefill(base, stacked, ids, mask)
+        key_mask = jnp.pad(mask, ((0, 0), (0, max_new)))
+        n_real = jnp.sum(mask, axis=1)
+        key_positions = jnp.concatenate(
+            [padded_positions(mask), n_real[:, None] + jnp.arange(max_new)[None]], axis=1
+        )
+        token = _pick(logits, greedy, temperature, jax.random.fold_in(key, 0))
+        out = jnp.full((b, max_new), pad, jnp.int32)
+        done = jnp.zeros((b,), bool)
+
+        def cond(state):
+            t, _, done, *_ = state
+            return (t < max_new) & ~jnp.all(done)
+
+        def body(state):
+            t, token, done, out, cache, key_mask = state
+            out = out.at[:, t].set(jnp.where(done, pad, token))
+            done = done | jnp.any(token[:, None] == eos[None, :], axis=1)
+            logits, cache, key_mask = step(base, stacked, token, t, cache, key_mask,
+                                           key_positions, P)  # fmt: skip
+            token = _pick(logits, greedy, temperature, jax.random.fold_in(key, t + 1))
+            return t + 1, token, done, out, cache, key_mask
+
+        state = (jnp.int32(0), token, done, out, cache, key_mask)
+        return jax.lax.while_loop(cond, body, state)[3]
+
+    return run
