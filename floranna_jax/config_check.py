@@ -4,8 +4,8 @@
 value and the valid values (launch.py prints it as a single line). Each component checks
 its own parameters (``clients.make_optimizer``, ``clients.check_runner``,
 ``partition.check``, ``models.check_lora``, ``server.make``, ``tasks.get``); this module
-only calls those checks and names the config field, plus the rules that belong to the run
-itself (rounds, sampling, checkpoints, evaluation, paths). It returns the
+only calls those checks and names the config field (the task checks its own ``data.*`` and
+``eval.*`` fields: ``Task.check``), plus the rules that belong to the run itself (rounds, sampling, checkpoints, evaluation, paths). It returns the
 hyperparameters the chosen method accepts (``server_hparams``).
 
 ``check_overrides(config, overrides)`` checks command-line overrides: a field that does not
@@ -28,7 +28,6 @@ from floranna_jax import clients, models, partition, server, tasks
 from floranna_jax.errors import BadValue, ConfigError
 
 MODEL_SOURCES = ("pretrained", "random")
-DATA_SOURCES = ("glue", "synthetic")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SERVER_FIELDS = ("name", "compare")  # server.* fields that are not method hyperparameters
 
@@ -76,12 +75,6 @@ def _paths(config) -> None:
             _fail("model.path", "is empty; give a hub id (FacebookAI/roberta-base) or a folder")
         if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
             _fail("model.path", f"no such folder {path!r} (a local HF model folder or a hub id)")
-    if config.data.dir and not os.path.isdir(os.path.expanduser(config.data.dir)):
-        _fail("data.dir", f"no such folder {config.data.dir!r} (the GLUE folder: SST-2/train.tsv)")
-    if config.data.source == "glue" and config.model.source != "pretrained":
-        _fail(
-            "data.source", "'glue' needs a tokenizer: use model.source='pretrained' with model.path"
-        )
 
 
 def _model_type(config) -> str | None:
@@ -116,16 +109,14 @@ def validate(config) -> dict[str, Any]:
     _choice(config, "model.model_type", tuple(models.FAMILIES))
     _choice(config, "model.compute_dtype", COMPUTE_DTYPES)
     _lora(config)
-    _choice(config, "data.source", DATA_SOURCES)
     try:
         task = tasks.get(config.data.task)
     except ValueError as e:
         _fail("data.task", str(e))
-    if config.data.source == "synthetic" and task.num_labels < 2:
-        _fail("data.task", f"{task.name!r} is a regression task; synthetic data is classification")
-    for field in ("data.max_length", "data.num_train_examples", "data.num_eval_examples"):
-        _int(config, field)
-    _int(config, "data.vocab_size", 8)
+    try:  # the task's own fields: its data sources, data.* and eval.* fields
+        task.check(config)
+    except BadValue as e:
+        _fail(e.param, e.message)
     p = config.partition
     extra = {"classes_per_client": p.classes_per_client} if p.scheme == "k_classes" else {}
     _owned(

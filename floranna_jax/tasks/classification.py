@@ -18,6 +18,7 @@ which the partition shuffled). Scores: the official GLUE metrics
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -28,10 +29,11 @@ import optax
 from floranna_jax import packing
 from floranna_jax.data import glue, synthetic
 from floranna_jax.data import metrics as task_metrics
-from floranna_jax.errors import ConfigError, first_line
+from floranna_jax.errors import BadValue, ConfigError, first_line
 from floranna_jax.tasks.task import Arrays, Evaluator, Task
 
 NAMES = tuple(glue.TASKS)
+SOURCES = ("glue", "synthetic")
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 OFFLINE_HINT = (
     "offline? point at local files: --config.model.path=<folder from "
@@ -60,7 +62,29 @@ def make(name: str) -> Task:
     def make_evaluator(model, train, validation, holdout_index, config) -> Evaluator:
         return evaluator(model, info, train, validation, holdout_index, config)
 
-    return Task(info.name, info.main_metric, info.num_labels, load, make_loss, make_evaluator)
+    return Task(info.name, info.main_metric, info.num_labels, load, make_loss, make_evaluator,
+                functools.partial(check, info))  # fmt: skip
+
+
+def check(info: glue.TaskInfo, config) -> None:
+    """Raise ``BadValue`` (param: ``section.field``) for a bad data field of the task."""
+    c = config.data
+    if c.source not in SOURCES:
+        raise BadValue("data.source", f"unknown value {c.source!r}; valid: {', '.join(SOURCES)}")
+    if c.source == "synthetic" and info.num_labels < 2:
+        raise BadValue("data.task", f"{info.name!r} is a regression task; synthetic data is "
+                       "classification")  # fmt: skip
+    for field, low in (("max_length", 1), ("num_train_examples", 1), ("num_eval_examples", 1),
+                       ("vocab_size", 8)):  # fmt: skip
+        value = c[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise BadValue(f"data.{field}", f"must be {kind}, got {value!r}")
+    if c.dir and not os.path.isdir(os.path.expanduser(c.dir)):
+        raise BadValue("data.dir", f"no such folder {c.dir!r} (the GLUE folder: SST-2/train.tsv)")
+    if c.source == "glue" and config.model.source != "pretrained":
+        raise BadValue("data.source", "'glue' needs a tokenizer: use model.source='pretrained' "
+                       "with model.path")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- data

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from floranna_jax.tasks import classification
+from floranna_jax.tasks import classification, generation
 from floranna_jax.tasks.task import Task
 
-KINDS = (classification,)  # each: NAMES, make(name) -> Task
+KINDS = (classification, generation)  # each: NAMES, make(name) -> Task
 
 
 def names() -> list[str]:

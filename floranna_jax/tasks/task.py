@@ -44,6 +44,9 @@ class Task(NamedTuple):
     make_evaluator: ``(model, train, validation, holdout_index, config) -> Evaluator``;
       ``holdout_index[u]``: client ``u``'s held-out rows of ``train``; ``config``: the run's
       config (section ``eval`` and ``train.clients_per_round``).
+    check: ``config -> None``: raises ``errors.BadValue`` whose ``param`` is the
+      ``section.field`` of the first bad field the task reads (its data source, its own
+      ``data.*`` and ``eval.*`` fields); ``config_check`` calls it before anything is built.
     """
 
     name: str
@@ -52,3 +55,4 @@ class Task(NamedTuple):
     load: Callable[[Any], tuple[Arrays, Arrays]]
     make_loss: Callable[[Any], Callable[..., Any]]
     make_evaluator: Callable[..., Evaluator]
+    check: Callable[[Any], None] = lambda config: None

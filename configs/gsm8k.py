@@ -1,0 +1,147 @@
+r"""Federated LoRA fine-tuning of a decoder on GSM8K math, scored by exact match.
+
+    python launch.py --config=configs/gsm8k.py:smoke --workdir=/tmp/floranna_gsm8k_smoke
+
+runs 2 rounds (3 of 4 clients each) of FLoRA-NA on a tiny random LLaMA with the built-in
+byte tokenizer and synthetic GSM8K-format rows ("What is 3 + 4?" -> "3 + 4 = 7\n#### 7"): no
+files, no network, well under a minute on a 2-core CPU. It prints the summary table
+(global and local exact_match_flexible, which a random model leaves at 0, and in
+metrics.jsonl also exact_match_strict and answer_loss, the teacher-forced loss on the
+held-out answers, which falls).
+
+    python launch.py --config=configs/gsm8k.py --workdir=./runs/gsm8k_floranna
+
+is the paper's setting: LLaMA-2-7B (meta-llama/Llama-2-7b-hf) and GSM8K from the hub, r=16
+on q_proj and v_proj, 10 clients (iid split) with the reference client settings of
+METHOD.md (10 local steps of batch 128, AdamW 2e-2), greedy decoding of 256 tokens on the
+1,319 test problems. Offline, with SmolLM2-135M-Instruct (shared/tools/fetch_models.sh),
+convert the GGUF once, then point the run at local files:
+
+    python -m floranna_jax.convert_gguf ~/.cache/floranna/models/SmolLM2-135M-Instruct/model.gguf \
+        ~/.cache/floranna/models/SmolLM2-135M-Instruct-hf
+    python launch.py --config=configs/gsm8k.py --workdir=runs/gsm8k_smollm2 \
+        --config.model.path=$HOME/.cache/floranna/models/SmolLM2-135M-Instruct-hf \
+        --config.model.compute_dtype=float32 \
+        --config.data.source=local --config.data.dir=../shared/data \
+        --config.data.max_train_examples=2000 --config.client.batch_size=8 \
+        --config.client.learning_rate=2e-4 --config.eval.max_examples=64
+
+(SmolLM2 has a chat template, so ``data.prompt="auto"`` uses it; LLaMA-2's base tokenizer has
+none, so its prompts are plain "Question: ...\nAnswer:\n".) ``data.partition.scheme`` may be
+iid or quantity only: the rows have no label for a Dirichlet split.
+
+configs/code.py is this config with the code task (MBPP training, MBPP test and HumanEval
+evaluation).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The reference config, or with ``arg="smoke"`` a seconds-long CPU version."""
+    c = ml_collections.ConfigDict()
+
+    c.model = dict(
+        source="pretrained",  # "pretrained" (model.path) or "random" (models.tiny_config)
+        path="meta-llama/Llama-2-7b-hf",  # hub id or local HF folder (converted GGUF too)
+        model_type="llama",  # architecture of the random model when source="random"
+        compute_dtype="bfloat16",  # activations dtype: float32 or bfloat16 (params stay f32)
+    )
+    c.lora = dict(
+        rank=16,  # r, adapter rank
+        alpha=16.0,  # LoRA alpha; scale s = alpha / r (alpha / sqrt(r) with rslora)
+        rslora=False,  # rank-stabilized scale
+        targets=("q_proj", "v_proj"),  # names of the adapted linear layers
+        dropout=0.05,  # dropout probability inside the adapter, training only
+    )
+    c.data = dict(
+        task="gsm8k",  # "gsm8k" or "code" (tasks.generation)
+        source="hub",  # "hub", "local" (data.dir) or "synthetic" (tiny rows, no files)
+        dir="",  # local data folder (shared/data layout: gsm8k/, mbpp/, humaneval/)
+        tokenizer="model",  # "model" (the model folder's) or "bytes" (built in, smoke runs)
+        prompt="auto",  # "chat" (the tokenizer's template), "plain", or "auto": chat if any
+        # Tokens per prompt + answer + eos at most; longer rows keep their first max_length
+        # tokens (the answer is cut at its end). Rows are padded to the longest, in 16s.
+        max_length=512,
+        max_train_examples=0,  # local/hub: the first this many training problems (0 = all)
+        packing=True,  # examples share rows of tokens (no compute on padding)
+        num_train_examples=256,  # synthetic only: training problems
+        num_eval_examples=64,  # synthetic only: test problems (per test set)
+    )
+    c.partition = dict(
+        scheme="iid",  # client split: "iid" or "quantity" (the rows have no label)
+        num_clients=10,  # total clients
+        alpha=0.5,  # quantity skew (Dirichlet concentration of the client sizes)
+        classes_per_client=2,  # unused here (k_classes needs labels)
+        holdout_fraction=0.1,  # share of each client's data kept for local evaluation
+    )
+    c.client = dict(
+        optimizer="adamw",  # local optimizer name (clients.make_optimizer)
+        learning_rate=2e-2,  # local learning rate (METHOD.md's reference)
+        weight_decay=0.0,  # decoupled weight decay
+        local_steps=10,  # optimizer steps per client per round (S)
+        batch_size=128,  # examples per local step (b)
+        persistent_opt_state=False,  # keep each client's optimizer state across rounds
+    )
+    c.server = dict(
+        name="floranna",  # estimator: fedit ffa fedsa flora fedex svd floranna
+        scope="layer",  # floranna: one (a, b) per "layer" (fits best, same cost) or "model"
+        target="weighted",  # floranna: fit sum p_u B_u A_u ("weighted") or 1/U ("uniform")
+        combine="factors",  # floranna: combine raw "factors" or "deltas" from the global
+        solver="adam",  # floranna: "adam" (AdamW, best iterate kept) or "als"
+        steps=200,  # floranna: solver iterations
+        learning_rate=1e-2,  # floranna: solver learning rate
+        end_learning_rate=config_dict.placeholder(float),  # floranna: cosine decay to this
+        weight_decay=0.0,  # floranna: solver weight decay
+        compare=(),  # also log rho_rel of these on each round's uploads: server.COMPARISONS
+    )
+    c.train = dict(
+        seed=0,  # root of all randomness (sampling, data order, init, dropout)
+        num_rounds=100,  # federated rounds
+        clients_per_round=10,  # clients sampled per round (U)
+        client_mode="vmap",  # how clients run: "vmap" (stacked) or "loop"
+        shard_clients=False,  # shard the client axis over devices when more than one
+        clients_per_chunk=1,  # vmap: clients trained at once (0 = all); a 7B client is big
+    )
+    c.ckpt = dict(
+        every_rounds=10,  # save the round state every this many rounds (0 = never)
+        keep=2,  # checkpoints kept
+    )
+    c.eval = dict(
+        every_rounds=5,  # evaluate every this many rounds (and after the last)
+        batch_size=16,  # prompts per generation call and rows per loss forward
+        local=True,  # also evaluate each sampled client on its held-out split
+        max_local_examples=32,  # held-out rows per client in the local evaluation (0 = all)
+        max_examples=0,  # test problems in the global evaluation, the first ones (0 = all)
+        max_new_tokens=256,  # greedy tokens generated per prompt (fixed: compiles once)
+        code_timeout_s=10.0,  # code task: wall-clock seconds per sandboxed program
+    )
+
+    if arg == "smoke":
+        c.model.source = "random"
+        c.model.path = ""
+        c.model.compute_dtype = "float32"
+        c.lora.rank = 4
+        c.lora.alpha = 8.0
+        c.data.source = "synthetic"
+        c.data.tokenizer = "bytes"
+        c.data.max_length = 64
+        c.data.num_train_examples = 64
+        c.data.num_eval_examples = 8
+        c.partition.num_clients = 4
+        c.client.local_steps = 3
+        c.client.batch_size = 8
+        c.client.learning_rate = 2e-2
+        c.server.steps = 20
+        c.train.num_rounds = 2
+        c.train.clients_per_round = 3
+        c.train.clients_per_chunk = 0  # 3 tiny clients: all at once
+        c.ckpt.every_rounds = 1
+        c.eval.every_rounds = 1
+        c.eval.batch_size = 8
+        c.eval.max_local_examples = 4
+        c.eval.max_new_tokens = 16
+    elif arg not in (None, ""):
+        raise ValueError(f"configs/gsm8k.py: unknown arg {arg!r}; valid: '' or 'smoke'")
+    return c

@@ -1,0 +1,317 @@
+"""Generation-scored tasks for decoders: GSM8K math ("gsm8k") and code ("code": train on
+MBPP, evaluate on MBPP test and HumanEval).
+
+Data (``load``): ``data.source`` is ``"local"`` (``data.dir``, the layout of shared/data),
+``"hub"`` or ``"synthetic"`` (tiny problems in the same formats,
+:mod:`floranna_jax.data.synthetic_text`: ``data.num_train_examples`` training rows,
+``data.num_eval_examples`` test rows). ``data.tokenizer`` is ``"model"`` (the model folder's
+own, transformers AutoTokenizer) or ``"bytes"`` (built in, for the tiny random model);
+``data.prompt`` is ``"auto"``, ``"chat"`` or ``"plain"`` (:mod:`floranna_jax.data.completion`).
+Training rows: ``input_ids``, ``attention_mask``, ``loss_mask`` int32 ``[N, L]``, the loss on
+the target and its eos only; no ``"label"``, so only the iid and quantity partitions apply.
+The texts (questions, references, problems) stay in this task, keyed by the data fields of
+the config; the arrays hold tokens only.
+
+Targets: GSM8K: the worked answer without calculator annotations, ending "#### N"
+(``gsm8k.target``). Code: the reference solution in a fenced python block.
+
+Loss: the mean NLL per completion token over the real examples of a batch.
+
+Evaluation (global: the global model on each test set, at most ``eval.max_examples``
+problems; local: each sampled client's own model on its held-out training rows, at most
+``eval.max_local_examples``): greedy generation of ``eval.max_new_tokens`` tokens after
+prompts LEFT-padded to one length for the run (the longest prompt rounded up to 16), in
+batches of ``eval.batch_size``, so decoding compiles once. Scores: GSM8K
+``exact_match_strict`` and ``exact_match_flexible``; code ``pass@1`` (programs run in
+:mod:`floranna_jax.sandbox`, ``eval.code_timeout_s`` each), and for the global model also
+``humaneval_pass@1``. Every set also reports ``answer_loss`` (``humaneval_answer_loss``):
+the teacher-forced NLL per token of the reference answers, which moves before exact match
+does.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from floranna_jax.data import code, completion, glue, gsm8k, synthetic_text
+from floranna_jax.errors import BadValue, ConfigError, first_line
+from floranna_jax.models import decoder
+from floranna_jax.tasks.task import Arrays, Evaluator, Task
+
+NAMES = ("gsm8k", "code")
+ALIASES = {"gsm8k": "gsm8k", "code": "code", "mbpp": "code"}
+SOURCES = ("local", "hub", "synthetic")
+TOKENIZERS = ("model", "bytes")
+MAIN_METRIC = {"gsm8k": "exact_match_flexible", "code": "pass@1"}
+
+
+def knows(name: str) -> bool:
+    return name.lower() in ALIASES
+
+
+def make(name: str) -> Task:
+    """The task ``name``: "gsm8k", or "code" (alias "mbpp")."""
+    task = ALIASES[name.lower()]
+    cache: dict = {}  # the texts stay here, out of the arrays
+
+    def load(config) -> tuple[Arrays, Arrays]:
+        """(train, validation): token rows of the training items and of the main test set."""
+        c = corpus(task, config, cache)
+        m = config.data.max_length
+        return item_arrays(c.train, c.length, m), item_arrays(c.tests[""], c.length, m)
+
+    def make_evaluator(model, train, validation, holdout_index, config) -> Evaluator:
+        return evaluator(task, model, corpus(task, config, cache), holdout_index, config)
+
+    return Task(task, MAIN_METRIC[task], 0, load, loss_fn, make_evaluator, check)
+
+
+def check(config) -> None:
+    """Raise :class:`BadValue` (param: ``section.field``) for a bad field this task reads."""
+    d, e = config.data, config.eval
+    for field, value, valid in (("data.source", d.source, SOURCES),
+                                ("data.tokenizer", d.tokenizer, TOKENIZERS),
+                                ("data.prompt", d.prompt, completion.FORMATS)):  # fmt: skip
+        if value not in valid:
+            raise BadValue(field, f"unknown value {value!r}; valid: {', '.join(valid)}")
+    for field, value, low in (("data.max_length", d.max_length, 2),
+                              ("data.num_train_examples", d.num_train_examples, 1),
+                              ("data.num_eval_examples", d.num_eval_examples, 1),
+                              ("data.max_train_examples", d.max_train_examples, 0),
+                              ("eval.max_examples", e.max_examples, 0),
+                              ("eval.max_new_tokens", e.max_new_tokens, 1)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise BadValue(field, f"must be an integer >= {low}, got {value!r}")
+    if not (isinstance(e.code_timeout_s, int | float) and e.code_timeout_s > 0):
+        raise BadValue("eval.code_timeout_s", f"must be a number > 0, got {e.code_timeout_s!r}")
+    if d.source == "local":
+        if not d.dir:
+            raise BadValue("data.dir", "is empty; source 'local' reads the data folder "
+                           "(shared/data: gsm8k/, mbpp/, humaneval/)")  # fmt: skip
+        if not os.path.isdir(os.path.expanduser(d.dir)):
+            raise BadValue("data.dir", f"no such folder {d.dir!r} (shared/data layout: "
+                           "gsm8k/train.jsonl, mbpp/mbpp.jsonl, humaneval/HumanEval.jsonl.gz)")  # fmt: skip
+    if d.tokenizer == "model" and config.model.source != "pretrained":
+        raise BadValue("data.tokenizer", "'model' needs model.source='pretrained' (a folder "
+                       "with a tokenizer); use 'bytes' with the random model")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Item(NamedTuple):
+    """One example: prompt and target ids (target ends in eos), and what scores it (a
+    ``gsm8k.Problem`` or a ``code.Problem``)."""
+
+    prompt: list[int]
+    target: list[int]
+    problem: Any
+
+
+class Corpus(NamedTuple):
+    """train: the training items (rows of the train arrays). tests: ``prefix -> items`` of
+    each global test set ("" first: the main one). length: ``L`` of every token row;
+    prompt_length: the generation prompts' padded length. codec: the tokenizer."""
+
+    train: list[Item]
+    tests: dict[str, list[Item]]
+    length: int
+    prompt_length: int
+    codec: completion.Codec
+
+
+def _codec(config) -> completion.Codec:
+    if config.data.tokenizer == "bytes":
+        return completion.byte_codec()
+    try:
+        return completion.hf_codec(glue.load_tokenizer(os.path.expanduser(config.model.path)))
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"config field model.path: cannot load a tokenizer from {config.model.path!r}: "
+            f"{first_line(e) or type(e).__name__}; offline? convert or fetch a local folder "
+            "and pass --config.model.path=<folder>"
+        ) from e
+
+
+def _problems(task: str, config) -> tuple[list, dict[str, list]]:
+    """(training problems, ``prefix -> test problems``) of ``data.source``."""
+    d, seed = config.data, config.train.seed
+    if d.source == "synthetic":
+        if task == "gsm8k":
+            return (synthetic_text.arithmetic(d.num_train_examples, seed=seed),
+                    {"": synthetic_text.arithmetic(d.num_eval_examples, seed=seed + 1)})  # fmt: skip
+        return (synthetic_text.functions(d.num_train_examples, seed=seed), {
+            "": synthetic_text.functions(d.num_eval_examples, seed=seed + 1),
+            "humaneval_": synthetic_text.functions(d.num_eval_examples, seed=seed + 2,
+                                                   benchmark="humaneval")})  # fmt: skip
+    data_dir = os.path.expanduser(d.dir) if d.source == "local" else None
+    try:
+        if task == "gsm8k":
+            return gsm8k.read("train", data_dir=data_dir), {"": gsm8k.read("test", data_dir=data_dir)}
+        return code.read_mbpp("train", data_dir=data_dir), {
+            "": code.read_mbpp("test", data_dir=data_dir),
+            "humaneval_": code.read_humaneval(data_dir=data_dir)}  # fmt: skip
+    except ValueError as e:  # a malformed file: the message names the file and the line
+        raise ConfigError(first_line(e)) from e
+    except (OSError, RuntimeError) as e:
+        field = "data.dir" if data_dir else "data.source"
+        raise ConfigError(f"config field {field}: {first_line(e)}") from e
+
+
+def texts(problem) -> tuple[str, str]:
+    """(user text, target text) of a GSM8K or code problem."""
+    if isinstance(problem, gsm8k.Problem):
+        return f"Question: {problem.question}\nAnswer:\n", gsm8k.target(problem.answer)
+    if problem.benchmark == "humaneval":
+        user = f"Complete this Python function:\n```python\n{problem.prompt}```\n"
+        return user, f"```python\n{problem.prompt}{problem.solution.rstrip()}\n```"
+    tests = "\n".join(problem.test_list)
+    user = f"{problem.prompt}\nYour code should pass these tests:\n{tests}\n"
+    return user, f"```python\n{problem.solution.strip()}\n```"
+
+
+def _items(problems, codec, fmt: str) -> list[Item]:
+    out = []
+    for p in problems:
+        user, target = texts(p)
+        out.append(Item(completion.prompt_ids(codec, user, fmt),
+                        completion.target_ids(codec, target), p))  # fmt: skip
+    return out
+
+
+def read_corpus(task: str, config) -> Corpus:
+    """The task's examples for ``config``, tokenized."""
+    codec = _codec(config)
+    try:
+        fmt = completion.resolve_format(codec, config.data.prompt)
+    except ValueError as e:
+        raise ConfigError(f"config field data.prompt: {e}") from e
+    train_problems, test_problems = _problems(task, config)
+    d, cap = config.data, config.eval.max_examples
+    if d.source != "synthetic" and d.max_train_examples:
+        train_problems = train_problems[: d.max_train_examples]
+    train = _items(train_problems, codec, fmt)
+    tests = {k: _items(v[:cap] if cap else v, codec, fmt) for k, v in test_problems.items()}
+    every = [*train, *(i for items in tests.values() for i in items)]
+    length = completion.row_length([len(i.prompt) + len(i.target) for i in every], d.max_length)
+    prompt_length = completion.row_length([len(i.prompt) for i in every], d.max_length)
+    cut = sum(len(i.prompt) + len(i.target) > length for i in every)
+    if cut:
+        logging.warning("%d of %d examples longer than data.max_length=%d are cut at the end",
+                        cut, len(every), d.max_length)  # fmt: skip
+    return Corpus(train, tests, length, prompt_length, codec)
+
+
+def corpus(task: str, config, cache: dict) -> Corpus:
+    """The task's examples for ``config``, read once per distinct data fields (``cache``:
+    the task instance's own)."""
+    key = (config.data.to_json(), config.model.path, config.model.source,
+           config.eval.max_examples, config.train.seed)  # fmt: skip
+    if key not in cache:
+        cache.clear()  # one corpus at a time: a task instance serves one run
+        cache[key] = read_corpus(task, config)
+    return cache[key]
+
+
+def item_arrays(items: list[Item], length: int, max_length: int) -> Arrays:
+    return completion.arrays([i.prompt for i in items], [i.target for i in items],
+                             max_length=max_length, length=length)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def loss_fn(model):
+    """``loss(base, trainable, batch, dropout_key)``: summed NLL of the completion tokens
+    of the real examples (``batch["mask"] [b]``) over their number of tokens."""
+
+    def loss(base, trainable, batch, dropout_key):
+        nll, tokens = model.apply(base, trainable, batch, deterministic=False,
+                                  dropout_key=dropout_key)  # fmt: skip
+        mask = batch["mask"].astype(jnp.float32)
+        return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(tokens * mask), 1.0)
+
+    return loss
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def score(task: str, problems: list, completions: list[str], timeout_s: float) -> dict[str, float]:
+    """The task's generation scores of ``completions`` (decoded text, one per problem)."""
+    if task == "gsm8k":
+        return gsm8k.score(completions, [p.answer for p in problems])
+    answers = [[code.extract_code(c, stops=code.PROGRAM_STOPS)] for c in completions]
+    return code.evaluate(problems, answers, ks=(1,), timeout_s=timeout_s).metrics
+
+
+def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray],
+              config) -> Evaluator:  # fmt: skip
+    """Global evaluation on ``corpus_.tests`` and local on each client's held-out rows
+    (``holdout_index[u]``, the first ``eval.max_local_examples``); see the module."""
+    e, codec = config.eval, corpus_.codec
+    batch_size, P, max_new = e.batch_size, corpus_.prompt_length, e.max_new_tokens
+    positions = decoder.parse_config(model.config).max_positions
+    if P + max_new > positions:
+        raise ConfigError(f"config field eval.max_new_tokens: prompts of {P} tokens plus "
+                          f"{max_new} new ones exceed the model's {positions} positions")  # fmt: skip
+    forward = jax.jit(lambda base, trainable, batch: model.apply(base, trainable, batch))
+    cap = e.max_local_examples
+    holdout_index = [h[:cap] if cap else h for h in holdout_index]
+
+    def generate(base, adapters, items: list[Item]) -> list[str]:
+        out = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            prompts = [i.prompt for i in chunk] + [[codec.pad_id]] * (batch_size - len(chunk))
+            ids, mask = completion.left_pad(prompts, P, codec.pad_id)
+            new = np.asarray(decoder.generate(model, base, adapters, ids, mask,
+                                              max_new_tokens=max_new, eos_ids=(codec.eos_id,),
+                                              pad_id=codec.pad_id))  # fmt: skip
+            out += [codec.decode(completion.until_eos(row, codec.eos_id)) for row in new[: len(chunk)]]
+        return out
+
+    def answer_loss(base, trainable, items: list[Item]) -> float:
+        arrays = item_arrays(items, corpus_.length, config.data.max_length)
+        nll = tokens = 0.0
+        for start in range(0, len(items), batch_size):
+            take = np.arange(start, start + batch_size) % len(items)
+            batch = {k: v[take] for k, v in arrays.items()}
+            n, t = forward(base, trainable, batch)
+            real = np.arange(start, start + batch_size) < len(items)
+            nll += float(np.sum(np.asarray(n)[real]))
+            tokens += float(np.sum(np.asarray(t)[real]))
+        return nll / max(tokens, 1.0)
+
+    def evaluate(base, trainable, items: list[Item], prefix: str) -> dict[str, float]:
+        if not items:
+            return {}
+        completions = generate(base, trainable["lora"], items)
+        out = score(task, [i.problem for i in items], completions, e.code_timeout_s)
+        out["answer_loss"] = answer_loss(base, trainable, items)
+        return {prefix + k: v for k, v in out.items()}
+
+    def global_eval(base, trainable) -> dict[str, float]:
+        out = {}
+        for prefix, items in corpus_.tests.items():
+            out |= evaluate(base, trainable, items, prefix)
+        return out
+
+    def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
+        scores = []
+        for i, u in enumerate(client_ids):
+            items = [corpus_.train[j] for j in holdout_index[int(u)]]
+            trainable = jax.tree.map(lambda x: x[i], trainable_U)
+            scores.append(evaluate(base, trainable, items, ""))
+        scores = [s for s in scores if s]
+        if not scores:
+            return {}
+        return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+    return Evaluator(global_eval, local_eval)
