@@ -14,10 +14,15 @@ XLA_CACHE = pathlib.Path(tempfile.gettempdir()) / "floranna_jax_test_xla_cache"
 
 def smoke_config(**overrides):
     """configs/glue.py:smoke (unlocked) with ``{"section.field": value}`` overrides."""
-    spec = importlib.util.spec_from_file_location("glue_config", REPO / "configs" / "glue.py")
+    return config_file("glue.py", "smoke", **overrides)
+
+
+def config_file(name: str, arg: str = "smoke", **overrides):
+    """configs/<name>:<arg> (unlocked) with ``{"section.field": value}`` overrides."""
+    spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", REPO / "configs" / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("smoke")
+    config = module.get_config(arg)
     for field, value in overrides.items():
         section, name = field.split(".")
         config[section][name] = value

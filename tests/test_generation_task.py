@@ -1,0 +1,222 @@
+"""Tests of the generation-scored tasks (floranna_jax/tasks/generation.py, data/completion.py):
+both smoke configs run end to end and report the generation and answer-loss metrics, a
+resumed smoke run is bit-exact, prompts and loss masks are built right on real GSM8K and
+MBPP rows (with SmolLM2's chat template where its GGUF is at hand), the evaluator's exact
+match is the hand-scored one of per-prompt greedy generations, and bad inputs are one line."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from smoke_setup import REPO, config_file, shared_compilation
+
+from floranna_jax import checkpoint, keys, models, reporting, tasks, train
+from floranna_jax.data import code, completion, gsm8k
+from floranna_jax.models import decoder
+from floranna_jax.tasks import generation
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_compilation():
+    with shared_compilation():
+        yield
+
+
+def _rows(workdir):
+    return [
+        {k: v for k, v in r.items() if not k.startswith("time/")}
+        for r in reporting.read_rows(workdir / reporting.METRICS_FILE)
+    ]
+
+
+@pytest.fixture(scope="module")
+def gsm8k_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("gsm8k_smoke")
+    train.run(config_file("gsm8k.py"), str(workdir))
+    return workdir
+
+
+def test_gsm8k_smoke_reports_generation_metrics(gsm8k_run):
+    rows = _rows(gsm8k_run)
+    assert [r["round"] for r in rows] == [1, 2]
+    for where in ("global", "local"):
+        for metric in ("exact_match_strict", "exact_match_flexible", "answer_loss"):
+            assert np.isfinite(rows[-1][f"eval/{where}/{metric}"]), (where, metric)
+    assert 0.0 < rows[-1]["eval/global/answer_loss"] < rows[0]["eval/global/answer_loss"] + 1.0
+    assert "gsm8k" in (gsm8k_run / reporting.SUMMARY_FILE).read_text()
+
+
+def test_code_smoke_reports_pass_at_1_on_both_test_sets(tmp_path):
+    train.run(config_file("code.py"), str(tmp_path))
+    last = _rows(tmp_path)[-1]
+    for metric in ("pass@1", "answer_loss", "humaneval_pass@1", "humaneval_answer_loss"):
+        assert 0.0 <= last[f"eval/global/{metric}"] < 100.0, metric
+    assert "eval/local/pass@1" in last and "eval/local/humaneval_pass@1" not in last
+
+
+def test_resumed_smoke_run_is_bit_exact(gsm8k_run, tmp_path):
+    train.run(config_file("gsm8k.py", **{"train.num_rounds": 1}), str(tmp_path))
+    train.run(config_file("gsm8k.py"), str(tmp_path))  # a fresh call resumes at round 1
+    assert _rows(tmp_path) == _rows(gsm8k_run)
+    config = config_file("gsm8k.py")
+    states = []
+    for workdir in (gsm8k_run, tmp_path):
+        ckpt = checkpoint.Checkpointer(workdir / "checkpoints", 1, 2)
+        states.append(ckpt.restore(train.build(config).state))
+        ckpt.close()
+    a, b = states
+    assert int(a.round) == int(b.round) == 2
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit-exact
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _check_row(arrays, i, prompt, target):
+    """Row i holds prompt + target, and the loss mask is 1 exactly on the target."""
+    n = int(arrays["attention_mask"][i].sum())
+    ids, loss = arrays["input_ids"][i, :n], arrays["loss_mask"][i, :n]
+    assert list(ids) == [*prompt, *target][:n]
+    assert list(ids[loss == 1]) == list(target)
+    assert loss[: len(prompt)].sum() == 0 and arrays["loss_mask"][i, n:].sum() == 0
+
+
+def test_real_gsm8k_and_mbpp_rows_with_the_byte_tokenizer(gsm8k_dir, mbpp_dir):
+    codec = completion.byte_codec()
+    rows = [*gsm8k.read("test", data_dir=gsm8k_dir)[:3], *code.read_mbpp("train",
+                                                                         data_dir=mbpp_dir)[:3]]  # fmt: skip
+    items = generation._items(rows, codec, "plain")
+    arrays = generation.item_arrays(items, completion.row_length(
+        [len(i.prompt) + len(i.target) for i in items], 4096), 4096)  # fmt: skip
+    for i, item in enumerate(items):
+        _check_row(arrays, i, item.prompt, item.target)
+        text = codec.decode(item.target)
+        assert item.target[-1] == codec.eos_id and item.prompt[0] == completion.BYTE_BOS
+        if i < 3:
+            assert "<<" not in text and text.endswith(f"#### {gsm8k.reference(rows[i].answer)}")
+            assert rows[i].question in codec.decode(item.prompt)
+        else:
+            assert text.startswith("```python\n") and rows[i].solution.strip() in text
+            assert all(t in codec.decode(item.prompt) for t in rows[i].test_list)
+
+
+def test_truncation_keeps_the_first_tokens():
+    arrays = completion.arrays([[1, 2, 3]], [[4, 5, 6, 7]], max_length=5)
+    assert arrays["input_ids"].shape == (1, 5)
+    assert list(arrays["input_ids"][0]) == [1, 2, 3, 4, 5]
+    assert list(arrays["loss_mask"][0]) == [0, 0, 0, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm_gguf, tmp_path_factory):
+    pytest.importorskip("gguf", reason="converting needs the gguf package (extra: convert)")
+    from floranna_jax import convert_gguf
+
+    folder = tmp_path_factory.mktemp("smollm2_hf")
+    convert_gguf.convert(smollm_gguf, folder, log=lambda line: None)
+    from floranna_jax.data import glue
+
+    return glue.load_tokenizer(folder)
+
+
+def test_chat_template_with_the_smollm2_tokenizer(smollm2_tokenizer, gsm8k_dir):
+    codec = completion.hf_codec(smollm2_tokenizer)
+    assert completion.resolve_format(codec, "auto") == "chat"
+    problem = gsm8k.read("test", data_dir=gsm8k_dir)[0]
+    items = generation._items([problem], codec, "chat")
+    prompt = smollm2_tokenizer.decode(items[0].prompt)
+    assert "<|im_start|>user\n" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert problem.question in prompt
+    assert items[0].target[-1] == smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    arrays = generation.item_arrays(items, 512, 512)
+    _check_row(arrays, 0, items[0].prompt, items[0].target)
+    assert codec.decode(items[0].target) == gsm8k.target(problem.answer)
+    plain = generation._items([problem], codec, "plain")[0].prompt
+    assert "<|im_start|>" not in smollm2_tokenizer.decode(plain)
+
+
+def test_chat_without_a_template_is_an_error():
+    with pytest.raises(ValueError, match="chat template"):
+        completion.resolve_format(completion.byte_codec(), "chat")
+    assert completion.resolve_format(completion.byte_codec(), "auto") == "plain"
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_global_exact_match_is_the_hand_scored_one(monkeypatch):
+    config = config_file("gsm8k.py", **{"eval.batch_size": 3, "data.num_eval_examples": 5})
+    task = tasks.get("gsm8k")
+    train_arrays, validation = task.load(config)
+    model = models.build_random(models.tiny_config("llama"), num_labels=0,
+                                lora=models.LoraSpec(rank=4, alpha=8.0), key=keys.model_key(0))  # fmt: skip
+    # Non-zero adapters, so the LoRA path of generation is exercised.
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
+                        model.trainable["lora"])  # fmt: skip
+    trainable = {"lora": lora, "head": {}}
+    seen = []
+    score = generation.score
+    monkeypatch.setattr(generation, "score", lambda t, p, c, s: seen.append(c) or score(t, p, c, s))
+    evaluator = task.make_evaluator(model, train_arrays, validation, [], config)
+    got = evaluator.global_eval(model.base, trainable)
+
+    corpus = generation.corpus("gsm8k", config, {})
+    codec, by_hand = corpus.codec, []
+    for item in corpus.tests[""]:  # one prompt at a time, no padding
+        ids = np.asarray([item.prompt], np.int32)
+        new = decoder.generate(model, model.base, lora, ids, np.ones_like(ids),
+                               max_new_tokens=config.eval.max_new_tokens,
+                               eos_ids=(codec.eos_id,), pad_id=codec.pad_id)  # fmt: skip
+        by_hand.append(codec.decode(completion.until_eos(np.asarray(new[0]), codec.eos_id)))
+    assert seen == [by_hand]
+    want = gsm8k.score(by_hand, [i.problem.answer for i in corpus.tests[""]])
+    for k, v in want.items():
+        assert got[k] == v, k
+    assert len(by_hand) == 5 and got["answer_loss"] > 0
+
+
+def test_generation_scores_count_right_answers():
+    problems = [gsm8k.Problem("q", "#### 7"), gsm8k.Problem("q", "#### 12")]
+    got = generation.score("gsm8k", problems, ["so #### 7", "it is 12"], 1.0)
+    assert got == {"exact_match_strict": 0.5, "exact_match_flexible": 1.0}
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _launch(config: str, *args: str, workdir) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+BAD = [
+    ("configs/gsm8k.py:smoke", ["--config.partition.scheme=dirichlet"],
+     ["partition.scheme", "'dirichlet'", "iid"]),
+    ("configs/code.py:smoke", ["--config.data.prompt=fancy"], ["data.prompt", "'fancy'", "chat"]),
+    ("configs/gsm8k.py:smoke", ["--config.data.prompt=chat"], ["data.prompt", "chat template"]),
+    ("configs/gsm8k.py:smoke", ["--config.data.source=local", "--config.data.dir=/nowhere/data"],
+     ["data.dir", "/nowhere/data"]),
+    ("configs/code.py:smoke", ["--config.data.source=local"], ["data.dir", "is empty"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("config, args, words", BAD, ids=[" ".join(b[1]) for b in BAD])
+def test_bad_input_is_one_line(config, args, words, tmp_path):
+    proc = _launch(config, *args, workdir=tmp_path / "run")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: config field")
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_files_name_the_folder(tmp_path):
+    config = config_file("gsm8k.py", **{"data.source": "local", "data.dir": str(tmp_path)})
+    with pytest.raises(Exception, match=r"data.dir: .*train.jsonl"):
+        tasks.get("gsm8k").load(config)
