@@ -5,7 +5,8 @@ value and the valid values (launch.py prints it as a single line). Each componen
 its own parameters (``clients.make_optimizer``, ``clients.check_runner``,
 ``partition.check``, ``models.check_lora``, ``server.make``, ``tasks.get``); this module
 only calls those checks and names the config field (the task checks its own ``data.*`` and
-``eval.*`` fields: ``Task.check``), plus the rules that belong to the run itself (rounds, sampling, checkpoints, evaluation, paths). It returns the
+``eval.*`` fields: ``Task.check``), plus the rules that belong to the run itself (rounds,
+sampling, checkpoints, evaluation, paths). It returns the
 hyperparameters the chosen method accepts (``server_hparams``).
 
 ``check_overrides(config, overrides)`` checks command-line overrides: a field that does not

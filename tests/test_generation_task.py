@@ -87,8 +87,8 @@ def _check_row(arrays, i, prompt, target):
 
 def test_real_gsm8k_and_mbpp_rows_with_the_byte_tokenizer(gsm8k_dir, mbpp_dir):
     codec = completion.byte_codec()
-    rows = [*gsm8k.read("test", data_dir=gsm8k_dir)[:3], *code.read_mbpp("train",
-                                                                         data_dir=mbpp_dir)[:3]]  # fmt: skip
+    rows = gsm8k.read("test", data_dir=gsm8k_dir)[:3]
+    rows += code.read_mbpp("train", data_dir=mbpp_dir)[:3]
     items = generation._items(rows, codec, "plain")
     arrays = generation.item_arrays(items, completion.row_length(
         [len(i.prompt) + len(i.target) for i in items], 4096), 4096)  # fmt: skip
@@ -113,13 +113,19 @@ def test_truncation_keeps_the_first_tokens():
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(smollm_gguf, tmp_path_factory):
-    pytest.importorskip("gguf", reason="converting needs the gguf package (extra: convert)")
-    from floranna_jax import convert_gguf
-
-    folder = tmp_path_factory.mktemp("smollm2_hf")
-    convert_gguf.convert(smollm_gguf, folder, log=lambda line: None)
+    """The tokenizer files convert_gguf writes for SmolLM2 (not the weights: seconds)."""
+    gguf = pytest.importorskip("gguf", reason="converting needs the gguf package (extra: convert)")
+    from floranna_jax import convert_gguf, gguf_tokenizer
     from floranna_jax.data import glue
 
+    reader = convert_gguf._open(gguf, smollm_gguf)
+    meta = convert_gguf._Meta(reader)
+    config = convert_gguf.hf_config(meta, {t.name for t in reader.tensors})
+    tokenizer, tokenizer_config, special_map = gguf_tokenizer.build_tokenizer(meta, config)
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tokenizer.save(str(folder / "tokenizer.json"))
+    convert_gguf._write_json(folder / "tokenizer_config.json", tokenizer_config)
+    convert_gguf._write_json(folder / "special_tokens_map.json", special_map)
     return glue.load_tokenizer(folder)
 
 
@@ -152,8 +158,8 @@ def test_global_exact_match_is_the_hand_scored_one(monkeypatch):
     config = config_file("gsm8k.py", **{"eval.batch_size": 3, "data.num_eval_examples": 5})
     task = tasks.get("gsm8k")
     train_arrays, validation = task.load(config)
-    model = models.build_random(models.tiny_config("llama"), num_labels=0,
-                                lora=models.LoraSpec(rank=4, alpha=8.0), key=keys.model_key(0))  # fmt: skip
+    spec = models.LoraSpec(rank=4, alpha=8.0)
+    model = models.build_random(models.tiny_config("llama"), 0, spec, keys.model_key(0))
     # Non-zero adapters, so the LoRA path of generation is exercised.
     lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
                         model.trainable["lora"])  # fmt: skip

@@ -44,9 +44,10 @@ def functions(n: int, *, seed: int = 0, benchmark: str = "mbpp") -> list[code.Pr
         asserts = tuple(f"assert {name}({x}) == {eval(f'{x} {symbol} {k}')}"  # noqa: S307
                         for x in (1, 5))  # fmt: skip
         if benchmark == "mbpp":
-            rows.append(code.Problem(
-                "mbpp", f"MBPP/synthetic_{i}", f"Write a function {name}(x) that returns x "
-                f"{word} {k}.", f"def {name}(x):\n{body}", "\n".join(asserts), asserts, "", ""))  # fmt: skip
+            text = f"Write a function {name}(x) that returns x {word} {k}."
+            solution = f"def {name}(x):\n{body}"
+            rows.append(code.Problem("mbpp", f"MBPP/synthetic_{i}", text, solution,
+                                     "\n".join(asserts), asserts, "", ""))  # fmt: skip
         else:
             prompt = f'def {name}(x):\n    """Return x {word} {k}."""\n'
             check = "def check(f):\n" + "".join(

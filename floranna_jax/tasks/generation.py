@@ -95,8 +95,8 @@ def check(config) -> None:
             raise BadValue("data.dir", "is empty; source 'local' reads the data folder "
                            "(shared/data: gsm8k/, mbpp/, humaneval/)")  # fmt: skip
         if not os.path.isdir(os.path.expanduser(d.dir)):
-            raise BadValue("data.dir", f"no such folder {d.dir!r} (shared/data layout: "
-                           "gsm8k/train.jsonl, mbpp/mbpp.jsonl, humaneval/HumanEval.jsonl.gz)")  # fmt: skip
+            layout = "gsm8k/train.jsonl, mbpp/mbpp.jsonl, humaneval/HumanEval.jsonl.gz"
+            raise BadValue("data.dir", f"no such folder {d.dir!r} (shared/data layout: {layout})")
     if d.tokenizer == "model" and config.model.source != "pretrained":
         raise BadValue("data.tokenizer", "'model' needs model.source='pretrained' (a folder "
                        "with a tokenizer); use 'bytes' with the random model")  # fmt: skip
@@ -144,8 +144,8 @@ def _problems(task: str, config) -> tuple[list, dict[str, list]]:
     d, seed = config.data, config.train.seed
     if d.source == "synthetic":
         if task == "gsm8k":
-            return (synthetic_text.arithmetic(d.num_train_examples, seed=seed),
-                    {"": synthetic_text.arithmetic(d.num_eval_examples, seed=seed + 1)})  # fmt: skip
+            test = synthetic_text.arithmetic(d.num_eval_examples, seed=seed + 1)
+            return synthetic_text.arithmetic(d.num_train_examples, seed=seed), {"": test}
         return (synthetic_text.functions(d.num_train_examples, seed=seed), {
             "": synthetic_text.functions(d.num_eval_examples, seed=seed + 1),
             "humaneval_": synthetic_text.functions(d.num_eval_examples, seed=seed + 2,
@@ -153,7 +153,8 @@ def _problems(task: str, config) -> tuple[list, dict[str, list]]:
     data_dir = os.path.expanduser(d.dir) if d.source == "local" else None
     try:
         if task == "gsm8k":
-            return gsm8k.read("train", data_dir=data_dir), {"": gsm8k.read("test", data_dir=data_dir)}
+            test = gsm8k.read("test", data_dir=data_dir)
+            return gsm8k.read("train", data_dir=data_dir), {"": test}
         return code.read_mbpp("train", data_dir=data_dir), {
             "": code.read_mbpp("test", data_dir=data_dir),
             "humaneval_": code.read_humaneval(data_dir=data_dir)}  # fmt: skip
@@ -259,8 +260,10 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
     batch_size, P, max_new = e.batch_size, corpus_.prompt_length, e.max_new_tokens
     positions = decoder.parse_config(model.config).max_positions
     if P + max_new > positions:
-        raise ConfigError(f"config field eval.max_new_tokens: prompts of {P} tokens plus "
-                          f"{max_new} new ones exceed the model's {positions} positions")  # fmt: skip
+        raise ConfigError(
+            f"config field eval.max_new_tokens: prompts of {P} tokens plus "
+            f"{max_new} new ones exceed the model's {positions} positions"
+        )
     forward = jax.jit(lambda base, trainable, batch: model.apply(base, trainable, batch))
     cap = e.max_local_examples
     holdout_index = [h[:cap] if cap else h for h in holdout_index]
@@ -274,7 +277,7 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             new = np.asarray(decoder.generate(model, base, adapters, ids, mask,
                                               max_new_tokens=max_new, eos_ids=(codec.eos_id,),
                                               pad_id=codec.pad_id))  # fmt: skip
-            out += [codec.decode(completion.until_eos(row, codec.eos_id)) for row in new[: len(chunk)]]
+            out += [codec.decode(completion.until_eos(r, codec.eos_id)) for r in new[: len(chunk)]]
         return out
 
     def answer_loss(base, trainable, items: list[Item]) -> float:
@@ -307,7 +310,7 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
         scores = []
         for i, u in enumerate(client_ids):
             items = [corpus_.train[j] for j in holdout_index[int(u)]]
-            trainable = jax.tree.map(lambda x: x[i], trainable_U)
+            trainable = jax.tree.map(lambda x, i=i: x[i], trainable_U)
             scores.append(evaluate(base, trainable, items, ""))
         scores = [s for s in scores if s]
         if not scores:
