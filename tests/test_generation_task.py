@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from smoke_setup import REPO, config_file, shared_compilation
 
-from floranna_jax import checkpoint, keys, models, reporting, tasks, train
+from floranna_jax import checkpoint, config_check, keys, models, reporting, tasks, train
 from floranna_jax.data import code, completion, gsm8k
 from floranna_jax.models import decoder
 from floranna_jax.tasks import generation
@@ -226,3 +226,11 @@ def test_missing_data_files_name_the_folder(tmp_path):
     config = config_file("gsm8k.py", **{"data.source": "local", "data.dir": str(tmp_path)})
     with pytest.raises(Exception, match=r"data.dir: .*train.jsonl"):
         tasks.get("gsm8k").load(config)
+
+
+@pytest.mark.parametrize("name", ["gsm8k.py", "code.py"])
+def test_reference_defaults_validate(name):
+    config = config_file(name, "")
+    assert config.model.path == "meta-llama/Llama-2-7b-hf" and config.lora.rank == 16
+    assert tuple(config.lora.targets) == ("q_proj", "v_proj") and config.partition.scheme == "iid"
+    config_check.validate(config)  # a hub id is not a local path: valid without network
