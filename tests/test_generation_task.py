@@ -15,6 +15,7 @@ from smoke_setup import REPO, config_file, shared_compilation
 
 from floranna_jax import checkpoint, config_check, keys, models, reporting, tasks, train
 from floranna_jax.data import code, completion, gsm8k
+from floranna_jax.errors import ConfigError
 from floranna_jax.models import decoder
 from floranna_jax.tasks import generation
 
@@ -224,7 +225,7 @@ def test_bad_input_is_one_line(config, args, words, tmp_path):
 
 def test_missing_data_files_name_the_folder(tmp_path):
     config = config_file("gsm8k.py", **{"data.source": "local", "data.dir": str(tmp_path)})
-    with pytest.raises(Exception, match=r"data.dir: .*train.jsonl"):
+    with pytest.raises(ConfigError, match=r"^config field data.dir: GSM8K split .*\.jsonl"):
         tasks.get("gsm8k").load(config)
 
 
