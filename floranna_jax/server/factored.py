@@ -18,11 +18,20 @@ A matrix ``sum_{u,v} C[u,v] Bm_u Am_v`` (``C: [M, M]``) has squared Frobenius no
 
 with ``GB``/``GA`` the ``r x r`` Gram blocks. ``K`` is ``M^4`` numbers per layer: a
 solver step costs O(M^4), independent of the model width. Matrix coefficients
-(``X: [M r, M r]``, the SVD) use ``||.||^2 = tr(X^T G_B X G_A)`` with the flat Grams.
+(``X: [N r, N r]`` on the independent members below, the SVD) use
+``||.||^2 = tr(X^T G_B X G_A)`` with their flat Grams.
 
-The best rank-r approximation uses square roots ``R^T R = G`` of the flat Grams
-(Jacobi-scaled ``eigh``; ``R`` plays the part of the QR's triangular factor of the stacked
-factors), then an SVD of the ``[M r, M r]`` core ``R_B X R_A^T``.
+The ``M`` members are not independent when the centre is the weighted mean: the offsets
+satisfy ``sum_u p_u (X_u - c) = 0``, so the offset of the heaviest client ``k`` is
+``-sum_{u != k} (p_u / p_k) (X_u - c)``. Only the ``N = U`` independent members
+(``N = M`` for a previous-factors centre) are multiplied out: one ``[N r, N r]`` Gram per
+factor and layer, the least any factored method computes; the blocks of member ``k``
+follow from it (``E``: full members in terms of independent ones).
+
+The best rank-r approximation uses square roots ``R^T R = G`` of the independent members'
+Grams (Cholesky of the Jacobi-scaled Gram, ``eigh`` where that is not positive definite;
+``R`` plays the part of the QR's triangular factor of the stacked factors), then an SVD
+of the ``[N r, N r]`` core ``R_B (E C E^T kron I_r) R_A^T``.
 """
 
 from __future__ import annotations
@@ -47,8 +56,11 @@ class Basis(NamedTuple):
     GA: [L, M, M, r, r]    GA[l, v, x] = Am_v Am_x^T
     K:  [L, M, M, M, M]    K[l, u, v, w, x] = <GB[l, u, w], GA[l, v, x]>
     w0: [U]                weights whose offsets sum to zero: p (mean centre) or 0
+    E:  [N, M]             full member m = sum_i E[i, m] (independent member i)
+    S:  [M, N]             independent member i = full member m where S[m, i] = 1
+    GBr, GAr: [L, N r, N r]  flat Grams of the independent members (what was multiplied)
 
-    The members themselves (``[M r, d]`` per layer and factor) live only inside
+    The members themselves (``[N r, d]`` per layer and factor) live only inside
     :func:`build_basis`, one layer at a time; :func:`combine` reads the clients' factors.
     """
 
@@ -58,42 +70,73 @@ class Basis(NamedTuple):
     GA: jax.Array
     K: jax.Array
     w0: jax.Array
+    E: jax.Array
+    S: jax.Array
+    GBr: jax.Array
+    GAr: jax.Array
 
 
 def _member_gram(centre: jax.Array, X: jax.Array) -> jax.Array:
-    """Flat Gram ``[M r, M r]`` of the members ``[c; X_1 - c; ..; X_U - c]`` (rows ``[r, d]``).
+    """Flat Gram ``[(n + 1) r, (n + 1) r]`` of ``[c; X_1 - c; ..; X_n - c]`` (rows ``[r, d]``).
 
-    ``centre: [r, d]``, ``X: [U, r, d]``. The centring and the row-major stack fuse into
+    ``centre: [r, d]``, ``X: [n, r, d]``. The centring and the row-major stack fuse into
     one pass over ``X``; the Gram is then one plain GEMM contracting the long axis ``d``.
     """
-    U, r, d = X.shape
-    members = jnp.concatenate([centre[None], X - centre[None]]).reshape((U + 1) * r, d)
+    n, r, d = X.shape
+    members = jnp.concatenate([centre[None], X - centre[None]]).reshape((n + 1) * r, d)
     return jnp.einsum("kd,jd->kj", members, members, precision=HI)
+
+
+def independent_members(p: jax.Array, use_previous: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(kept [N - 1], E [N, M], S [M, N])``: the clients whose offsets are multiplied out.
+
+    Mean centre: every client but the heaviest ``k`` (``p_k >= 1/U > 0``, so dividing by
+    it is safe whatever zeros ``p`` holds); ``E`` writes member ``k + 1`` as
+    ``-sum_{u != k} (p_u / p_k)`` times the others. Previous-factors centre: all clients.
+    """
+    U = p.shape[0]
+    if use_previous:
+        eye = jnp.eye(U + 1, dtype=jnp.float32)
+        return jnp.arange(U), eye, eye
+    k = jnp.argmax(p)
+    j = jnp.arange(U - 1)
+    kept = j + (j >= k)
+    S = jnp.zeros((U + 1, U), jnp.float32).at[0, 0].set(1.0).at[kept + 1, j + 1].set(1.0)
+    return kept, S.T.at[1:, k + 1].set(-p[kept] / p[k]), S
+
+
+def _full_blocks(Gr: jax.Array, E: jax.Array, r: int) -> jax.Array:
+    """Independent members' flat Grams ``[L, N r, N r]`` -> full blocks ``[L, M, M, r, r]``.
+
+    Blocks of two kept members are copied (their columns of ``E`` are unit vectors).
+    """
+    L, N = Gr.shape[0], E.shape[0]
+    G = Gr.reshape(L, N, r, N, r)
+    return jnp.einsum("iu,jw,liajb->luwab", E, E, G, precision=HI)
 
 
 def build_basis(group: common.LayerGroup, p: jax.Array, use_previous: bool = False) -> Basis:
     """Centres and Grams of one layer group (centre: mean, or previous global factors).
 
     Layer by layer, so no copy of all clients' factors is ever made: the only large
-    temporaries are one layer's members (``(U + 1) r d`` numbers per factor).
+    temporaries are one layer's members (``N r d`` numbers per factor).
     """
-    U, r = p.shape[0], group.r
-    M = U + 1
+    r = group.r
     if use_previous:
         cA, cB, w0 = group.prev_A, group.prev_B, jnp.zeros_like(p)
     else:
         cA = tuple(common.weighted_mean(p, A) for A in group.A)
         cB = tuple(common.weighted_mean(p, B) for B in group.B)
         w0 = p
+    kept, E, S = independent_members(p, use_previous)
+    pick = (lambda X: X) if use_previous else (lambda X: X[kept])  # noqa: E731
     # B_u^T B_w is a Gram of the transposed factors [r, d_out]: same GEMM as for A.
     pairs = zip(cB, group.B, strict=True)
-    GBf = jnp.stack([_member_gram(c.T, jnp.swapaxes(B, 1, 2)) for c, B in pairs])
-    GAf = jnp.stack([_member_gram(c, A) for c, A in zip(cA, group.A, strict=True)])
-    L = GBf.shape[0]
-    GB = GBf.reshape(L, M, r, M, r).transpose(0, 1, 3, 2, 4)
-    GA = GAf.reshape(L, M, r, M, r).transpose(0, 1, 3, 2, 4)
+    GBr = jnp.stack([_member_gram(c.T, jnp.swapaxes(pick(B), 1, 2)) for c, B in pairs])
+    GAr = jnp.stack([_member_gram(c, pick(A)) for c, A in zip(cA, group.A, strict=True)])
+    GB, GA = _full_blocks(GBr, E, r), _full_blocks(GAr, E, r)
     K = jnp.einsum("luwij,lvxij->luvwx", GB, GA, precision=HI)
-    return Basis(jnp.stack(cB), jnp.stack(cA), GB, GA, K, w0)
+    return Basis(jnp.stack(cB), jnp.stack(cA), GB, GA, K, w0, E, S, GBr, GAr)
 
 
 def target_coeffs(q: jax.Array, w0: jax.Array) -> jax.Array:
@@ -145,14 +188,8 @@ def combine(
     return B, A
 
 
-def flat_gram(G: jax.Array) -> jax.Array:
-    """``[L, M, M, r, r]`` blocks -> ``[L, M r, M r]``."""
-    L, M, _, r, _ = G.shape
-    return G.transpose(0, 1, 3, 2, 4).reshape(L, M * r, M * r)
-
-
-def sqrt_factor(G: jax.Array) -> jax.Array:
-    """``R: [L, n, n]`` with ``R^T R = G`` for PSD ``G: [L, n, n]``.
+def _eigh_root(G: jax.Array) -> jax.Array:
+    """``R: [L, n, n]`` with ``R^T R = G`` for PSD ``G: [L, n, n]``, from ``eigh``.
 
     Jacobi scaling (unit diagonal) before ``eigh`` keeps each column's error relative to
     that column's own norm, so small offsets are not drowned by the centre's rounding.
@@ -164,23 +201,50 @@ def sqrt_factor(G: jax.Array) -> jax.Array:
     return root * jnp.sqrt(jnp.clip(d, 0.0))[..., None, :]
 
 
-def core(bases: list[Basis], Ct: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(R_B, R_A, R_B (C_t kron I_r) R_A^T)`` of every layer of every group, ``[sum L, n, n]``
-    each (``n = M r``, shared by all groups); the core has the singular values of ``dW``.
+def sqrt_factor(G: jax.Array) -> jax.Array:
+    """``R: [L, n, n]`` with ``R^T R = G`` for PSD ``G: [L, n, n]``.
 
-    All roots come from ONE batched ``eigh``. jaxlib's CPU ``eigh`` and ``svd`` split their
-    batch into sub-tasks on XLA's thread pool and wait for them; two such calls side by side
-    on a 2-thread pool each held one thread while their sub-tasks queued behind the other,
-    and the run hung forever (seen here, in gdb). One call per decomposition kind leaves
-    nothing to run beside it.
+    Cholesky of the Jacobi-scaled ``G`` (unit diagonal; a zero column gets a 1 there and
+    a zero column of ``R``): backward stable like ``eigh``, at a small fraction of its
+    cost on a CPU. Layers where it breaks down (a Gram singular to working precision,
+    e.g. identical clients) take the ``eigh`` root instead; that ``eigh`` runs only if
+    some layer needs it, as one batched call.
     """
-    M, r = bases[0].GB.shape[1], bases[0].GB.shape[-1]
-    GB = jnp.concatenate([flat_gram(b.GB) for b in bases])
-    GA = jnp.concatenate([flat_gram(b.GA) for b in bases])
+    d = jnp.diagonal(G, axis1=-2, axis2=-1)
+    pos = d > 0
+    s = jnp.where(pos, jax.lax.rsqrt(jnp.where(pos, d, 1.0)), 0.0)
+    eye = jnp.eye(G.shape[-1], dtype=G.dtype)
+    Gs = G * s[..., :, None] * s[..., None, :] + eye * (~pos)[..., None, :]
+    R = jnp.swapaxes(jnp.linalg.cholesky(Gs), -1, -2) * jnp.sqrt(jnp.clip(d, 0.0))[..., None, :]
+    ok = jnp.all(jnp.isfinite(R), axis=(-2, -1))
+    fallback = lambda: jnp.where(ok[:, None, None], R, _eigh_root(G))  # noqa: E731
+    return jax.lax.cond(jnp.all(ok), lambda: R, fallback)
+
+
+def independent_coeffs(basis: Basis, C: jax.Array) -> jax.Array:
+    """Full-member coefficients ``C: [M, M]`` -> independent members' ``E C E^T: [N, N]``."""
+    return jnp.einsum("iu,uv,jv->ij", basis.E, C, basis.E, precision=HI)
+
+
+def core(bases: list[Basis], Ct: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(R_B, R_A, R_B (E C_t E^T kron I_r) R_A^T)`` of every layer of every group,
+    ``[sum L, n, n]`` each (``n = N r``, shared by all groups); the core has the singular
+    values of ``dW``.
+
+    All roots come from ONE batched factorization, and at most one batched ``eigh``.
+    jaxlib's CPU ``eigh`` and ``svd`` split their batch into sub-tasks on XLA's thread pool
+    and wait for them; two such calls side by side on a 2-thread pool each held one thread
+    while their sub-tasks queued behind the other, and the run hung forever (seen here, in
+    gdb). One call per decomposition kind leaves nothing to run beside it.
+    """
+    N, r = bases[0].E.shape[0], bases[0].GB.shape[-1]
+    Cr = independent_coeffs(bases[0], Ct)  # E depends only on p: shared by all groups
+    GB = jnp.concatenate([b.GBr for b in bases])
+    GA = jnp.concatenate([b.GAr for b in bases])
     L, n = GB.shape[0], GB.shape[-1]
     RB, RA = jnp.split(sqrt_factor(jnp.concatenate([GB, GA])), 2)
     mid = jnp.einsum(
-        "lkur,uv,ljvr->lkj", RB.reshape(L, n, M, r), Ct, RA.reshape(L, n, M, r), precision=HI
+        "lkur,uv,ljvr->lkj", RB.reshape(L, n, N, r), Cr, RA.reshape(L, n, N, r), precision=HI
     )
     return RB, RA, mid
 
@@ -192,9 +256,9 @@ def split_layers(x: jax.Array, bases: list[Basis]) -> list[jax.Array]:
 
 
 def matrix_resid_sq(basis: Basis, X: jax.Array) -> jax.Array:
-    """``||Bm_flat X Am_flat||_F^2 = tr(X^T G_B X G_A)`` per layer, ``X: [L, M r, M r]``."""
-    GB, GA = flat_gram(basis.GB), flat_gram(basis.GA)
-    return jnp.einsum("lji,ljk,lkm,lmi->l", X, GB, X, GA, precision=HI)
+    """``||Bm X Am||_F^2 = tr(X^T G_B X G_A)`` per layer, independent members,
+    ``X: [L, N r, N r]``."""
+    return jnp.einsum("lji,ljk,lkm,lmi->l", X, basis.GBr, X, basis.GAr, precision=HI)
 
 
 def layer_stats(
