@@ -171,21 +171,23 @@ def combine(
     ``X_u - c``, the sum is ``c (x_0 - sum_u x_u) + sum_u X_u x_u``: it reads the clients'
     factors once, as they are, instead of a stacked copy of the members.
     """
-    scalar = beta.ndim == 2
     on_c = lambda x: x[:, 0] - jnp.sum(x[:, 1:], axis=1)  # noqa: E731
-    if scalar:
-        B = on_c(beta)[:, None, None] * basis.cB
-        A = on_c(alpha)[:, None, None] * basis.cA
-        b_spec, a_spec = "uor,u->or", "u,urd->rd"
+
+    def mix(centre, y, X, x, c_spec, s_spec):  # one layer: c y + sum_u X_u x_u
+        return jnp.einsum(c_spec, y, centre, precision=HI) + jnp.einsum(
+            s_spec, x[1:], X, precision=HI
+        )
+
+    # Scalars: "u,uor" lowers to a GEMV 3x faster on XLA's CPU than "uor,u" (measured).
+    if beta.ndim == 2:
+        c_b, c_a, s_b, s_a = ",or->or", ",rd->rd", "u,uor->or", "u,urd->rd"
     else:
-        B = jnp.einsum("lor,lrs->los", basis.cB, on_c(beta), precision=HI)
-        A = jnp.einsum("lsr,lrd->lsd", on_c(alpha), basis.cA, precision=HI)
-        b_spec, a_spec = "uor,urs->os", "usr,urd->sd"
-    B = B + jnp.stack([jnp.einsum(b_spec, X, x[1:], precision=HI)
-                       for X, x in zip(group.B, beta, strict=True)])  # fmt: skip
-    A = A + jnp.stack([jnp.einsum(a_spec, x[1:], X, precision=HI)
-                       for X, x in zip(group.A, alpha, strict=True)])  # fmt: skip
-    return B, A
+        c_b, c_a, s_b, s_a = "rs,or->os", "sr,rd->sd", "urs,uor->os", "usr,urd->sd"
+    # Layer by layer, the centre's term and the clients' sum in one expression: each
+    # layer's factors are read once and nothing [L, ...]-sized is added afterwards.
+    B = [mix(*t, c_b, s_b) for t in zip(basis.cB, on_c(beta), group.B, beta, strict=True)]
+    A = [mix(*t, c_a, s_a) for t in zip(basis.cA, on_c(alpha), group.A, alpha, strict=True)]
+    return jnp.stack(B), jnp.stack(A)
 
 
 def _eigh_root(G: jax.Array) -> jax.Array:
