@@ -46,19 +46,23 @@ class IndependentMembersTest(chex.TestCase):
             np.testing.assert_allclose(got[:, 1:, 1:], want[:, 1:, 1:], atol=1e-5 * scale)
             np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
 
-    def test_previous_centre_keeps_every_member(self):
-        kept, E, S = factored.independent_members(jnp.ones(4) / 4, use_previous=True)
+    def test_all_members_as_they_are(self):
+        k, kept, E = factored.independent_members(jnp.ones(4) / 4, all_members=True)
+        self.assertIsNone(k)
         np.testing.assert_array_equal(kept, np.arange(4))
         np.testing.assert_array_equal(E, np.eye(5))
-        np.testing.assert_array_equal(S, np.eye(5))
 
-    def test_E_rebuilds_the_dropped_offset(self):
+    def test_E_writes_mean_centred_members(self):
         p = common.normalize(jnp.asarray(SKEWED))
-        kept, E, S = factored.independent_members(p, use_previous=False)
-        np.testing.assert_array_equal(kept, [0, 1, 3])  # client 2 is the heaviest
-        np.testing.assert_array_equal(E @ S, np.eye(4))  # kept members map to themselves
-        # sum_u p_u (X_u - c) = 0 on the full members: p is in the null space of E's rows.
-        np.testing.assert_allclose(E[:, 1:] @ np.asarray(p), 0.0, atol=1e-7)
+        k, kept, E = factored.independent_members(p, all_members=False)
+        self.assertEqual(int(k), 2)  # the heaviest client
+        np.testing.assert_array_equal(kept, [0, 1, 3])
+        # From X_k and the differences X_u - X_k to the mean and the offsets from it.
+        X = np.random.default_rng(0).normal(size=(4, 3))
+        pn = np.float64(p)
+        full = np.concatenate([[pn @ X], X - pn @ X])
+        indep = np.concatenate([X[[2]], X[[0, 1, 3]] - X[2]])
+        np.testing.assert_allclose(np.float64(E).T @ indep, full, atol=1e-6)  # float32 p
 
 
 class SqrtFactorTest(chex.TestCase):

@@ -18,15 +18,17 @@ A matrix ``sum_{u,v} C[u,v] Bm_u Am_v`` (``C: [M, M]``) has squared Frobenius no
 
 with ``GB``/``GA`` the ``r x r`` Gram blocks. ``K`` is ``M^4`` numbers per layer: a
 solver step costs O(M^4), independent of the model width. Matrix coefficients
-(``X: [N r, N r]`` on the independent members below, the SVD) use
+(``X: [N r, N r]`` on the multiplied-out members below, the SVD) use
 ``||.||^2 = tr(X^T G_B X G_A)`` with their flat Grams.
 
 The ``M`` members are not independent when the centre is the weighted mean: the offsets
-satisfy ``sum_u p_u (X_u - c) = 0``, so the offset of the heaviest client ``k`` is
-``-sum_{u != k} (p_u / p_k) (X_u - c)``. Only the ``N = U`` independent members
-(``N = M`` for a previous-factors centre) are multiplied out: one ``[N r, N r]`` Gram per
-factor and layer, the least any factored method computes; the blocks of member ``k``
-follow from it (``E``: full members in terms of independent ones).
+satisfy ``sum_u p_u (X_u - c) = 0``. So the Grams are multiplied out for ``N = U``
+independent members only, the heaviest client ``X_k`` and the differences
+``X_u - X_k`` (``u != k``), still small where the clients agree: one ``[N r, N r]`` Gram
+per factor and layer, the least any factored method computes. The mean-centred members
+are exact combinations of these (``E``), and so are their Gram blocks. With a
+previous-factors centre all ``N = M`` members are independent and multiplied as they are;
+so are they for the SVD estimator (``all_members``, see svd.py).
 
 The best rank-r approximation uses square roots ``R^T R = G`` of the independent members'
 Grams (Cholesky of the Jacobi-scaled Gram, ``eigh`` where that is not positive definite;
@@ -57,7 +59,6 @@ class Basis(NamedTuple):
     K:  [L, M, M, M, M]    K[l, u, v, w, x] = <GB[l, u, w], GA[l, v, x]>
     w0: [U]                weights whose offsets sum to zero: p (mean centre) or 0
     E:  [N, M]             full member m = sum_i E[i, m] (independent member i)
-    S:  [M, N]             independent member i = full member m where S[m, i] = 1
     GBr, GAr: [L, N r, N r]  flat Grams of the independent members (what was multiplied)
 
     The members themselves (``[N r, d]`` per layer and factor) live only inside
@@ -71,7 +72,6 @@ class Basis(NamedTuple):
     K: jax.Array
     w0: jax.Array
     E: jax.Array
-    S: jax.Array
     GBr: jax.Array
     GAr: jax.Array
 
@@ -87,56 +87,61 @@ def _member_gram(centre: jax.Array, X: jax.Array) -> jax.Array:
     return jnp.einsum("kd,jd->kj", members, members, precision=HI)
 
 
-def independent_members(p: jax.Array, use_previous: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(kept [N - 1], E [N, M], S [M, N])``: the clients whose offsets are multiplied out.
+def independent_members(p: jax.Array, all_members: bool):
+    """``(k, kept [N - 1], E [N, M])``: what the Grams are multiplied out for.
 
-    Mean centre: every client but the heaviest ``k`` (``p_k >= 1/U > 0``, so dividing by
-    it is safe whatever zeros ``p`` holds); ``E`` writes member ``k + 1`` as
-    ``-sum_{u != k} (p_u / p_k)`` times the others. Previous-factors centre: all clients.
+    Mean centre: member 0 is the heaviest client ``X_k`` (``p_k > 0``: a real client
+    whatever zeros ``p`` holds) and member ``j + 1`` is ``X_{kept_j} - X_k``. With
+    ``P = (0, p_kept)`` the mean-centred members are ``c = X_k + P . m``,
+    ``X_u - c = m_{j(u)} - P . m`` and ``X_k - c = -P . m`` (``sum p = 1``): the columns of
+    ``E``. ``all_members``: the members as they are; ``k`` is None and ``E = I``.
     """
     U = p.shape[0]
-    if use_previous:
-        eye = jnp.eye(U + 1, dtype=jnp.float32)
-        return jnp.arange(U), eye, eye
+    if all_members:
+        return None, jnp.arange(U), jnp.eye(U + 1, dtype=jnp.float32)
     k = jnp.argmax(p)
     j = jnp.arange(U - 1)
     kept = j + (j >= k)
-    S = jnp.zeros((U + 1, U), jnp.float32).at[0, 0].set(1.0).at[kept + 1, j + 1].set(1.0)
-    return kept, S.T.at[1:, k + 1].set(-p[kept] / p[k]), S
+    P = jnp.zeros(U, jnp.float32).at[1:].set(p[kept])
+    sign = jnp.ones(U + 1, jnp.float32).at[1:].set(-1.0)
+    E = jnp.zeros((U, U + 1), jnp.float32).at[0, 0].set(1.0).at[j + 1, kept + 1].set(1.0)
+    return k, kept, E + P[:, None] * sign[None, :]
 
 
 def _full_blocks(Gr: jax.Array, E: jax.Array, r: int) -> jax.Array:
-    """Independent members' flat Grams ``[L, N r, N r]`` -> full blocks ``[L, M, M, r, r]``.
-
-    Blocks of two kept members are copied (their columns of ``E`` are unit vectors).
-    """
+    """Independent members' flat Grams ``[L, N r, N r]`` -> full blocks ``[L, M, M, r, r]``."""
     L, N = Gr.shape[0], E.shape[0]
     G = Gr.reshape(L, N, r, N, r)
     return jnp.einsum("iu,jw,liajb->luwab", E, E, G, precision=HI)
 
 
-def build_basis(group: common.LayerGroup, p: jax.Array, use_previous: bool = False) -> Basis:
+def build_basis(
+    group: common.LayerGroup, p: jax.Array, use_previous: bool = False, all_members: bool = False
+) -> Basis:
     """Centres and Grams of one layer group (centre: mean, or previous global factors).
 
-    Layer by layer, so no copy of all clients' factors is ever made: the only large
-    temporaries are one layer's members (``N r d`` numbers per factor).
+    The Grams are multiplied out for the independent members (previous-factors centre, or
+    ``all_members=True``: all ``M`` members as they are). Layer by layer, so no copy of all
+    clients' factors is ever made: the only large temporaries are one layer's members.
     """
     r = group.r
+    k, kept, E = independent_members(p, all_members or use_previous)
     if use_previous:
         cA, cB, w0 = group.prev_A, group.prev_B, jnp.zeros_like(p)
     else:
         cA = tuple(common.weighted_mean(p, A) for A in group.A)
         cB = tuple(common.weighted_mean(p, B) for B in group.B)
         w0 = p
-    kept, E, S = independent_members(p, use_previous)
-    pick = (lambda X: X) if use_previous else (lambda X: X[kept])  # noqa: E731
+    if k is None:
+        first = list(zip(cA, group.A, cB, group.B, strict=True))
+    else:
+        first = [(A[k], A[kept], B[k], B[kept]) for A, B in zip(group.A, group.B, strict=True)]
     # B_u^T B_w is a Gram of the transposed factors [r, d_out]: same GEMM as for A.
-    pairs = zip(cB, group.B, strict=True)
-    GBr = jnp.stack([_member_gram(c.T, jnp.swapaxes(pick(B), 1, 2)) for c, B in pairs])
-    GAr = jnp.stack([_member_gram(c, pick(A)) for c, A in zip(cA, group.A, strict=True)])
+    GBr = jnp.stack([_member_gram(c.T, jnp.swapaxes(B, 1, 2)) for _, _, c, B in first])
+    GAr = jnp.stack([_member_gram(c, A) for c, A, _, _ in first])
     GB, GA = _full_blocks(GBr, E, r), _full_blocks(GAr, E, r)
     K = jnp.einsum("luwij,lvxij->luvwx", GB, GA, precision=HI)
-    return Basis(jnp.stack(cB), jnp.stack(cA), GB, GA, K, w0, E, S, GBr, GAr)
+    return Basis(jnp.stack(cB), jnp.stack(cA), GB, GA, K, w0, E, GBr, GAr)
 
 
 def target_coeffs(q: jax.Array, w0: jax.Array) -> jax.Array:
@@ -190,7 +195,7 @@ def combine(
     return jnp.stack(B), jnp.stack(A)
 
 
-def _eigh_root(G: jax.Array) -> jax.Array:
+def eigh_root(G: jax.Array) -> jax.Array:
     """``R: [L, n, n]`` with ``R^T R = G`` for PSD ``G: [L, n, n]``, from ``eigh``.
 
     Jacobi scaling (unit diagonal) before ``eigh`` keeps each column's error relative to
@@ -219,7 +224,7 @@ def sqrt_factor(G: jax.Array) -> jax.Array:
     Gs = G * s[..., :, None] * s[..., None, :] + eye * (~pos)[..., None, :]
     R = jnp.swapaxes(jnp.linalg.cholesky(Gs), -1, -2) * jnp.sqrt(jnp.clip(d, 0.0))[..., None, :]
     ok = jnp.all(jnp.isfinite(R), axis=(-2, -1))
-    fallback = lambda: jnp.where(ok[:, None, None], R, _eigh_root(G))  # noqa: E731
+    fallback = lambda: jnp.where(ok[:, None, None], R, eigh_root(G))  # noqa: E731
     return jax.lax.cond(jnp.all(ok), lambda: R, fallback)
 
 
@@ -228,10 +233,10 @@ def independent_coeffs(basis: Basis, C: jax.Array) -> jax.Array:
     return jnp.einsum("iu,uv,jv->ij", basis.E, C, basis.E, precision=HI)
 
 
-def core(bases: list[Basis], Ct: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def core(bases: list[Basis], Ct: jax.Array, root=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(R_B, R_A, R_B (E C_t E^T kron I_r) R_A^T)`` of every layer of every group,
     ``[sum L, n, n]`` each (``n = N r``, shared by all groups); the core has the singular
-    values of ``dW``.
+    values of ``dW``. ``root``: :func:`sqrt_factor` unless given.
 
     All roots come from ONE batched factorization, and at most one batched ``eigh``.
     jaxlib's CPU ``eigh`` and ``svd`` split their batch into sub-tasks on XLA's thread pool
@@ -244,7 +249,7 @@ def core(bases: list[Basis], Ct: jax.Array) -> tuple[jax.Array, jax.Array, jax.A
     GB = jnp.concatenate([b.GBr for b in bases])
     GA = jnp.concatenate([b.GAr for b in bases])
     L, n = GB.shape[0], GB.shape[-1]
-    RB, RA = jnp.split(sqrt_factor(jnp.concatenate([GB, GA])), 2)
+    RB, RA = jnp.split((root or sqrt_factor)(jnp.concatenate([GB, GA])), 2)
     mid = jnp.einsum(
         "lkur,uv,ljvr->lkj", RB.reshape(L, n, N, r), Cr, RA.reshape(L, n, N, r), precision=HI
     )
@@ -258,7 +263,7 @@ def split_layers(x: jax.Array, bases: list[Basis]) -> list[jax.Array]:
 
 
 def matrix_resid_sq(basis: Basis, X: jax.Array) -> jax.Array:
-    """``||Bm X Am||_F^2 = tr(X^T G_B X G_A)`` per layer, independent members,
+    """``||Bm X Am||_F^2 = tr(X^T G_B X G_A)`` per layer over the multiplied-out members,
     ``X: [L, N r, N r]``."""
     return jnp.einsum("lji,ljk,lkm,lmi->l", X, basis.GBr, X, basis.GAr, precision=HI)
 

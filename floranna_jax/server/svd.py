@@ -4,10 +4,10 @@ Update rule (METHOD.md; baseline in arXiv 2509.26399):
 
     dW_ideal = U S V^T (truncated to r),   B = U_r S_r^1/2,   A = S_r^1/2 V_r^T
 
-computed from factors only. With the stacked independent members ``Bm = Q_B R_B`` and
-``Am^T = Q_A R_A`` (``R`` from :func:`factored.sqrt_factor`, the triangular factor of a QR
+computed from factors only. With the stacked members ``Bm = Q_B R_B`` and
+``Am^T = Q_A R_A`` (``R`` from :func:`factored.eigh_root`, the triangular factor of a QR
 up to an orthogonal rotation), ``dW_ideal = Q_B (R_B X R_A^T) Q_A^T`` with
-``X = E C_t E^T kron I_r``; the ``[N r, N r]`` core is SVD'd as ``Uc S Vc^T`` and
+``X = C_t kron I_r``; the ``[M r, M r]`` core is SVD'd as ``Uc S Vc^T`` and
 
     B = Bm (X R_A^T Vc_r S_r^-1/2),      A = (S_r^-1/2 Uc_r^T R_B X) Am
 
@@ -26,20 +26,17 @@ from floranna_jax.server.method import Method, make_method
 
 def _factors(group: common.LayerGroup, basis: factored.Basis, Ct, RB, RA, Uc, S, Vct):
     """``(lora, resid_sq)`` of one group from its slice of the decompositions."""
-    L, r = basis.GB.shape[0], basis.GB.shape[-1]
-    N = basis.E.shape[0]
+    L, M, _, _, r = basis.GB.shape
     Sr = S[:, :r]
     # Directions with sigma ~ 0 carry nothing; dropping them avoids dividing by zero.
     keep = Sr > S[:, :1] * (jnp.finfo(jnp.float32).eps * S.shape[-1])
     inv = jnp.where(keep, jnp.sqrt(1.0 / jnp.where(keep, Sr, 1.0)), 0.0)  # S_r^-1/2
-    X = jnp.kron(factored.independent_coeffs(basis, Ct), jnp.eye(r, dtype=jnp.float32))
+    X = jnp.kron(Ct, jnp.eye(r, dtype=jnp.float32))  # [M r, M r]
     NB = jnp.einsum("ij,lkj,lkt,lt->lit", X, RA, Vct[:, :r].swapaxes(1, 2), inv,
                     precision=factored.HI)  # fmt: skip
     MA = jnp.einsum("lt,lkt,lkj,ji->lti", inv, Uc[:, :, :r], RB, X, precision=factored.HI)
-    # Coefficients of the independent members are those of the same full members.
-    full = lambda c: jnp.einsum("mi,lirs->lmrs", basis.S, c, precision=factored.HI)  # noqa: E731
-    B, A = factored.combine(group, basis, full(NB.reshape(L, N, r, r)),
-                            full(MA.reshape(L, r, N, r).transpose(0, 2, 1, 3)))  # fmt: skip
+    B, A = factored.combine(group, basis, NB.reshape(L, M, r, r),
+                            MA.reshape(L, r, M, r).transpose(0, 2, 1, 3))  # fmt: skip
     resid = factored.matrix_resid_sq(basis, X[None] - jnp.einsum("lit,ltj->lij", NB, MA))
     return {"A": A, "B": B}, resid
 
@@ -48,11 +45,14 @@ def aggregate(clients: common.Clients, weights, state=None, svd_metric: bool = T
     del state, svd_metric  # the SVD is the method itself
     p = common.normalize(weights)
     groups = common.group_layers(clients)
-    bases = [factored.build_basis(g, p) for g in groups]
+    # All M members and eigh roots: the factors depend on the basis through the signs of
+    # the singular vectors, which recorded runs pin (tests/test_train.py). The independent
+    # members and Cholesky roots of the metrics would flip some of them.
+    bases = [factored.build_basis(g, p, all_members=True) for g in groups]
     r = groups[0].r
     Ct = factored.target_coeffs(p, bases[0].w0)
-    # One root factorization and one SVD for all groups (see factored.core for why).
-    RB, RA, mid = factored.core(bases, Ct)
+    # One eigh and one SVD for all groups (see factored.core for why never two at once).
+    RB, RA, mid = factored.core(bases, Ct, root=factored.eigh_root)
     Uc, S, Vct = jnp.linalg.svd(mid, full_matrices=False)
     per_group = zip(*(factored.split_layers(x, bases) for x in (RB, RA, Uc, S, Vct)), strict=True)
     outs = [_factors(g, b, Ct, *xs) for g, b, xs in zip(groups, bases, per_group, strict=True)]
