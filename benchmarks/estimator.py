@@ -9,6 +9,11 @@ FLoRA-NA objective evaluated densely as peer implementations do: form ``sum_u p_
 per layer, then one loss-and-gradient of ``sum_l ||dW_l - B_hat A_hat||^2`` w.r.t.
 ``(a, b)``, scaled to 200 steps (``form + 200 x one evaluation``). Client factors are
 a shared global adapter plus a 10% per-client perturbation, generated on the device.
+
+Each estimator is set against the Gram floor: the jitted computation of just the two
+``[U r, U r]`` Gram blocks per layer (``A_u A_v^T`` and ``B_u^T B_v``, stacked), the least
+any factored method computes. The floor and every estimator run in turn, round after
+round, so each ratio compares figures taken under the same machine load.
 Names the machine. Not a test: nothing is asserted.
 """
 
@@ -83,6 +88,40 @@ def timed(fn, *args, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def timed_in_turn(calls: dict, repeats: int) -> tuple[dict, dict]:
+    """``name -> (fn, args)``: compile all, then run them round-robin ``repeats`` times.
+
+    Returns (compile + first run seconds, median seconds) per name. In turn rather than
+    one after another: on a shared machine the load drifts, and a ratio of two medians
+    is only fair when both were taken under the same load.
+    """
+    first, times = {}, {name: [] for name in calls}
+    for name, (fn, args) in calls.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        first[name] = time.perf_counter() - t0
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return first, {name: statistics.median(t) for name, t in times.items()}
+
+
+@jax.jit
+def gram_floor(clients):
+    """The two ``[U r, U r]`` Gram blocks of each layer, nothing else: ``A_u A_v^T`` of the
+    stacked ``[U r, d_in]`` and ``B_u^T B_v`` of the stacked ``[U r, d_out]`` (each one
+    GEMM; this layout measured fastest here among the obvious ones)."""
+    out = {}
+    for name, f in clients.items():
+        U, r, _ = f["A"].shape
+        A = f["A"].reshape(U * r, -1)
+        B = jnp.swapaxes(f["B"], 1, 2).reshape(U * r, -1)
+        out[name] = (A @ A.T, B @ B.T)
+    return out
+
+
 def dense_peer(clients, p, repeats: int) -> dict:
     """The dense evaluation: form dW per layer, then one value-and-grad, scaled to 200."""
     A = jnp.stack([f["A"] for f in clients.values()])  # [L, U, r, d_in]
@@ -117,23 +156,30 @@ def run_model(name, dims, repeats: int) -> dict:
     clients = make_clients(jax.random.key(0), layers, d_out, d_in, r, U)
     p = jnp.full((U,), 1.0 / U, jnp.float32)
     out = {"shape": dict(layers=layers, d_out=d_out, d_in=d_in, r=r, U=U), "methods": {}}
+    calls = {"floor": (gram_floor, (clients,))}
     for label, method, hp in METHODS:
         est = server.make(method, **hp)
-        fn = jax.jit(est.aggregate)
-        first, med = timed(fn, clients, p, repeats=repeats)
-        m = jax.device_get(fn(clients, p)[2])
-        del fn  # frees the compiled program's buffers before the next method
-        med_fast = med  # the SVD is the method: nothing to skip
-        if method != "svd":
+        calls[label] = (jax.jit(est.aggregate), (clients, p))
+        if method != "svd":  # the SVD is the method: nothing to skip
             fast = jax.jit(functools.partial(est.aggregate, svd_metric=False))
-            _, med_fast = timed(fast, clients, p, repeats=repeats)
-            del fast
-        out["methods"][label] = {"seconds": med, "seconds_without_rho_svd": med_fast,
-                                 "compile_and_first_s": first,
+            calls[label + " -svd"] = (fast, (clients, p))
+    first, med = timed_in_turn(calls, repeats)
+    floor = med["floor"]
+    out["gram_floor_s"] = floor
+    print(f"  {name:14s} {'Gram floor':22s} {floor:8.3f} s", flush=True)
+    for label, _, _ in METHODS:
+        m = jax.device_get(calls[label][0](clients, p)[2])
+        fast = med.get(label + " -svd", med[label])
+        out["methods"][label] = {"seconds": med[label], "seconds_without_rho_svd": fast,
+                                 "x_floor": med[label] / floor,
+                                 "x_floor_without_rho_svd": fast / floor,
+                                 "compile_and_first_s": first[label],
                                  "rho_rel": float(m["rho_rel"]),
                                  "rho_svd_rel": float(m["rho_svd_rel"])}  # fmt: skip
-        print(f"  {name:14s} {label:22s} {med:8.3f} s  (without rho_svd {med_fast:8.3f} s)"
+        print(f"  {name:14s} {label:22s} {med[label]:8.3f} s = {med[label] / floor:5.2f} x floor"
+              f"  (without rho_svd {fast:8.3f} s = {fast / floor:5.2f} x)"
               f"  rho_rel {float(m['rho_rel']):.4e}", flush=True)  # fmt: skip
+    del calls  # frees the compiled programs' buffers before the dense evaluation
     t0 = time.perf_counter()
     agg = server.aggregate("floranna", clients, p)
     out["entry_floranna_first_call_s"] = time.perf_counter() - t0
@@ -151,7 +197,7 @@ def run_model(name, dims, repeats: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one small shape, seconds")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--models", default="", help="comma list of MODELS keys (default all)")
     ap.add_argument("--out", default="bench_out/estimator.json")
     args = ap.parse_args(argv)
@@ -162,14 +208,17 @@ def main(argv=None) -> None:
     print("machine:", result["machine"], flush=True)
     for name, dims in models.items():
         result["models"][name] = run_model(name, dims, args.repeats)
-    print("\n| shape | method | s / aggregation (all metrics) | without rho_svd | rho_rel |")
-    print("|---|---|---|---|---|")
+    cols = ("shape", "method", "s, all metrics", "x floor", "s, without rho_svd", "x floor",
+            "rho_rel")  # fmt: skip
+    print("\n| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
     for name, res in result["models"].items():
+        print(f"| {name} | Gram floor | {res['gram_floor_s']:.3f} | 1 | | | |")
         for label, v in res["methods"].items():
-            print(f"| {name} | {label} | {v['seconds']:.3f} | {v['seconds_without_rho_svd']:.3f}"
-                  f" | {v['rho_rel']:.3e} |")  # fmt: skip
+            print(f"| {name} | {label} | {v['seconds']:.3f} | {v['x_floor']:.2f} |"
+                  f" {v['seconds_without_rho_svd']:.3f} | {v['x_floor_without_rho_svd']:.2f} |"
+                  f" {v['rho_rel']:.3e} |")  # fmt: skip
         d = res["dense_floranna_objective_200"]
-        print(f"| {name} | dense objective x200 (peers) | {d['total_s']:.3f} | | |")
+        print(f"| {name} | dense objective x200 (peers) | {d['total_s']:.3f} | | | | |")
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))

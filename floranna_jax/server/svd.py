@@ -5,7 +5,7 @@ Update rule (METHOD.md; baseline in arXiv 2509.26399):
     dW_ideal = U S V^T (truncated to r),   B = U_r S_r^1/2,   A = S_r^1/2 V_r^T
 
 computed from factors only. With the stacked members ``Bm = Q_B R_B`` and
-``Am^T = Q_A R_A`` (``R`` from :func:`factored.sqrt_factor`, the triangular factor of a QR
+``Am^T = Q_A R_A`` (``R`` from :func:`factored.eigh_root`, the triangular factor of a QR
 up to an orthogonal rotation), ``dW_ideal = Q_B (R_B X R_A^T) Q_A^T`` with
 ``X = C_t kron I_r``; the ``[M r, M r]`` core is SVD'd as ``Uc S Vc^T`` and
 
@@ -45,11 +45,14 @@ def aggregate(clients: common.Clients, weights, state=None, svd_metric: bool = T
     del state, svd_metric  # the SVD is the method itself
     p = common.normalize(weights)
     groups = common.group_layers(clients)
-    bases = [factored.build_basis(g, p) for g in groups]
+    # All M members and eigh roots: the factors depend on the basis through the signs of
+    # the singular vectors, which recorded runs pin (tests/test_train.py). The independent
+    # members and Cholesky roots of the metrics would flip some of them.
+    bases = [factored.build_basis(g, p, all_members=True) for g in groups]
     r = groups[0].r
     Ct = factored.target_coeffs(p, bases[0].w0)
     # One eigh and one SVD for all groups (see factored.core for why never two at once).
-    RB, RA, mid = factored.core(bases, Ct)
+    RB, RA, mid = factored.core(bases, Ct, root=factored.eigh_root)
     Uc, S, Vct = jnp.linalg.svd(mid, full_matrices=False)
     per_group = zip(*(factored.split_layers(x, bases) for x in (RB, RA, Uc, S, Vct)), strict=True)
     outs = [_factors(g, b, Ct, *xs) for g, b, xs in zip(groups, bases, per_group, strict=True)]
