@@ -10,7 +10,8 @@ batching, the runner, the checks, the server). Each timed round is called twice 
 same state: the first call compiles whatever that round needs (a new packed row count),
 the second, timed, gives steady-state speed; figures sum ``--rounds`` rounds. The peer
 (:mod:`benchmarks.torch_peer`, when torch and peft import) trains the same clients on
-the same examples and token ids, each batch padded to its own longest.
+the same examples and token ids, each batch padded to its own longest, in a child process
+of its own (torch's threads beside JAX's in one process ran it several times slower).
 
 Evaluation, after the last round: the run's evaluator, global (SST-2 dev) plus local (each
 client's held-out rows, at most ``--max-local``), packed and padded, after a warm-up call.
@@ -24,6 +25,7 @@ Asserts nothing.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import pathlib
@@ -124,26 +126,29 @@ def main(a) -> dict:
     outs = {}
     clocks = {label: Clock() for label in [*VARIANTS, "peer", "eval packed", "eval padded"]}
     examples = dict.fromkeys(clocks, 0.0)
-    peer = None
-    if torch_peer.available():
-        c = configs[DEFAULT]
-        peer = torch_peer.Peer(
-            a.model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-            targets=tuple(c.lora.targets), learning_rate=c.client.learning_rate,
-            threads=a.threads,
-        )  # fmt: skip
-    for r in range(a.rounds):
-        for label, run in runs.items():
-            states[label], outs[label], n = project_round(run, states[label], clocks[label])
-            examples[label] += n
-            print(f"round {r + 1}, {label}: {n:.0f} examples", flush=True)
-        if peer is not None:
-            work, weights, n = peer_work(configs[DEFAULT], runs[DEFAULT], r)
-            if r == 0:
-                peer.round(work, weights)  # warm-up, as the project's compiling call
-            with clocks["peer"]:
-                peer.round(work, weights)
-            examples["peer"] += n
+    with contextlib.ExitStack() as stack:
+        peer = None
+        if torch_peer.available():
+            c = configs[DEFAULT]
+            peer = stack.enter_context(torch_peer.Process(
+                model_path=a.model, rank=c.lora.rank, alpha=c.lora.alpha,
+                dropout=c.lora.dropout, targets=tuple(c.lora.targets),
+                learning_rate=c.client.learning_rate, threads=a.threads,
+            ))  # fmt: skip
+        for r in range(a.rounds):
+            for label, run in runs.items():
+                states[label], outs[label], n = project_round(run, states[label], clocks[label])
+                examples[label] += n
+                print(f"round {r + 1}, {label}: {n:.0f} examples", flush=True)
+            if peer is not None:
+                work, weights, n = peer_work(configs[DEFAULT], runs[DEFAULT], r)
+                if r == 0:
+                    peer.round(work, weights)  # warm-up, as the project's compiling call
+                wall, cpu = peer.round(work, weights)
+                clocks["peer"].wall += wall
+                clocks["peer"].cpu += cpu
+                examples["peer"] += n
+                print(f"round {r + 1}, peer: {n:.0f} examples", flush=True)
     for label, layout in ((DEFAULT, "packed"), ("padded, chunked vmap", "padded")):
         run, part = runs[label], runs[label].exp.part
         scores = evaluate(run, states[label], outs[label], clocks[f"eval {layout}"])

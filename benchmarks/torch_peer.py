@@ -7,12 +7,14 @@ steps on its batches, each batch padded to its own longest example (dynamic padd
 very examples, token ids and settings of the project's round it is compared with.
 
 Needs ``torch`` and ``peft`` (not dependencies of the project); :func:`available` says
-whether they import.
+whether they import. :class:`Process` runs the peer in a child process of its own, so that
+torch's threads never share a process with JAX's, and times each round there.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 import time
 
 import numpy as np
@@ -85,3 +87,40 @@ def dynamic_batches(arrays: dict[str, np.ndarray], lengths: np.ndarray, take: np
         batch["labels"] = arrays["label"][rows].astype(np.int64)
         out.append(batch)
     return out
+
+
+class Process:
+    """A :class:`Peer` in a spawned child process (``with Process(**peer_args) as p:``).
+
+    :meth:`round` sends one round's work and returns the child's wall and CPU seconds
+    (process CPU time of all its threads) for it; the parent waits idle meanwhile.
+    """
+
+    def __init__(self, **peer_args) -> None:
+        self.peer_args = peer_args
+
+    def __enter__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, self.peer_args), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn.recv()  # the model is loaded
+        return self
+
+    def round(self, clients, weights) -> tuple[float, float]:
+        self.conn.send((clients, weights))
+        return self.conn.recv()
+
+    def __exit__(self, *exc):
+        self.conn.send(None)
+        self.proc.join()
+
+
+def _serve(conn, peer_args: dict) -> None:
+    peer = Peer(**peer_args)
+    conn.send("ready")
+    while (work := conn.recv()) is not None:
+        cpu = time.process_time()
+        wall = peer.round(*work)
+        conn.send((wall, time.process_time() - cpu))
