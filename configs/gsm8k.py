@@ -26,6 +26,16 @@ convert the GGUF once, then point the run at local files:
         --config.data.max_train_examples=2000 --config.client.batch_size=8 \
         --config.client.learning_rate=2e-4 --config.eval.max_examples=64
 
+The evidence run of issue 9 is that command as a config, about 15 minutes per method here:
+
+    python launch.py --config=configs/gsm8k.py:smollm2 --workdir=runs/gsm8k_smollm2_fedit \
+        --config.server.name=fedit
+    python launch.py --config=configs/gsm8k.py:smollm2 --workdir=runs/gsm8k_smollm2_floranna
+
+4 clients (all sampled), 3 rounds of 5 local steps of batch 4 on the first 400 training
+problems, global exact match and answer loss on the first 64 test problems before round 1
+and after round 3, local on 16 held-out problems per client (docs/gsm8k_smollm2.md).
+
 (SmolLM2 has a chat template, so ``data.prompt="auto"`` uses it; LLaMA-2's base tokenizer has
 none, so its prompts are plain "Question: ...\nAnswer:\n".) ``data.partition.scheme`` may be
 iid or quantity only: the rows have no label for a Dirichlet split.
@@ -112,6 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         every_rounds=5,  # evaluate every this many rounds (and after the last)
         batch_size=16,  # prompts per generation call and rows per loss forward
         local=True,  # also evaluate each sampled client on its held-out split
+        at_start=False,  # also evaluate the global model before round 1 (row "round": 0)
         max_local_examples=32,  # held-out rows per client in the local evaluation (0 = all)
         max_examples=0,  # test problems in the global evaluation, the first ones (0 = all)
         max_new_tokens=256,  # greedy tokens generated per prompt (fixed: compiles once)
@@ -142,6 +153,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.batch_size = 8
         c.eval.max_local_examples = 4
         c.eval.max_new_tokens = 16
+    elif arg == "smollm2":
+        c.model.path = "~/.cache/floranna/models/SmolLM2-135M-Instruct-hf"
+        c.model.compute_dtype = "float32"
+        c.data.source, c.data.dir = "local", "../shared/data"  # relative to the repository root
+        c.data.max_length = 384
+        c.data.max_train_examples = 400
+        c.partition.num_clients = 4
+        c.client.local_steps, c.client.batch_size = 5, 4
+        c.client.learning_rate = 1e-3
+        c.train.num_rounds, c.train.clients_per_round = 3, 4
+        c.ckpt.every_rounds = 1
+        c.eval.at_start = True  # the pretrained model's scores, before any round
+        c.eval.every_rounds = 3
+        c.eval.max_examples = 64  # the first 64 test problems
+        c.eval.max_local_examples = 16
     elif arg not in (None, ""):
-        raise ValueError(f"configs/gsm8k.py: unknown arg {arg!r}; valid: '' or 'smoke'")
+        raise ValueError(f"configs/gsm8k.py: unknown arg {arg!r}; valid: '', 'smoke' or 'smollm2'")
     return c

@@ -14,7 +14,8 @@ Keys of a row: ``train/loss``, ``server/rho``, ``server/rho_rel``, ``server/rho_
 ``comm/bytes_{up,down}_total`` (cumulative over rounds and sampled clients), ``time/*_s``
 (wall seconds per phase, the only fields that differ between identical runs), and on
 evaluation rounds ``eval/global/<metric>``, ``eval/local/<metric>`` and
-``eval/gap/<metric>`` (local minus global).
+``eval/gap/<metric>`` (local minus global). With ``eval.at_start`` a first row of
+``"round": 0`` holds the global evaluation of the model before training.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Reporter:
         self.workdir, self.main_metric = workdir, main_metric
         self.path = os.path.join(workdir, METRICS_FILE)
         kept = _truncate(self.path, start_round)
+        self.kept = kept  # rows of the rounds already done (resuming), in order
         from tensorboardX import SummaryWriter  # noqa: PLC0415  (slow import)
 
         # metrics.jsonl is the source of truth: the event files are rebuilt from its kept rows.
@@ -112,7 +114,7 @@ class Reporter:
         if glob is not None:
             shown[self.main_metric] = glob
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None})
-        self.bar.update(1)
+        self.bar.update(1 if row["round"] else 0)  # round 0: the evaluation before training
 
     def finish(self, title: str) -> str:
         """Write summary.md and the plots; return the summary table."""
@@ -157,6 +159,9 @@ def summary_table(rows: list[dict[str, Any]], main_metric: str, title: str) -> s
         ("bytes up (total)", format_value(_last(rows, "comm/bytes_up_total"), "bytes")),
         ("bytes down (total)", format_value(_last(rows, "comm/bytes_down_total"), "bytes")),
     ]  # fmt: skip
+    before = [r[f"eval/global/{m}"] for r in rows if r["round"] == 0 and f"eval/global/{m}" in r]
+    if before:  # eval.at_start: the global model before training
+        lines.insert(1, (f"global {m} before round 1", format_value(before[0])))
     for phase in ("clients", "server", "eval"):
         total = sum(r.get(f"time/{phase}_s", 0.0) for r in rows)
         lines.append((f"time {phase} (s, all rounds)", f"{total:.2f}"))

@@ -2,7 +2,8 @@
 
 The loop reads top to bottom: one round (``rounds.make_round``: clients, then server),
 an evaluation every ``eval.every_rounds`` rounds and after the last (the task's
-evaluator), one metrics row (``reporting``), a checkpoint every ``ckpt.every_rounds``
+evaluator; with ``eval.at_start`` also the global model before round 1), one metrics row
+(``reporting``), a checkpoint every ``ckpt.every_rounds``
 rounds (``checkpoint``). A run restarted on the same workdir resumes from its newest
 checkpoint and, on CPU, ends bit-identical to an uninterrupted run: all randomness is a
 function of (seed, round, client) (see ``keys``), and the metrics rows after the
@@ -97,9 +98,13 @@ def build(config, *, loss_wrapper=None) -> Run:
     return Run(round_fn, state, evaluator, exp, server_, base_of)
 
 
+def _global_eval(run: Run, state) -> dict[str, float]:
+    return run.evaluator.global_eval(run.base_of(state), {"lora": state.lora, "head": state.head})
+
+
 def _eval_row(run: Run, config, state, out) -> dict[str, float]:
     """Global model on validation, sampled clients on their holdout, and their gap."""
-    glob = run.evaluator.global_eval(run.base_of(state), {"lora": state.lora, "head": state.head})
+    glob = _global_eval(run, state)
     row = {f"eval/global/{k}": v for k, v in glob.items()}
     if config.eval.local:
         local = run.evaluator.local_eval(out.base, out.trainable, out.client_ids)
@@ -197,6 +202,10 @@ def run(config, workdir: str) -> str:
     reporter = reporting.Reporter(
         workdir, start_round=start, num_rounds=num_rounds, main_metric=run_.exp.task.main_metric
     )
+    if config.eval.at_start and start == 0 and not reporter.kept:
+        t0 = time.perf_counter()
+        row = {"round": 0, **{f"eval/global/{k}": v for k, v in _global_eval(run_, state).items()}}
+        reporter.write(row | {"time/eval_s": time.perf_counter() - t0})
     while int(state.round) < num_rounds:
         state, out = run_.round_fn(state)
         r = int(state.round)

@@ -80,7 +80,7 @@ def test_two_cell_grid_runs_and_publishes_small_text(grid_run):
     for cell in CELLS:
         folder = grid_run.out / "smoke" / cell
         assert {p.name for p in folder.iterdir()} == PUBLISHED  # no checkpoints, no PNGs
-        assert [r["round"] for r in _rows(folder)] == [1, 2]
+        assert [r["round"] for r in _rows(folder)] == [0, 1, 2]  # 0: eval.at_start
         assert (grid_run.work / "smoke" / cell / "checkpoints").is_dir()
     config = json.loads((grid_run.out / "smoke" / CELLS[1] / "config.json").read_text())
     assert (config["server"]["name"], config["server"]["scope"]) == ("floranna", "layer")
@@ -124,7 +124,7 @@ def test_interrupted_cell_resumes_and_equals_uninterrupted(grid_run, tmp_path, m
 
     def killed_at_round_2(self, row):
         if row["round"] == 2:
-            raise _Killed  # round 1 is written and checkpointed, round 2 is lost
+            raise _Killed  # rounds 0 (at start) and 1 are written, round 2 is lost
         written.append(row["round"])
         write(self, row)
 
@@ -137,7 +137,7 @@ def test_interrupted_cell_resumes_and_equals_uninterrupted(grid_run, tmp_path, m
             reporting.Reporter, "write", lambda s, r: (written.append(r["round"]), write(s, r))
         )
         done = runner.run_grids(study, ["one"], out, work)
-    assert written == [1, 2]  # the resumed call trained round 2 only
+    assert written == [0, 1, 2]  # the resumed call trained round 2 only
     assert [r.status for r in done] == ["done"]
     resumed = tmp_path / "docs" / "smoke" / CELLS[0]
     assert _rows(resumed) == _rows(grid_run.out / "smoke" / CELLS[0])  # bit-identical on CPU
@@ -171,14 +171,16 @@ def test_report_from_committed_rows_alone(grid_run, tmp_path):
         got = _table_row(_section(text, "Global and local"), "0.5", method, "1")
         evals = [r for r in rows[cell] if "eval/global/accuracy" in r]
         by_hand[method] = evals[-1]["eval/global/accuracy"]
-        rho = np.mean([r["server/rho_rel"] for r in rows[cell]])
-        assert got[3] == f"{by_hand[method]:.4f}"
-        assert got[4] == f"{max(r['eval/global/accuracy'] for r in evals):.4f}"
-        assert got[5] == f"{evals[-1]['eval/local/accuracy']:.4f}"
-        assert got[7] == f"{evals[-1]['eval/gap/accuracy']:.4f}"
-        assert got[8] == f"{rho:.4f}"
+        rho = np.mean([r["server/rho_rel"] for r in rows[cell] if r["round"]])
+        assert evals[0]["round"] == 0 and "eval/local/accuracy" not in evals[0]  # at_start
+        assert got[3] == f"{evals[0]['eval/global/accuracy']:.4f}"
+        assert got[4] == f"{by_hand[method]:.4f}"
+        assert got[5] == f"{max(r['eval/global/accuracy'] for r in evals[1:]):.4f}"
+        assert got[6] == f"{evals[-1]['eval/local/accuracy']:.4f}"
+        assert got[8] == f"{evals[-1]['eval/gap/accuracy']:.4f}"
+        assert got[9] == f"{rho:.4f}"
         total = rows[cell][-1]["comm/bytes_up_total"] + rows[cell][-1]["comm/bytes_down_total"]
-        assert got[9] == reporting.format_value(total, "bytes")
+        assert got[10] == reporting.format_value(total, "bytes")
     diff = by_hand["floranna_layer"] - by_hand["fedit"]
     assert _table_row(_section(text, "Paired"), "0.5", "floranna_layer")[3] == f"{diff:+.4f}"
     assert "grid `core`: 2 of 2 cells finished" in text
@@ -262,7 +264,7 @@ def test_report_numbers_over_seeds_by_hand(tmp_path):
 
     row = _table_row(_section(text, "Global and local"), "0.5", "floranna_layer", "3")
     x = finals["floranna_layer"]
-    assert row[3] == f"{statistics.mean(x):.4f} ± {statistics.stdev(x):.4f}"  # ddof = 1
+    assert row[4] == f"{statistics.mean(x):.4f} ± {statistics.stdev(x):.4f}"  # ddof = 1
     d = [a - b for a, b in zip(x, finals["fedit"], strict=True)]
     paired = _table_row(_section(text, "Paired"), "0.5", "floranna_layer")
     assert paired[2:8] == [

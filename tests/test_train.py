@@ -43,6 +43,20 @@ def test_smoke_config_runs_end_to_end(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["server"]["name"] == "floranna"
 
 
+def test_at_start_evaluates_the_untrained_model_once(tmp_path):
+    config = smoke_config(**{"eval.at_start": True, "train.num_rounds": 1})
+    train.run(config, str(tmp_path))
+    config.train.num_rounds = 2  # resumed: round 0 is not evaluated again
+    summary = train.run(config, str(tmp_path))
+    rows = reporting.read_rows(tmp_path / reporting.METRICS_FILE)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert {k.split("/")[0] for k in rows[0]} == {"round", "eval", "time"}
+    assert all(k.startswith("eval/global/") for k in rows[0] if k.startswith("eval"))
+    before = rows[0]["eval/global/accuracy"]
+    line = next(x for x in summary.splitlines() if "global accuracy before round 1" in x)
+    assert line.split("|")[2].strip() == reporting.format_value(before)
+
+
 def test_every_estimator_is_listed():
     assert set(ESTIMATORS) <= set(server.ESTIMATORS)
 

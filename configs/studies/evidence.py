@@ -54,6 +54,7 @@ def _experiment(arg: str):
 def _base(smoke: bool):
     c = _experiment("smoke" if smoke else "")
     c.server.compare = ("fedit", "floranna_layer", "floranna_model", "svd")
+    c.eval.at_start = True  # the untrained model's scores (round 0): where learning starts
     if smoke:
         return c
     c.model.path = "~/.cache/floranna/models/all-MiniLM-L6-v2"

@@ -103,10 +103,13 @@ def stats(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
     evaluation (``*_final``) and the best evaluation (``global_best``, ``local_best``),
     ``rho_rel`` (mean over rounds), ``bytes`` (up + down, all rounds and clients),
     ``server_s``, ``compute_s`` (clients + server + eval seconds, all rounds), ``rounds``,
-    and ``compare/<label>`` (mean ``rho_rel`` of that estimator on the run's uploads)."""
-    evals = [r for r in rows if f"eval/global/{metric}" in r]
+    ``compare/<label>`` (mean ``rho_rel`` of that estimator on the run's uploads), and
+    ``global_start``, the untrained model's (the ``eval.at_start`` row, round 0)."""
+    key = f"eval/global/{metric}"
+    evals = [r for r in rows if r["round"] > 0 and key in r]
     nan = float("nan")
     out = {"rounds": float(rows[-1]["round"]) if rows else nan}
+    out["global_start"] = next((r[key] for r in rows if r["round"] == 0 and key in r), nan)
     for side in ("global", "local", "gap"):
         key = f"eval/{side}/{metric}"
         values = [r[key] for r in evals if key in r]

@@ -72,13 +72,15 @@ def by_group(runs: list[Run], group) -> dict[str, list[Run]]:
 
 
 def metric_table(runs: list[Run], groups, metric: str, group_axis: str) -> list[str]:
-    cols = ["global final", "global best", "local final", "local best", "gap final"]
-    keys = ["global_final", "global_best", "local_final", "local_best", "gap_final"]
+    cols = ["global at start", "global final", "global best", "local final", "local best",
+            "gap final"]  # fmt: skip
+    keys = ["global_start", "global_final", "global_best", "local_final", "local_best",
+            "gap_final"]  # fmt: skip
     lines = [
         f"| {group_axis} | method | seeds | "
         + " | ".join(f"{c} {metric}" for c in cols)
         + " | rho_rel (mean over rounds) | bytes (up + down) | server s |",
-        "|" + "---|" * 11,
+        "|" + "---|" * 12,
     ]
     for group in groups:
         for method, mine in by_group(runs, group).items():
