@@ -1,6 +1,6 @@
 """Tests of the generation-scored tasks (floranna_jax/tasks/generation.py, data/completion.py):
-both smoke configs run end to end and report the generation and answer-loss metrics, a
-resumed smoke run is bit-exact, prompts and loss masks are built right on real GSM8K and
+both smoke configs run end to end through launch.py and report the generation and answer-loss
+metrics, a resumed smoke run is bit-exact, prompts and loss masks are built right on real GSM8K and
 MBPP rows (with SmolLM2's chat template where its GGUF is at hand), the evaluator's exact
 match is the hand-scored one of per-prompt greedy generations, and bad inputs are one line."""
 
@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from smoke_setup import REPO, config_file, shared_compilation
+from smoke_setup import REPO, XLA_CACHE, config_file, shared_compilation
 
 from floranna_jax import checkpoint, config_check, keys, models, reporting, tasks, train
 from floranna_jax.data import code, completion, gsm8k
@@ -33,10 +33,25 @@ def _rows(workdir):
     ]
 
 
+def _launch(config: str, *args: str, workdir) -> subprocess.CompletedProcess:
+    """``python launch.py --config=<config> --workdir=<workdir> <args>``, as the README runs it
+    (sharing the tests' compilation cache)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+               JAX_COMPILATION_CACHE_DIR=str(XLA_CACHE),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+    cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _launched(config: str, workdir) -> None:
+    proc = _launch(config, workdir=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def gsm8k_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("gsm8k_smoke")
-    train.run(config_file("gsm8k.py"), str(workdir))
+    _launched("configs/gsm8k.py:smoke", workdir)
     return workdir
 
 
@@ -51,7 +66,7 @@ def test_gsm8k_smoke_reports_generation_metrics(gsm8k_run):
 
 
 def test_code_smoke_reports_pass_at_1_on_both_test_sets(tmp_path):
-    train.run(config_file("code.py"), str(tmp_path))
+    _launched("configs/code.py:smoke", tmp_path)
     last = _rows(tmp_path)[-1]
     for metric in ("pass@1", "answer_loss", "humaneval_pass@1", "humaneval_answer_loss"):
         assert 0.0 <= last[f"eval/global/{metric}"] < 100.0, metric
@@ -193,12 +208,6 @@ def test_generation_scores_count_right_answers():
 
 
 # ----------------------------------------------------------------------------- bad inputs
-
-
-def _launch(config: str, *args: str, workdir) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 BAD = [
