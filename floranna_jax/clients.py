@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -250,10 +249,11 @@ def local_rows(U: int) -> np.ndarray:
     return jax.process_index() * per_process + np.arange(per_process)
 
 
-def _from_processes(run: Callable, mesh: Mesh) -> Callable:
-    """``run`` (jitted, sharded over ``mesh``) fed by every process with its own rows
+def _from_processes(mapped: Callable, mesh: Mesh) -> Callable:
+    """``mapped`` sharded over ``mesh``, fed by every process with its own rows
     (:func:`local_rows`) of the stacked inputs; returns every row to every process, as numpy."""
     data, replicated = NamedSharding(mesh, P(CLIENTS_AXIS)), NamedSharding(mesh, P())
+    run = jax.jit(_sharded(mapped, mesh), out_shardings=replicated)  # gathers inside
 
     def to_global(x):
         shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
@@ -264,8 +264,13 @@ def _from_processes(run: Callable, mesh: Mesh) -> Callable:
         keys = jax.random.wrap_key_data(
             to_global(jax.random.key_data(keys)), impl=jax.random.key_impl(keys)
         )
-        out = run(jax.device_put(base, replicated), *stacked, keys)
-        return multihost_utils.process_allgather(out, tiled=True)
+        # Every process holds the same base: copied to its devices, unchecked (device_put
+        # would compare every leaf across processes, one collective each).
+        base = jax.tree.map(
+            lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i]), base
+        )
+        out = run(base, *stacked, keys)
+        return jax.tree.map(np.asarray, out)
 
     return runner
 
@@ -302,10 +307,9 @@ def make_runner(
     if chunk:
         return jax.jit(_chunked(local_update, chunk))
     mapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0, 0))
-    if mesh is None:
-        return jax.jit(mapped)
-    sharded = jax.jit(_sharded(mapped, mesh))
-    return _from_processes(sharded, mesh) if mesh.is_multi_process else sharded
+    if mesh is not None and mesh.is_multi_process:
+        return _from_processes(mapped, mesh)
+    return jax.jit(mapped if mesh is None else _sharded(mapped, mesh))
 
 
 def _chunked(local_update: LocalUpdate, chunk: int) -> Callable:
