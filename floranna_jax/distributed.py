@@ -78,6 +78,11 @@ def initialize(mode: str, coordinator_address: str, num_processes: int, process_
         jax.distributed.initialize(**(explicit if mode == "explicit" else {}))
     except (ValueError, RuntimeError, TypeError) as e:
         message = f"{mode!r}: jax.distributed.initialize failed: {first_line(e)}"
+        if mode == "auto":
+            message += (
+                " (no TPU pod, SLURM or Open MPI job found; name the coordinator with "
+                "dist.mode=explicit, dist.coordinator_address, num_processes and process_id)"
+            )
         raise BadValue("mode", message) from e
 
 
