@@ -34,6 +34,8 @@ override of one the chosen method does not take is an error.
 import ml_collections
 from ml_collections import config_dict
 
+from floranna_jax import distributed
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The reference config, or with ``arg="smoke"`` a seconds-long CPU version."""
@@ -101,6 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # batch 128 would not fit a 24 GB machine; 2 is also the fastest on a 2-core CPU.
         clients_per_chunk=2,
     )
+    c.dist = distributed.section()  # processes of the run: one, or a pod / cluster (BUILD.md)
     c.ckpt = dict(
         every_rounds=10,  # save the round state every this many rounds (0 = never)
         keep=2,  # checkpoints kept

@@ -47,6 +47,8 @@ evaluation).
 import ml_collections
 from ml_collections import config_dict
 
+from floranna_jax import distributed
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The reference config, or with ``arg="smoke"`` a seconds-long CPU version."""
@@ -114,6 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         shard_clients=False,  # shard the client axis over devices when more than one
         clients_per_chunk=1,  # vmap: clients trained at once (0 = all); a 7B client is big
     )
+    c.dist = distributed.section()  # processes of the run: one, or a pod / cluster (BUILD.md)
     c.ckpt = dict(
         every_rounds=10,  # save the round state every this many rounds (0 = never)
         keep=2,  # checkpoints kept

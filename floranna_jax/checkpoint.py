@@ -5,6 +5,10 @@ method's server state (FedSA's personal ``B``, FLoRA/FedEx merged base deltas), 
 client optimizer states, the root key's data, the round number and the cumulative byte
 counters. The frozen pretrained base is never saved: it is rebuilt from the config.
 
+With several processes every process calls save and restore (Orbax coordinates them); the
+state every process holds is the same, on its own devices, so it is handed to Orbax as
+host numpy arrays, which one process writes and every process reads back.
+
 Restoring always passes a target (the freshly built state), because a restore without
 one loses the pytree structure (NamedTuples come back as dicts or lists).
 """
@@ -15,7 +19,14 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+def _portable(tree: Any) -> Any:
+    """``tree`` as Orbax takes it: as it is with one process, host numpy with several (each
+    process's arrays live on its own devices, which Orbax refuses to save)."""
+    return tree if jax.process_count() == 1 else jax.tree.map(np.asarray, tree)
 
 
 class Checkpointer:
@@ -39,7 +50,7 @@ class Checkpointer:
         due = self.every_rounds > 0 and r % self.every_rounds == 0
         if not (due or force) or r in self.manager.all_steps():
             return False
-        self.manager.save(r, args=ocp.args.StandardSave(state._asdict()))
+        self.manager.save(r, args=ocp.args.StandardSave(_portable(state._asdict())))
         self.manager.wait_until_finished()
         return True
 
@@ -49,7 +60,7 @@ class Checkpointer:
         step = self.latest_round() if round_ is None else round_
         if step is None:
             return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target._asdict())
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _portable(target._asdict()))
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         return type(target)(**restored)
 

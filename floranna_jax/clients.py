@@ -14,6 +14,11 @@ device count with do-nothing clients and stripped after. ``chunk=k`` runs the vm
 clients ``k`` at a time inside the same program (``lax.map`` with ``batch_size``), so the
 activation memory is that of ``k`` clients whatever ``U`` is. ``mode="loop"`` runs the
 same jitted one-client function client by client, for debugging and benchmarking.
+With a mesh spanning several processes (``floranna_jax.distributed``) each process passes
+only its own rows of the stacked inputs (:func:`local_rows`: its block of ``U`` padded to a
+multiple of the global device count; the caller pads with do-nothing clients), they become
+one global array (``jax.make_array_from_process_local_data``), the base is replicated, and
+every process gets all rows of the outputs back as numpy (an all-gather of the uploads).
 
 Shapes: ``U`` clients, ``S`` local steps (padded), ``b`` examples per step. Unequal
 clients are padded to ``S`` steps with ``step_mask`` (1 real, 0 padded); a padded
@@ -193,8 +198,9 @@ def make_local_update(
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh with axis ``"clients"`` over the first ``num_devices`` of ``jax.devices()``."""
-    devices = jax.devices()
+    """A 1-D mesh with axis ``"clients"`` over the first ``num_devices`` of ``jax.devices()``,
+    ordered by process, so each process holds one block of the clients axis."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are visible")
@@ -233,6 +239,42 @@ def _sharded(mapped: Callable, mesh: Mesh) -> Callable:
     return run
 
 
+def local_rows(U: int) -> np.ndarray:
+    """The rows of the clients axis this process feeds: all ``U`` with one process; with
+    several, its block of the axis padded to a multiple of the device count (rows ``>= U``
+    are padding), for the mesh of every device (:func:`make_mesh`)."""
+    if jax.process_count() == 1:
+        return np.arange(U)
+    per_process = -(-U // jax.device_count()) * jax.local_device_count()
+    return jax.process_index() * per_process + np.arange(per_process)
+
+
+def _from_processes(mapped: Callable, mesh: Mesh) -> Callable:
+    """``mapped`` sharded over ``mesh``, fed by every process with its own rows
+    (:func:`local_rows`) of the stacked inputs; returns every row to every process, as numpy."""
+    data, replicated = NamedSharding(mesh, P(CLIENTS_AXIS)), NamedSharding(mesh, P())
+    run = jax.jit(_sharded(mapped, mesh), out_shardings=replicated)  # gathers inside
+
+    def to_global(x):
+        shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        return jax.make_array_from_process_local_data(data, np.asarray(x), shape)
+
+    def runner(base, trainable, opt_state, batches, step_mask, keys):
+        stacked = jax.tree.map(to_global, (trainable, opt_state, batches, step_mask))
+        keys = jax.random.wrap_key_data(
+            to_global(jax.random.key_data(keys)), impl=jax.random.key_impl(keys)
+        )
+        # Every process holds the same base: copied to its devices, unchecked (device_put
+        # would compare every leaf across processes, one collective each).
+        base = jax.tree.map(
+            lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i]), base
+        )
+        out = run(base, *stacked, keys)
+        return jax.tree.map(np.asarray, out)
+
+    return runner
+
+
 def check_runner(mode: str, chunk: int, sharded: bool) -> None:
     """Raise :class:`BadValue` for an unknown mode, a bad chunk, or a one-device runner
     (``"loop"``, ``chunk > 0``) asked to shard."""
@@ -256,7 +298,8 @@ def make_runner(
 
     Modes: ``"vmap"`` (optionally sharded over ``mesh``'s ``"clients"`` axis, or run
     ``chunk`` clients at a time when ``chunk > 0``) and ``"loop"`` (one jitted client call
-    after another, single device).
+    after another, single device). With a multi-process ``mesh`` the stacked inputs are this
+    process's rows (:func:`local_rows`) and the outputs all rows, on every process.
     """
     check_runner(mode, chunk, sharded=mesh is not None)
     if mode == "loop":
@@ -264,6 +307,8 @@ def make_runner(
     if chunk:
         return jax.jit(_chunked(local_update, chunk))
     mapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0, 0))
+    if mesh is not None and mesh.is_multi_process:
+        return _from_processes(mapped, mesh)
     return jax.jit(mapped if mesh is None else _sharded(mapped, mesh))
 
 

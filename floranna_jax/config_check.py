@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from floranna_jax import clients, models, partition, server, tasks
+from floranna_jax import clients, distributed, models, partition, server, tasks
 from floranna_jax.errors import BadValue, ConfigError
 
 MODEL_SOURCES = ("pretrained", "random")
@@ -144,8 +144,10 @@ def validate(config) -> dict[str, Any]:
     if t.clients_per_round > p.num_clients:
         _fail("train.clients_per_round", f"{t.clients_per_round} exceeds "
               f"partition.num_clients={p.num_clients}")  # fmt: skip
+    _owned("dist", lambda: distributed.check(**config.dist))
+    several = config.dist.mode != "off"  # several processes always shard the clients
     _owned("train", lambda: clients.check_runner(t.client_mode, t.clients_per_chunk,
-                                                 t.shard_clients),
+                                                 t.shard_clients or several),
            {"mode": "client_mode", "chunk": "clients_per_chunk"})  # fmt: skip
     _int(config, "ckpt.every_rounds", 0)
     _int(config, "ckpt.keep")
@@ -154,6 +156,12 @@ def validate(config) -> dict[str, Any]:
     _int(config, "eval.max_local_examples", 0)
     _paths(config)
     return hparams
+
+
+def start_processes(config) -> None:
+    """Check the ``dist`` section and start ``jax.distributed`` as it asks (nothing for one
+    process); call before anything touches a device."""
+    _owned("dist", lambda: distributed.initialize(**config.dist))
 
 
 def _fields(config) -> list[str]:

@@ -129,3 +129,18 @@ def pack(arrays: Arrays, lengths: np.ndarray, T: int, take: np.ndarray,
     out["starts"] = np.where(real, row * T + offset, 0).astype(np.int32)
     out["mask"] = np.asarray(real, np.float32)
     return out
+
+
+def rows(packed: Arrays) -> int:
+    """``R``, the rows per batch of packed batches."""
+    return packed["segment_ids"].shape[1]
+
+
+def pad_rows(packed: Arrays, R: int) -> Arrays:
+    """Packed batches ``[n, R0, T]`` grown to ``R >= R0`` rows of padding (segment 0), which
+    no example reads: the same batches as packed with ``R`` rows."""
+    extra = R - rows(packed)
+    if extra == 0:
+        return packed
+    grow = lambda v: np.pad(v, [(0, 0), (0, extra)] + [(0, 0)] * (v.ndim - 2))  # noqa: E731
+    return {k: grow(v) if v.ndim >= 3 else v for k, v in packed.items()}

@@ -82,10 +82,19 @@ def _add_scalars(writer, row: dict[str, Any]) -> None:
 class Reporter:
     """Writes round rows to JSONL, TensorBoard and a progress bar; summary at the end."""
 
-    def __init__(self, workdir: str, *, start_round: int, num_rounds: int, main_metric: str):
-        os.makedirs(workdir, exist_ok=True)
-        self.workdir, self.main_metric = workdir, main_metric
+    def __init__(
+        self, workdir: str, *, start_round: int, num_rounds: int, main_metric: str,
+        primary: bool = True,
+    ):  # fmt: skip
+        """``primary=False``: a process of a multi-process run other than process 0, which
+        writes nothing and keeps its rows for :meth:`finish`'s table."""
+        self.workdir, self.main_metric, self.primary = workdir, main_metric, primary
         self.path = os.path.join(workdir, METRICS_FILE)
+        if not primary:
+            self.kept = [r for r in read_rows(self.path) if r["round"] <= start_round]
+            self.rows = list(self.kept)
+            return
+        os.makedirs(workdir, exist_ok=True)
         kept = _truncate(self.path, start_round)
         self.kept = kept  # rows of the rounds already done (resuming), in order
         from tensorboardX import SummaryWriter  # noqa: PLC0415  (slow import)
@@ -105,6 +114,9 @@ class Reporter:
         self.bar = tqdm.tqdm(total=num_rounds, initial=start_round, desc="rounds", unit="round")
 
     def write(self, row: dict[str, Any]) -> None:
+        if not self.primary:
+            self.rows.append(row)
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         _add_scalars(self.writer, row)
@@ -118,6 +130,8 @@ class Reporter:
 
     def finish(self, title: str) -> str:
         """Write summary.md and the plots; return the summary table."""
+        if not self.primary:
+            return summary_table(self.rows, self.main_metric, title)
         self.bar.close()
         self.writer.close()
         rows = read_rows(self.path)

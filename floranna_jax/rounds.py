@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floranna_jax import clients, keys, models, packing, server
+from floranna_jax import clients, distributed, keys, models, packing, server
 from floranna_jax.errors import RoundError
 
 PyTree = Any
@@ -126,6 +126,8 @@ def client_batches(
     ]
     take, real = (np.concatenate([o[i] for o in orders]) for i in (0, 1))  # [U * S, b]
     flat = packing.batches(arrays, take, real, packed)
+    if packed is not None:  # each process packs its own clients: all take the most rows
+        flat = packing.pad_rows(flat, distributed.max_over_processes(packing.rows(flat)))
     out = {k: v.reshape(len(ids), steps, *v.shape[1:]) for k, v in flat.items()}
     return out, out["mask"].max(axis=2)
 
@@ -258,13 +260,19 @@ def make_round(
         number, t0 = int(state.round) + 1, time.perf_counter()
         rkey = keys.round_key(state.key, int(state.round))
         ids = sample_clients(rkey, num_clients, clients_per_round)
+        # This process's clients (all of them with one process); rows past U pad the clients
+        # axis of several processes with copies of the last client that take no step.
+        rows = clients.local_rows(len(ids))
+        own = ids[np.minimum(rows, len(ids) - 1)]
         batches, step_mask = client_batches(
-            rkey, ids, arrays, train_index, local_steps, batch_size, layout
+            rkey, own, arrays, train_index, local_steps, batch_size, layout
         )
-        trainable, opt_state = _start(state, method, rkey, ids, opt, persistent_opt_state)
+        step_mask = np.where(rows[:, None] < len(ids), step_mask, 0).astype(step_mask.dtype)
+        trainable, opt_state = _start(state, method, rkey, own, opt, persistent_opt_state)
         base = effective_base(model.base, method.base_delta(state.method))
-        trained, opt_state, cm = runner(
-            base, trainable, opt_state, batches, step_mask, keys.dropout_keys(rkey, ids)
+        trained, opt_state, cm = jax.tree.map(
+            lambda x: x[: len(ids)],
+            runner(base, trainable, opt_state, batches, step_mask, keys.dropout_keys(rkey, own)),
         )
         loss, steps = np.asarray(cm["loss"]), np.asarray(cm["steps"])
         check_uploads(number, ids, loss, trained)
@@ -274,7 +282,8 @@ def make_round(
         agg = server_.aggregate(trained["lora"], p, state.method)
         new_state = _next_state(state, method, ids, p, trained, opt_state, agg)
         check_aggregate(number, agg, new_state.method)
-        examples = batches["mask"].sum(axis=(1, 2))  # real examples each client trained on
+        # Real examples each client trained on (what its batches' masks sum to).
+        examples = np.minimum(sizes[ids], local_steps * batch_size).astype(np.float32)
         metrics = {
             "train/loss": float(np.sum(loss * examples) / max(examples.sum(), 1.0)),
             "train/real_steps": float(np.mean(steps)),

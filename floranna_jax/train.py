@@ -9,6 +9,10 @@ checkpoint and, on CPU, ends bit-identical to an uninterrupted run: all randomne
 function of (seed, round, client) (see ``keys``), and the metrics rows after the
 checkpoint are rewritten.
 
+With several processes (``dist``, :mod:`floranna_jax.distributed`) every process runs this
+same loop on the same state; only process 0 writes the workdir's files, all of them save
+and restore the checkpoints together.
+
 Nothing in the workdir changes until the config, the data, the model and (when resuming)
 the checkpoint have all been read: a bad input or a failed resume leaves it as it was.
 This module knows no method and no task by name: both are plug-ins (``server``, ``tasks``).
@@ -28,6 +32,7 @@ from floranna_jax import (
     checkpoint,
     clients,
     config_check,
+    distributed,
     experiment,
     keys,
     partition,
@@ -38,7 +43,8 @@ from floranna_jax import (
 )
 from floranna_jax.errors import ConfigError, first_line
 
-RESUMABLE_CHANGES = ("train.num_rounds", "eval", "ckpt")  # fields a resumed run may change
+# Fields a resumed run may change (dist: how many processes run it).
+RESUMABLE_CHANGES = ("train.num_rounds", "eval", "ckpt", "dist")
 
 
 class Run(NamedTuple):
@@ -67,7 +73,8 @@ def build(config, *, loss_wrapper=None) -> Run:
     loss_fn = exp.task.make_loss(exp.model)
     if loss_wrapper is not None:
         loss_fn = loss_wrapper(loss_fn)
-    shard = config.train.shard_clients and jax.device_count() > 1
+    # Several processes always shard: each feeds its own clients to the global mesh.
+    shard = jax.process_count() > 1 or (config.train.shard_clients and jax.device_count() > 1)
     runner = clients.make_runner(
         clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)),
         mode=config.train.client_mode,
@@ -114,7 +121,7 @@ def _eval_row(run: Run, config, state, out) -> dict[str, float]:
 
 
 def _comparable(config_dict: dict) -> dict:
-    out = {k: dict(v) for k, v in config_dict.items() if k not in ("eval", "ckpt")}
+    out = {k: dict(v) for k, v in config_dict.items() if k not in ("eval", "ckpt", "dist")}
     out.get("train", {}).pop("num_rounds", None)
     return out
 
@@ -180,6 +187,7 @@ def run(config, workdir: str) -> str:
     a bad input and ``RoundError`` for a non-finite round, both one line.
     """
     _check_workdir(workdir)
+    config_check.start_processes(config)  # before anything touches a device
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):  # checked before building anything
         check_same_run(config, workdir)
@@ -195,13 +203,16 @@ def run(config, workdir: str) -> str:
         ckpt = checkpoint.Checkpointer(ckpt_dir, c.every_rounds, c.keep)
     state = run_.state if ckpt is None else _restore(ckpt, run_.state, workdir)
     os.makedirs(workdir, exist_ok=True)
-    _write_inputs(config, workdir, run_.exp)
+    primary = distributed.is_primary()  # of several processes, only process 0 writes files
+    if primary:
+        _write_inputs(config, workdir, run_.exp)
     start, num_rounds = int(state.round), config.train.num_rounds
     if start:
         logging.info("resuming %s from round %d", workdir, start)
     reporter = reporting.Reporter(
-        workdir, start_round=start, num_rounds=num_rounds, main_metric=run_.exp.task.main_metric
-    )
+        workdir, start_round=start, num_rounds=num_rounds,
+        main_metric=run_.exp.task.main_metric, primary=primary,
+    )  # fmt: skip
     if config.eval.at_start and start == 0 and not reporter.kept:
         t0 = time.perf_counter()
         row = {"round": 0, **{f"eval/global/{k}": v for k, v in _global_eval(run_, state).items()}}

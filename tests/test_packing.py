@@ -120,6 +120,22 @@ def test_packed_forward_gives_the_padded_logits(model_type):
     assert np.abs(got - want).max() > 1e-3
 
 
+def test_rows_of_padding_added_after_packing_change_no_logit():
+    # Processes pack their own clients, then all grow to the most rows any of them needs.
+    model = _model("roberta")
+    arrays = _arrays()
+    take, real = _take()
+    packed = packing.batches(arrays, take, real, packing.layout(arrays))
+    R = packing.rows(packed)
+    grown = packing.pad_rows(packed, R + 3)
+    assert packing.rows(grown) == R + 3 and packing.pad_rows(packed, R) is packed
+    apply = jax.jit(model.apply)
+    got = np.asarray(apply(model.base, model.trainable, _batch(grown, 0)))
+    want = np.asarray(apply(model.base, model.trainable, _batch(packed, 0)))
+    # Same tokens and segments, 3 more all-padding rows: the rows' sums differ only in order.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_local_steps_on_packed_rows_equal_the_padded_steps():
     model = _model("bert", dropout=0.0)  # same math; dropout masks differ with the layout
     arrays = _arrays(3)
