@@ -55,6 +55,21 @@ class Run(NamedTuple):
     base_of: Any
 
 
+def make_runner(config, loss_fn, method: server.Method):
+    """``(runner, opt)``: the clients' optimizer and the runner of their ``local_update``
+    (``clients.make_runner``) as the config's ``client`` and ``train`` sections say."""
+    c = config.client
+    opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
+    shard = config.train.shard_clients and jax.device_count() > 1
+    runner = clients.make_runner(
+        clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)),
+        mode=config.train.client_mode,
+        mesh=clients.make_mesh() if shard else None,
+        chunk=config.train.clients_per_chunk,
+    )
+    return runner, opt
+
+
 def build(config, *, loss_wrapper=None) -> Run:
     """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss."""
     hparams = config_check.validate(config)
@@ -63,17 +78,10 @@ def build(config, *, loss_wrapper=None) -> Run:
     method = server_.method
     exp = experiment.build(config, keys.model_key(seed))
     c = config.client
-    opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
     loss_fn = exp.task.make_loss(exp.model)
     if loss_wrapper is not None:
         loss_fn = loss_wrapper(loss_fn)
-    shard = config.train.shard_clients and jax.device_count() > 1
-    runner = clients.make_runner(
-        clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)),
-        mode=config.train.client_mode,
-        mesh=clients.make_mesh() if shard else None,
-        chunk=config.train.clients_per_chunk,
-    )
+    runner, opt = make_runner(config, loss_fn, method)
     compare = tuple(config.server.compare)
     round_fn = rounds.make_round(
         model=exp.model, runner=runner, opt=opt, server_=server_, arrays=exp.train,
