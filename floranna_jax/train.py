@@ -55,17 +55,18 @@ class Run(NamedTuple):
     base_of: Any
 
 
-def make_runner(config, loss_fn, method: server.Method):
+def make_runner(config, loss_fn, method: server.Method, one_client: bool = False):
     """``(runner, opt)``: the clients' optimizer and the runner of their ``local_update``
-    (``clients.make_runner``) as the config's ``client`` and ``train`` sections say."""
-    c = config.client
+    (``clients.make_runner``) as the config's ``client`` and ``train`` sections say, or,
+    with ``one_client``, the ``"loop"`` runner (a process that trains one client)."""
+    c, t = config.client, config.train
     opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
-    shard = config.train.shard_clients and jax.device_count() > 1
+    shard = t.shard_clients and jax.device_count() > 1 and not one_client
     runner = clients.make_runner(
         clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)),
-        mode=config.train.client_mode,
+        mode="loop" if one_client else t.client_mode,
         mesh=clients.make_mesh() if shard else None,
-        chunk=config.train.clients_per_chunk,
+        chunk=0 if one_client else t.clients_per_chunk,
     )
     return runner, opt
 

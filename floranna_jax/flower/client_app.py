@@ -19,6 +19,9 @@ the federation it is. Two message types:
 
 from __future__ import annotations
 
+import functools
+from typing import Any, NamedTuple
+
 import jax
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -56,16 +59,37 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"client": ConfigRecord(info)}), reply_to=msg)
 
 
-@app.train()
-def train_(msg: Message, context: Context) -> Message:
-    """One round of ``local_update`` from the received start on this client's data."""
-    config = runconfig.experiment(context.run_config)
-    shard = _shard(context)
-    u = shard.client_id
-    method = server.make(config.server.name, **config_check.validate(config))
+class Job(NamedTuple):
+    """What a client builds from the experiment config: the method (for its frozen and
+    private leaves), the model (same seed: same base and initial adapter as the server),
+    the runner of ``local_update`` and the client optimizer."""
+
+    config: Any
+    method: server.Method
+    model: Any
+    runner: Any
+    opt: Any
+
+
+@functools.lru_cache(maxsize=1)
+def build_job(experiment_json: str) -> Job:
+    """The client's :class:`Job`, built once per process and experiment (a runtime that
+    keeps the process, like Flower's simulation, compiles ``local_update`` once)."""
+    config = runconfig.parse_experiment(experiment_json)
+    method = server.make(config.server.name, **config_check.server_hparams(config))
     task = tasks.get(config.data.task)
     model = experiment.build_model(config, task.num_labels, keys.model_key(config.train.seed))
-    runner, opt = train.make_runner(config, task.make_loss(model), method)
+    runner, opt = train.make_runner(config, task.make_loss(model), method, one_client=True)
+    return Job(config, method, model, runner, opt)
+
+
+@app.train()
+def train_round(msg: Message, context: Context) -> Message:
+    """One round of ``local_update`` from the received start on this client's data."""
+    job = build_job(context.run_config.get("experiment"))
+    config, method, model = job.config, job.method, job.model
+    shard = _shard(context)
+    u, n = shard.client_id, shards.num_examples(shard)
 
     received = wire.from_record(msg.content["start"])
     own = wire.from_record(context.state["private"]) if "private" in context.state else {}
@@ -73,13 +97,13 @@ def train_(msg: Message, context: Context) -> Message:
     delta = wire.from_record(msg.content["base"]) if "base" in msg.content else {}
     base = rounds.make_effective_base(model)(model.base, delta)
 
-    c, n = config.client, shards.num_examples(shard)
     root = jax.random.key_data(keys.root(config.train.seed))
     rkey = keys.round_key(root, int(msg.content["config"]["round"]))
     layout = packing.layout(shard.train) if config.data.packing else None
     out = rounds.train_clients(
-        runner, base, start, rounds.fresh_opt_state(opt, start), rkey, np.asarray([u]),
-        shard.train, {u: np.arange(n)}, c.local_steps, c.batch_size, layout,
+        job.runner, base, start, rounds.fresh_opt_state(job.opt, start), rkey, np.asarray([u]),
+        shard.train, {u: np.arange(n)}, config.client.local_steps, config.client.batch_size,
+        layout,
     )  # fmt: skip
     trained = jax.tree.map(lambda x: np.asarray(x[0]), out.trainable)
 

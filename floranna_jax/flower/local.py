@@ -122,9 +122,14 @@ def _spawn(args: list[str], log: pathlib.Path, env: dict) -> subprocess.Popen:
 
 @contextlib.contextmanager
 def federation(
-    workdir: pathlib.Path, data_paths: list[str], port: int, certs: pathlib.Path | None
+    workdir: pathlib.Path,
+    data_paths: list[str],
+    port: int,
+    certs: pathlib.Path | None,
+    xla_cache: pathlib.Path | None = None,
 ) -> Iterator[Federation]:
-    """A SuperLink on ``port`` and one SuperNode per data file, stopped on exit."""
+    """A SuperLink on ``port`` and one SuperNode per data file, stopped on exit; every
+    process compiles into ``xla_cache`` (default ``workdir/xla_cache``)."""
     home, logs = workdir / "flwr_home", workdir / "logs"
     home.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
@@ -137,7 +142,7 @@ def federation(
         # Every process imports the floranna_jax this launcher runs, whatever is installed.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "FLWR_HOME": str(home),
-        "JAX_COMPILATION_CACHE_DIR": str(workdir / "xla_cache"),
+        "JAX_COMPILATION_CACHE_DIR": str(xla_cache or workdir / "xla_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
     superlink = _spawn(["flower-superlink", *link_tls, "--port", str(port),

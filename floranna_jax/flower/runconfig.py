@@ -61,7 +61,11 @@ def options(run_config) -> Options:
 
 def experiment(run_config) -> ml_collections.ConfigDict:
     """The experiment config (locked) from the run config's ``experiment`` JSON."""
-    text = run_config.get("experiment")
+    return parse_experiment(run_config.get("experiment"))
+
+
+def parse_experiment(text) -> ml_collections.ConfigDict:
+    """The experiment config (locked) from its JSON ``text``."""
     try:
         fields = json.loads(text)
     except (TypeError, ValueError) as e:

@@ -104,6 +104,8 @@ def _rank_note(key: str, got: np.ndarray, want: np.ndarray) -> str:
     if path[0] != "lora" or got.ndim != 2 or want.ndim != 2:
         return ""
     axis = 0 if path[-1] == "A" else 1
+    if got.shape[axis] == want.shape[axis]:
+        return ""
     return f" (rank {got.shape[axis]}, expected {want.shape[axis]})"
 
 
