@@ -90,6 +90,9 @@ def train_round(msg: Message, context: Context) -> Message:
     config, method, model = job.config, job.method, job.model
     shard = _shard(context)
     u, n = shard.client_id, shards.num_examples(shard)
+    if int(msg.content["config"]["client-id"]) != u:
+        raise ConfigError(f"node config data-path: holds client {u}, the server asked for "
+                          f"client {msg.content['config']['client-id']}")  # fmt: skip
 
     received = wire.from_record(msg.content["start"])
     own = wire.from_record(context.state["private"]) if "private" in context.state else {}

@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -184,6 +186,18 @@ def submit(fed: Federation, run_config: dict, log: pathlib.Path, app_dir=APP_DIR
     return _spawn(args, log, fed.env)
 
 
+def run_status(fed: Federation, log: pathlib.Path) -> dict:
+    """Flower's record of the run ``flwr run`` started into ``log`` (``flwr ls``): its
+    ``status`` (``finished:completed`` on success; ``flwr run`` itself exits 0 either way)
+    and ``network-traffic`` (bytes in and out of the SuperLink)."""
+    found = re.search(r"Successfully started run (\d+)", log.read_text())
+    if found is None:
+        return {"status": "not started", "network-traffic": {}}
+    args = ["flwr", "ls", CONNECTION, "--run-id", found.group(1), "--format", "json"]
+    out = subprocess.run(args, env=fed.env, capture_output=True, text=True, check=False)
+    return json.loads(out.stdout)["runs"][0]
+
+
 def run_config(config, workdir: pathlib.Path, **options) -> dict:
     """The run config of ``config``: the experiment as JSON, the server's workdir, and any
     of the server's ``options`` (``round-timeout-s``, ``retries``, ...; runconfig.py)."""
@@ -231,10 +245,12 @@ def main(argv) -> None:
                "min-replies": _MIN_REPLIES.value}  # fmt: skip
     with federation(workdir, paths, _PORT.value, certs) as fed:
         run = submit(fed, run_config(config, workdir / "run", **options), fed.logs / "run.log")
-        code = run.wait()
+        run.wait()
+        status = run_status(fed, fed.logs / "run.log")
     print((fed.logs / "run.log").read_text())
-    print(f"results: {workdir / 'run'} (metrics.jsonl, summary.md); logs: {fed.logs}")
-    sys.exit(code)
+    print(f"run {status['status']}; results: {workdir / 'run'} (metrics.jsonl, summary.md); "
+          f"logs: {fed.logs}")  # fmt: skip
+    sys.exit(0 if status["status"] == "finished:completed" else 1)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,16 @@ def connect(grid: Grid, num_clients: int, timeout_s: float) -> dict[int, Node]:
     return nodes
 
 
+class Collected(NamedTuple):
+    """A round's replies: accepted ones ``{u: Message}``, the clients rejected by the gate
+    or missing (no node, no reply, a failed ClientApp), bytes sent ``{u: int}``."""
+
+    accepted: dict[int, Message]
+    rejected: list[int]
+    missing: list[int]
+    down: dict[int, int]
+
+
 def run_round(grid, nodes, server_, state, config, opts) -> tuple[rounds.RoundState, dict]:
     """One round over the network; ``(state after it, its metrics row)``."""
     number, t0 = int(state.round) + 1, time.perf_counter()
@@ -142,79 +152,82 @@ def run_round(grid, nodes, server_, state, config, opts) -> tuple[rounds.RoundSt
         return Message(RecordDict(content), dst_node_id=nodes[u].node_id,
                        message_type=MessageType.TRAIN)  # fmt: skip
 
-    replies, down = exchange(grid, nodes, number, [int(u) for u in ids], message, opts)
     expected = {k: v for k, v in wire.leaves(starts[int(ids[0])]).items() if shared(wire.split(k))}
-    accepted, rejected = {}, []
-    for u, reply in sorted(replies.items()):
-        reason = wire.check_reply(reply.content, expected)
-        if reason:
-            log(WARNING, "round %d: client %d rejected: %s", number, u, reason)
-            rejected.append(u)
-        else:
-            accepted[u] = reply
-    ok = np.asarray(sorted(accepted), np.int64)
-    missing = sorted(set(ids.tolist()) - set(replies))
+    got = collect(grid, nodes, number, [int(u) for u in ids], message, expected, opts)
+    ok = sorted(got.accepted)
     if len(ok) < opts.min_replies:
-        raise RoundError(f"round {number}: {len(ok)} accepted uploads (clients {ok.tolist()}), "
+        raise RoundError(f"round {number}: {len(ok)} accepted uploads (clients {ok}), "
                          f"fewer than min-replies={opts.min_replies}")  # fmt: skip
     if len(ok) < len(ids):
         log(WARNING, "round %d: aggregating clients %s of %s, weights renormalized over them",
-            number, ok.tolist(), ids.tolist())  # fmt: skip
-    return _aggregate(number, state, server_, ok, accepted, starts, t0, down, missing, rejected)
-
-
-def _aggregate(number, state, server_, ok, accepted, starts, t0, down, missing, rejected):
-    """``rounds.server_step`` on the accepted uploads, and the round's metrics row."""
-    uploads = [wire.fill(starts[u], wire.from_record(accepted[u].content["update"])) for u in ok]
-    metrics = [accepted[u].content["metrics"] for u in ok]
-    sizes = np.asarray([m["num-examples"] for m in metrics], np.float64)
-    trained = clients.stack(uploads)
+            number, ok, ids.tolist())  # fmt: skip
+    replies = [got.accepted[u] for u in ok]
+    uploads = [wire.fill(starts[u], wire.from_record(r.content["update"]))
+               for u, r in zip(ok, replies, strict=True)]  # fmt: skip
+    metrics = {k: np.asarray([r.content["metrics"][k] for r in replies], np.float64)
+               for k in ("loss", "steps", "examples", "num-examples")}  # fmt: skip
     t1 = time.perf_counter()
     new_state, agg = rounds.server_step(
-        number, state, server_, ok, rounds.client_weights(sizes), trained, {}
-    )
-    loss, steps, examples = (np.asarray([m[k] for m in metrics], np.float64)
-                             for k in ("loss", "steps", "examples"))  # fmt: skip
-    up = [wire.message_bytes(accepted[u]) for u in ok]
-    lora_up = [wire.record_bytes(accepted[u].content["update"], "lora") for u in ok]
+        number, state, server_, np.asarray(ok, np.int64),
+        rounds.client_weights(metrics["num-examples"]), clients.stack(uploads), {},
+    )  # fmt: skip
     return new_state, {
         "round": number,
-        **rounds.train_metrics(loss, steps, examples),
+        **rounds.train_metrics(metrics["loss"], metrics["steps"], metrics["examples"]),
         **rounds.server_metrics(agg.metrics),
         "comm/bytes_up_total": float(new_state.bytes_up),
         "comm/bytes_down_total": float(new_state.bytes_down),
-        "flower/clients_aggregated": float(len(ok)),
-        "flower/clients_missing": float(len(missing)),
-        "flower/clients_rejected": float(len(rejected)),
-        "flower/bytes_up_per_client": float(np.mean(up)),
-        "flower/lora_bytes_up_per_client": float(np.mean(lora_up)),
-        "flower/bytes_down_per_client": float(np.mean([down[u] for u in ok])),
+        **_flower_metrics(got, replies),
         "time/clients_s": t1 - t0,
         "time/server_s": time.perf_counter() - t1,
     }
 
 
-def exchange(grid, nodes, number, ids, message, opts) -> tuple[dict[int, Message], dict]:
-    """Send ``message(u)`` to every client ``u`` of ``ids`` with a node and collect the
-    replies; a client that did not answer (or whose ClientApp failed) is asked again up to
-    ``opts.retries`` times. ``({u: reply}, {u: bytes of the last message sent to u})``."""
+def _flower_metrics(got: Collected, replies: list[Message]) -> dict[str, float]:
+    """Clients aggregated, rejected and missing; bytes per aggregated client, measured on
+    the messages (all of an upload, and its LoRA arrays alone)."""
+    return {
+        "flower/clients_aggregated": float(len(replies)),
+        "flower/clients_rejected": float(len(got.rejected)),
+        "flower/clients_missing": float(len(got.missing)),
+        "flower/bytes_up_per_client": float(np.mean([wire.message_bytes(r) for r in replies])),
+        "flower/lora_bytes_up_per_client": float(
+            np.mean([wire.record_bytes(r.content["update"], "lora") for r in replies])
+        ),
+        "flower/bytes_down_per_client": float(np.mean([got.down[u] for u in got.accepted])),
+    }
+
+
+def collect(grid, nodes, number, ids, message, expected, opts) -> Collected:
+    """Send ``message(u)`` to every client ``u`` of ``ids`` that has a node and gate the
+    replies (``wire.check_reply`` against ``expected``). A client that does not answer in
+    ``opts.round_timeout_s`` or whose ClientApp fails is asked again, ``opts.retries``
+    times; a rejected upload is not (the same inputs would give it again)."""
     pending = [u for u in ids if u in nodes]
     if len(pending) < len(ids):
         log(WARNING, "round %d: clients %s have no node", number, sorted(set(ids) - set(nodes)))
-    replies, down = {}, {}
+    accepted, rejected, down = {}, [], {}
     for attempt in range(opts.retries + 1):
         sent = {u: message(u) for u in pending}
         down |= {u: wire.message_bytes(m) for u, m in sent.items()}
-        client_of = {nodes[u].node_id: u for u in pending}
-        for reply in grid.send_and_receive(list(sent.values()), timeout=opts.round_timeout_s):
-            u = client_of[reply.metadata.src_node_id]
-            if reply.has_error():
-                log(WARNING, "round %d: client %d failed: %s", number, u, reply.error.reason)
+        replies = grid.send_and_receive(list(sent.values()), timeout=opts.round_timeout_s)
+        # Sending stamps each message's id; an error reply may come from the SuperLink.
+        client_of = {m.metadata.message_id: u for u, m in sent.items()}
+        for reply in replies:
+            u = client_of[reply.metadata.reply_to_message_id]
+            reason = ("ClientApp failed: " + reply.error.reason if reply.has_error()
+                      else wire.check_reply(reply.content, expected))  # fmt: skip
+            if not reason:
+                accepted[u] = reply
+            elif reply.has_error():
+                log(WARNING, "round %d: client %d: %s", number, u, reason)
             else:
-                replies[u] = reply
-        pending = [u for u in pending if u not in replies]
+                log(WARNING, "round %d: client %d rejected: %s", number, u, reason)
+                rejected.append(u)
+        pending = [u for u in pending if u not in accepted and u not in rejected]
         if not pending:
             break
         log(WARNING, "round %d: no reply from clients %s (attempt %d of %d)", number, pending,
             attempt + 1, opts.retries + 1)  # fmt: skip
-    return replies, down
+    missing = sorted(set(ids) - set(accepted) - set(rejected))
+    return Collected(accepted, sorted(rejected), missing, down)
