@@ -255,15 +255,40 @@ def _with(config, **overrides):
     return config
 
 
-def test_two_rounds_through_flower_messages_equal_the_in_process_run(tmp_path, capsys):
-    config = _config(**{"server.name": "fedit", "train.client_mode": "loop"})
-    grid = FakeGrid(None, shards.write(config, str(tmp_path / "data")))
-    run_config = _run_config(config, str(tmp_path / "run"))
-    for context in grid.contexts.values():
-        context.run_config = run_config
+def _serve(config, workdir, faults=None, **options) -> FakeGrid:
+    """The ServerApp's ``main`` over a :class:`FakeGrid` of ``config``'s clients."""
+    run_config = _run_config(config, str(workdir / "run"), **options)
+    grid = FakeGrid(run_config, shards.write(config, str(workdir / "data")), faults)
     server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                   run_config=run_config))  # fmt: skip
+    return grid
+
+
+def test_two_rounds_through_flower_messages_equal_the_in_process_run(tmp_path, capsys):
+    config = _config(**{"server.name": "fedit", "train.client_mode": "loop"})
+    _serve(config, tmp_path)
     _compare("fedit (one process)", config, tmp_path / "run", capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(server.ESTIMATORS) - {"fedit"}))
+def test_every_method_through_flower_messages_equals_the_in_process_run(tmp_path, name):
+    """Two rounds of every other method (about 15 s each): merges, fresh adapters, frozen
+    and personal factors all reach the clients as in one process."""
+    config = _config(**{"server.name": name, "train.client_mode": "loop"})
+    grid = _serve(config, tmp_path)
+    start, want = _in_process(config, 2)
+    got = _final_state(str(tmp_path / "run"), start)
+    if name == "fedsa":  # B never left the clients: compare theirs; the server kept B = 0
+        for u, context in enumerate(grid.contexts.values()):
+            own = wire.from_record(context.state["private"])
+            for layer, B in want.method["B"].items():
+                np.testing.assert_allclose(own[f"lora|{layer}|B"], B[u], atol=1e-5)
+        assert all(float(np.abs(f["B"]).max()) == 0 for f in got.lora.values())
+        got = got._replace(lora={n: {"A": f["A"]} for n, f in got.lora.items()}, method={})
+        want = want._replace(lora={n: {"A": f["A"]} for n, f in want.lora.items()}, method={})
+    diff = _max_diff((got.lora, got.head, got.method), (want.lora, want.head, want.method))
+    assert diff <= 1e-5
 
 
 def _nan_B(values):
@@ -282,14 +307,8 @@ def test_faults_leave_the_round_to_the_clients_that_answered(tmp_path, caplog):
     config = smoke_config(**{"server.name": "fedit", "train.num_rounds": 1,
                              "train.clients_per_round": 4, "ckpt.every_rounds": 1})  # fmt: skip
     faults = {1: _nan_B, 2: _rank_up, 3: "dead"}
-    grid = FakeGrid(None, shards.write(config, str(tmp_path / "data")), faults)
-    run_config = _run_config(config, str(tmp_path / "run"), retries=1)
-    for context in grid.contexts.values():
-        context.run_config = run_config
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=run_config)  # fmt: skip
     with caplog.at_level("INFO", logger="flwr"):
-        server_app.main(grid, context)
+        grid = _serve(config, tmp_path, faults, retries=1)
     log = caplog.text
     assert re.search(r"round 1: client 1 rejected: lora\|.*\|B has non-finite values", log)
     assert re.search(r"round 1: client 2 rejected: .*\(rank 5, expected 4\)", log)
@@ -308,15 +327,8 @@ def test_faults_leave_the_round_to_the_clients_that_answered(tmp_path, caplog):
 def test_too_few_accepted_uploads_stop_the_run(tmp_path):
     config = smoke_config(**{"server.name": "fedit", "train.num_rounds": 1,
                              "train.clients_per_round": 4})  # fmt: skip
-    grid = FakeGrid(None, shards.write(config, str(tmp_path / "data")),
-                    {u: "dead" for u in (1, 2, 3)})  # fmt: skip
-    run_config = _run_config(config, str(tmp_path / "run"), **{"min-replies": 2})
-    for context in grid.contexts.values():
-        context.run_config = run_config
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=run_config)  # fmt: skip
     with pytest.raises(ValueError, match=r"^round 1: 1 accepted uploads .*min-replies=2$"):
-        server_app.main(grid, context)
+        _serve(config, tmp_path, {u: "dead" for u in (1, 2, 3)}, **{"min-replies": 2})
 
 
 # ----------------------------------------------------------------------------- deployment

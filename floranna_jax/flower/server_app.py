@@ -215,7 +215,7 @@ def collect(grid, nodes, number, ids, message, expected, opts) -> Collected:
         client_of = {m.metadata.message_id: u for u, m in sent.items()}
         for reply in replies:
             u = client_of[reply.metadata.reply_to_message_id]
-            reason = ("ClientApp failed: " + reply.error.reason if reply.has_error()
+            reason = ("error reply: " + reply.error.reason if reply.has_error()
                       else wire.check_reply(reply.content, expected))  # fmt: skip
             if not reason:
                 accepted[u] = reply
