@@ -1,11 +1,13 @@
 """Tests of the Flower federation (floranna_jax/flower/): what crosses the network, the
 server's gate on uploads, faults, and rounds through Flower equal to the in-process rounds.
 
-Fast tests route Flower ``Message``s through the real ServerApp and ClientApp in one
-process (:class:`FakeGrid`, Flower's ``Grid`` interface); the slow ones start a SuperLink
-and three SuperNodes as separate processes (Flower's deployment runtime, insecure, on
-localhost) and take about 4 minutes (equality) and 2 minutes (killed node) on a 2-core CPU.
-"""
+Fast tests (about 30 s on a 2-core CPU) route Flower ``Message``s through the real
+ServerApp and ClientApp in one process (:class:`FakeGrid`, Flower's ``Grid`` interface).
+Slow ones: every other method through the same (about 60 s), and a SuperLink with three
+SuperNodes as separate processes on Flower's deployment runtime (insecure, localhost):
+FedIT and FLoRA-NA equal to the in-process run (about 4 min) and a SuperNode killed
+mid-round (about 2 min). The slow ones run only when asked for (``-m slow``), so the
+suite's plain ``pytest -q`` (CI) spends about 30 s here."""
 
 import json
 import os
@@ -34,6 +36,12 @@ from floranna_jax.flower import client_app, local, runconfig, server_app, shards
 def _shared_compilation():
     with shared_compilation():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _slow_only_when_asked(request):
+    if request.node.get_closest_marker("slow") and "slow" not in request.config.option.markexpr:
+        pytest.skip("slow (minutes): runs with -m slow")
 
 
 @pytest.fixture(autouse=True)

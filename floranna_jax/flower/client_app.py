@@ -4,8 +4,8 @@ A SuperNode names its data in its node config (``data-path``, a file written by
 :mod:`floranna_jax.flower.shards` or by the site itself); the file says which client of
 the federation it is. Two message types:
 
-- ``query``: reply ``{"client": {"client-id", "num-examples"}}`` so the server can map
-  client ids to nodes and weight clients by ``n_u``.
+- ``query``: reply ``{"client": {"client-id"}}`` so the server can map client ids to
+  nodes.
 - ``train``: the round number (0-based rounds done), the start adapter and head (without
   the method's ``private`` leaves) and, for methods that merge into the frozen weight, the
   whole ``base_delta`` so far. The client builds the model from the experiment config (the
@@ -53,22 +53,23 @@ def _shard(context: Context) -> shards.Shard:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which client this node is and how many training examples it holds."""
-    shard = _shard(context)
-    info = {"client-id": shard.client_id, "num-examples": shards.num_examples(shard)}
-    return Message(RecordDict({"client": ConfigRecord(info)}), reply_to=msg)
+    """Which client of the federation this node is."""
+    info = ConfigRecord({"client-id": _shard(context).client_id})
+    return Message(RecordDict({"client": info}), reply_to=msg)
 
 
 class Job(NamedTuple):
     """What a client builds from the experiment config: the method (for its frozen and
     private leaves), the model (same seed: same base and initial adapter as the server),
-    the runner of ``local_update`` and the client optimizer."""
+    the runner of ``local_update``, the client optimizer and ``effective_base``
+    (``rounds.make_effective_base``: folds a method's merges into the frozen base)."""
 
     config: Any
     method: server.Method
     model: Any
     runner: Any
     opt: Any
+    effective_base: Any
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,7 +81,7 @@ def build_job(experiment_json: str) -> Job:
     task = tasks.get(config.data.task)
     model = experiment.build_model(config, task.num_labels, keys.model_key(config.train.seed))
     runner, opt = train.make_runner(config, task.make_loss(model), method, one_client=True)
-    return Job(config, method, model, runner, opt)
+    return Job(config, method, model, runner, opt, rounds.make_effective_base(model))
 
 
 @app.train()
@@ -98,7 +99,7 @@ def train_round(msg: Message, context: Context) -> Message:
     own = wire.from_record(context.state["private"]) if "private" in context.state else {}
     start = clients.broadcast(wire.fill(model.trainable, {**own, **received}), 1)
     delta = wire.from_record(msg.content["base"]) if "base" in msg.content else {}
-    base = rounds.make_effective_base(model)(model.base, delta)
+    base = job.effective_base(model.base, delta)
 
     root = jax.random.key_data(keys.root(config.train.seed))
     rkey = keys.round_key(root, int(msg.content["config"]["round"]))

@@ -4,7 +4,7 @@ The server holds what an in-process run's server holds (``rounds.RoundState``: g
 adapter, head, the method's state, key, round, byte counters) and runs the same pieces of
 :mod:`floranna_jax.rounds` in the same order; only the clients' half travels:
 
-    connect: ask every node (``query``) which client it is and how many examples it has
+    connect: ask every node (``query``) which client it is
     round:   rounds.plan -> rounds.start_trainable -> one ``train`` message per sampled
              client (its start without the method's private leaves, plus the method's
              whole base_delta when it merges into W0) -> replies, checked by
@@ -52,13 +52,6 @@ from floranna_jax.flower import runconfig, wire
 app = ServerApp()
 
 
-class Node(NamedTuple):
-    """A connected client: its SuperNode and its number of training examples ``n_u``."""
-
-    node_id: int
-    num_examples: int
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Connect the clients, then run ``train.num_rounds`` rounds (resuming a checkpoint)."""
@@ -89,10 +82,10 @@ def main(grid: Grid, context: Context) -> None:
     reporter.finish(f"{config.server.name} on {task.name} over Flower")
 
 
-def connect(grid: Grid, num_clients: int, timeout_s: float) -> dict[int, Node]:
-    """``{client id: Node}`` of the nodes that answered a ``query`` before ``timeout_s``;
+def connect(grid: Grid, num_clients: int, timeout_s: float) -> dict[int, int]:
+    """``{client id: node id}`` of the nodes that answered a ``query`` before ``timeout_s``;
     clients left out count as not answering in every round."""
-    nodes: dict[int, Node] = {}
+    nodes: dict[int, int] = {}
     asked: set[int] = set()
     deadline = time.monotonic() + timeout_s
     while len(nodes) < num_clients:
@@ -112,9 +105,7 @@ def connect(grid: Grid, num_clients: int, timeout_s: float) -> dict[int, Node]:
                 log(WARNING, "node %d: query failed: %s", reply.metadata.src_node_id,
                     reply.error.reason)  # fmt: skip
                 continue
-            info = reply.content["client"]
-            nodes[int(info["client-id"])] = Node(reply.metadata.src_node_id,
-                                                 int(info["num-examples"]))  # fmt: skip
+            nodes[int(reply.content["client"]["client-id"])] = reply.metadata.src_node_id
     absent = sorted(set(range(num_clients)) - set(nodes))
     log(INFO, "connected clients %s%s", sorted(nodes), f"; absent: {absent}" if absent else "")
     return nodes
@@ -149,7 +140,7 @@ def run_round(grid, nodes, server_, state, config, opts) -> tuple[rounds.RoundSt
                    "config": ConfigRecord({"round": int(state.round), "client-id": u})}  # fmt: skip
         if base is not None:
             content["base"] = base
-        return Message(RecordDict(content), dst_node_id=nodes[u].node_id,
+        return Message(RecordDict(content), dst_node_id=nodes[u],
                        message_type=MessageType.TRAIN)  # fmt: skip
 
     expected = {k: v for k, v in wire.leaves(starts[int(ids[0])]).items() if shared(wire.split(k))}
