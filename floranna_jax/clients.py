@@ -96,7 +96,8 @@ def finite_float32(value) -> bool:
         return bool(np.isfinite(np.float32(value)))
 
 
-def _path_names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
+    """A jax key path as a tuple of str names, e.g. ``("lora", "layer_0/attention/query", "A")``."""
     names = []
     for entry in path:
         for attr in ("key", "name", "idx"):
@@ -118,7 +119,7 @@ def frozen_mask(frozen: Frozen, trainable: PyTree) -> PyTree:
         return jax.tree.map(lambda _: False, trainable)
     if callable(frozen):
         return jax.tree_util.tree_map_with_path(
-            lambda p, x: bool(frozen(_path_names(p), x)), trainable
+            lambda p, x: bool(frozen(path_names(p), x)), trainable
         )
     return jax.tree.map(bool, frozen)
 

@@ -65,8 +65,8 @@ def split_labels(train: dict[str, np.ndarray]) -> np.ndarray:
     return np.zeros(len(next(iter(train.values()))), np.int64)
 
 
-def build(config, key: jax.Array) -> Experiment:
-    """Data first (cheap to fail), then the partition, then the model (``key`` inits it)."""
+def load_data(config) -> tuple[tasks.Task, dict, dict, partition.Partition]:
+    """``(task, train, validation, part)``: the task's data and its client split."""
     task = tasks.get(config.data.task)
     train, validation = task.load(config)
     p = config.partition
@@ -85,5 +85,11 @@ def build(config, key: jax.Array) -> Experiment:
         raise ConfigError(f"config field partition.{e.param}: {e.message}") from e
     except ValueError as e:  # what only the data decides: too few examples or classes
         raise ConfigError(f"config section partition: {e}") from e
+    return task, train, validation, part
+
+
+def build(config, key: jax.Array) -> Experiment:
+    """Data first (cheap to fail), then the partition, then the model (``key`` inits it)."""
+    task, train, validation, part = load_data(config)
     model = build_model(config, task.num_labels, key)
     return Experiment(task, model, train, validation, part)

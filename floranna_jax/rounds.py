@@ -191,15 +191,76 @@ def make_effective_base(model) -> Callable:
     return lambda base, delta: merge(base, delta) if delta else base
 
 
+def start_trainable(state: RoundState, method, rkey: jax.Array, ids: np.ndarray) -> PyTree:
+    """What the sampled clients start training from: ``{"lora", "head"}``, each ``[U, ...]``."""
+    start = method.client_start(state.lora, state.method, ids, keys.init_key(rkey))
+    return {"lora": start, "head": clients.broadcast(state.head, len(ids))}
+
+
+def fresh_opt_state(opt, trainable: PyTree) -> PyTree:
+    """``[U, ...]`` fresh optimizer states for stacked trainable trees ``[U, ...]``."""
+    U = len(jax.tree.leaves(trainable)[0])
+    return clients.broadcast(opt.init(jax.tree.map(lambda x: x[0], trainable)), U)
+
+
 def _start(state, method, rkey, ids, opt, persistent: bool) -> tuple[PyTree, PyTree]:
     """The sampled clients' trainable trees ``[U, ...]`` and optimizer states."""
-    start = method.client_start(state.lora, state.method, ids, keys.init_key(rkey))
-    trainable = {"lora": start, "head": clients.broadcast(state.head, len(ids))}
+    trainable = start_trainable(state, method, rkey, ids)
     if persistent:
-        opt_state = jax.tree.map(lambda x: x[ids], state.opt_state)
-    else:
-        opt_state = clients.broadcast(opt.init(jax.tree.map(lambda x: x[0], trainable)), len(ids))
-    return trainable, opt_state
+        return trainable, jax.tree.map(lambda x: x[ids], state.opt_state)
+    return trainable, fresh_opt_state(opt, trainable)
+
+
+class Trained(NamedTuple):
+    """What ``U`` clients computed: trained trees and optimizer states ``[U, ...]``, mean
+    loss ``[U]``, real steps ``[U]`` and real examples ``[U]`` (host numpy)."""
+
+    trainable: PyTree
+    opt_state: PyTree
+    loss: np.ndarray
+    steps: np.ndarray
+    examples: np.ndarray
+
+
+def train_clients(
+    runner, base, trainable, opt_state, rkey, ids, arrays, train_index, steps, batch, layout
+) -> Trained:
+    """Clients ``ids`` train from ``trainable`` ``[U, ...]`` on their batches of the round
+    ``rkey`` (:func:`client_batches`; ``train_index[u]``: client ``u``'s rows of ``arrays``)."""
+    U = len(ids)
+    # This process's block of the clients axis (all of it with one process); rows past U
+    # pad the axis of several processes with copies of the last client that take no step.
+    rows = clients.local_rows(U)
+    mine = np.minimum(rows, U - 1)
+    batches, step_mask = client_batches(rkey, ids[mine], arrays, train_index, steps, batch, layout)
+    step_mask = np.where(rows[:, None] < U, step_mask, 0).astype(step_mask.dtype)
+    if jax.process_count() > 1:
+        trainable, opt_state = jax.tree.map(lambda x: x[mine], (trainable, opt_state))
+    out = runner(base, trainable, opt_state, batches, step_mask, keys.dropout_keys(rkey, ids[mine]))
+    if jax.process_count() > 1:  # every process gets every row back: drop the padding
+        out = jax.tree.map(lambda x: x[:U], out)
+    trained, opt_state, cm = out
+    # Real examples each client trained on (what its batches' masks sum to, on any process).
+    examples = np.minimum([len(train_index[u]) for u in ids], steps * batch).astype(np.float32)
+    return Trained(trained, opt_state, np.asarray(cm["loss"]), np.asarray(cm["steps"]), examples)
+
+
+def client_weights(sizes: np.ndarray) -> jax.Array:
+    """``p_u = n_u / sum n`` (float32) from the clients' training sizes ``[U]``."""
+    sizes = np.asarray(sizes, np.float64)
+    return jnp.asarray(sizes / max(sizes.sum(), 1.0), jnp.float32)
+
+
+def server_step(
+    number: int, state: RoundState, server_: server.Server, ids, p, trained, opt_state
+) -> tuple[RoundState, server.Aggregate]:
+    """Aggregate the uploads ``trained`` ``{"lora", "head"}`` ``[U, ...]`` of clients ``ids``
+    with weights ``p``; the state after round ``number`` (1-based) and the aggregate.
+    Raises :class:`RoundError` when the server's output is not finite."""
+    agg = server_.aggregate(trained["lora"], p, state.method)
+    new_state = _next_state(state, server_.method, ids, p, trained, opt_state, agg)
+    check_aggregate(number, agg, new_state.method)
+    return new_state, agg
 
 
 def _next_state(state, method, ids, p, trained, opt_state, agg) -> RoundState:
@@ -258,51 +319,50 @@ def make_round(
 
     def round_fn(state: RoundState) -> tuple[RoundState, RoundOutput]:
         number, t0 = int(state.round) + 1, time.perf_counter()
-        rkey = keys.round_key(state.key, int(state.round))
-        ids = sample_clients(rkey, num_clients, clients_per_round)
-        # This process's clients (all of them with one process); rows past U pad the clients
-        # axis of several processes with copies of the last client that take no step.
-        rows = clients.local_rows(len(ids))
-        own = ids[np.minimum(rows, len(ids) - 1)]
-        batches, step_mask = client_batches(
-            rkey, own, arrays, train_index, local_steps, batch_size, layout
-        )
-        step_mask = np.where(rows[:, None] < len(ids), step_mask, 0).astype(step_mask.dtype)
-        trainable, opt_state = _start(state, method, rkey, own, opt, persistent_opt_state)
+        rkey, ids = plan(state, num_clients, clients_per_round)
+        trainable, opt_state = _start(state, method, rkey, ids, opt, persistent_opt_state)
         base = effective_base(model.base, method.base_delta(state.method))
-        trained, opt_state, cm = jax.tree.map(
-            lambda x: x[: len(ids)],
-            runner(base, trainable, opt_state, batches, step_mask, keys.dropout_keys(rkey, own)),
-        )
-        loss, steps = np.asarray(cm["loss"]), np.asarray(cm["steps"])
-        check_uploads(number, ids, loss, trained)
+        out = train_clients(
+            runner, base, trainable, opt_state, rkey, ids, arrays, train_index,
+            local_steps, batch_size, layout,
+        )  # fmt: skip
+        check_uploads(number, ids, out.loss, out.trainable)
         t1 = time.perf_counter()
 
-        p = jnp.asarray(sizes[ids] / max(sizes[ids].sum(), 1.0), jnp.float32)  # p_u = n_u / n
-        agg = server_.aggregate(trained["lora"], p, state.method)
-        new_state = _next_state(state, method, ids, p, trained, opt_state, agg)
-        check_aggregate(number, agg, new_state.method)
-        # Real examples each client trained on (what its batches' masks sum to).
-        examples = np.minimum(sizes[ids], local_steps * batch_size).astype(np.float32)
+        p = client_weights(sizes[ids])
+        new_state, agg = server_step(number, state, server_, ids, p, out.trainable, out.opt_state)
         metrics = {
-            "train/loss": float(np.sum(loss * examples) / max(examples.sum(), 1.0)),
-            "train/real_steps": float(np.mean(steps)),
-            "train/examples": float(examples.sum()),
-            **_server_metrics(agg.metrics),
+            **train_metrics(out.loss, out.steps, out.examples),
+            **server_metrics(agg.metrics),
             "comm/bytes_up_total": float(new_state.bytes_up),
             "comm/bytes_down_total": float(new_state.bytes_down),
             "time/clients_s": t1 - t0,
             "time/server_s": time.perf_counter() - t1,
         }
         if compare is not None:
-            for label, rho_rel in compare(trained["lora"], p).items():
+            for label, rho_rel in compare(out.trainable["lora"], p).items():
                 metrics[f"compare/{label}/rho_rel"] = rho_rel
-        return new_state, RoundOutput(ids, trained, base, metrics)
+        return new_state, RoundOutput(ids, out.trainable, base, metrics)
 
     return round_fn
 
 
-def _server_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+def plan(state: RoundState, num_clients: int, clients_per_round: int):
+    """``(rkey, ids)``: the key of round ``state.round + 1`` and its sampled client ids."""
+    rkey = keys.round_key(state.key, int(state.round))
+    return rkey, sample_clients(rkey, num_clients, clients_per_round)
+
+
+def train_metrics(loss: np.ndarray, steps: np.ndarray, examples: np.ndarray) -> dict[str, float]:
+    """The round's training loss (weighted by real examples), mean real steps, examples."""
+    return {
+        "train/loss": float(np.sum(loss * examples) / max(examples.sum(), 1.0)),
+        "train/real_steps": float(np.mean(steps)),
+        "train/examples": float(examples.sum()),
+    }
+
+
+def server_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Scalar server metrics as floats under ``server/`` (per-layer arrays are dropped)."""
     out = {}
     for k, v in metrics.items():

@@ -61,6 +61,24 @@ class Run(NamedTuple):
     base_of: Any
 
 
+def make_runner(config, loss_fn, method: server.Method, one_client: bool = False):
+    """``(runner, opt)``: the clients' optimizer and the runner of their ``local_update``
+    (``clients.make_runner``) as the config's ``client`` and ``train`` sections say, or,
+    with ``one_client``, the ``"loop"`` runner (a process that trains one client)."""
+    c, t = config.client, config.train
+    opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
+    # Several processes always shard: each feeds its own clients to the global mesh.
+    multi = jax.process_count() > 1
+    shard = not one_client and (multi or (t.shard_clients and jax.device_count() > 1))
+    runner = clients.make_runner(
+        clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)),
+        mode="loop" if one_client else t.client_mode,
+        mesh=clients.make_mesh() if shard else None,
+        chunk=0 if one_client else t.clients_per_chunk,
+    )
+    return runner, opt
+
+
 def build(config, *, loss_wrapper=None) -> Run:
     """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss."""
     hparams = config_check.validate(config)
@@ -69,18 +87,10 @@ def build(config, *, loss_wrapper=None) -> Run:
     method = server_.method
     exp = experiment.build(config, keys.model_key(seed))
     c = config.client
-    opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
     loss_fn = exp.task.make_loss(exp.model)
     if loss_wrapper is not None:
         loss_fn = loss_wrapper(loss_fn)
-    # Several processes always shard: each feeds its own clients to the global mesh.
-    shard = jax.process_count() > 1 or (config.train.shard_clients and jax.device_count() > 1)
-    runner = clients.make_runner(
-        clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)),
-        mode=config.train.client_mode,
-        mesh=clients.make_mesh() if shard else None,
-        chunk=config.train.clients_per_chunk,
-    )
+    runner, opt = make_runner(config, loss_fn, method)
     compare = tuple(config.server.compare)
     round_fn = rounds.make_round(
         model=exp.model, runner=runner, opt=opt, server_=server_, arrays=exp.train,

@@ -9,7 +9,9 @@ global adapter holds ``A`` and the weighted average ``B = sum_u p_u B_u`` (so ``
 FedIT's). Method state: ``{"B": {layer: [N, d_out, r]}}``, every client's own ``B``
 (zero until it first trains): a sampled client starts from the global ``A`` and its own
 ``B``, and its trained ``B`` is stored after the round. Communication: only ``A``,
-``r d_in`` numbers per layer each way.
+``r d_in`` numbers per layer each way: in a real federation (``floranna_jax.flower``)
+``B`` is ``private`` and never leaves its client, so the server's global adapter keeps
+the initial ``B = 0`` there.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def apply(state, aggregate: common.Aggregate, client_ids, uploads):
     return aggregate.lora, {"B": personal}
 
 
+def private(path: tuple[str, ...]) -> bool:
+    return path[0] == "lora" and path[-1] == "B"
+
+
 def make_fedsa() -> Method:
     """FedSA-LoRA: average ``A``; personal ``B`` per client. No hyperparameters."""
-    return make_method(average, fedsa_bytes, init=init, client_start=client_start, apply=apply)
+    return make_method(average, fedsa_bytes, init=init, client_start=client_start, apply=apply,
+                       private=private)  # fmt: skip

@@ -11,8 +11,9 @@ honestly instead of hiding it.
 
 Method state: ``{"A": {layer: [r, d_in]}}``, the shared init. Clients never train ``A``
 (``frozen``), and the next global adapter takes ``A`` from the state, so it stays
-bit-identical for the whole run. Communication: only ``B``, ``r d_out`` numbers per layer
-each way.
+bit-identical for the whole run; in a real federation (``floranna_jax.flower``) it is
+``private``: each client holds it from the model's init and never sends it.
+Communication: only ``B``, ``r d_out`` numbers per layer each way.
 """
 
 from __future__ import annotations
@@ -45,4 +46,5 @@ def apply(state, aggregate: common.Aggregate, client_ids, uploads):
 
 def make_ffa() -> Method:
     """FFA-LoRA: average ``B`` over a frozen shared ``A``. No hyperparameters."""
-    return make_method(average, ffa_bytes, init=init, frozen=frozen, apply=apply)
+    return make_method(average, ffa_bytes, init=init, frozen=frozen, apply=apply,
+                       private=frozen)  # fmt: skip

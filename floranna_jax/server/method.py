@@ -7,6 +7,7 @@ built by ``make_<name>(**hparams)`` (one module each in this package). The round
     state = method.init(lora, num_clients)                  # round 0, checkpointed
     start = method.client_start(lora, state, ids, key)      # [U, ...] what clients train from
     method.frozen(path)                                     # leaves clients never train
+    method.private(path)                                    # leaves that never leave a client
     lora, merge, metrics = method.aggregate(uploads, p, state)       # jittable
     lora, state = method.apply(state, aggregate, ids, uploads)       # the next global adapter
     method.base_delta(state)                                # folded into the frozen base
@@ -40,6 +41,11 @@ class Method(NamedTuple):
     frozen:       ``path -> bool`` for a leaf path of the trainable tree, a tuple of str
                   such as ``("lora", "layer_0/attention/query", "A")``: True where clients
                   never train the leaf.
+    private:      ``path -> bool`` (same paths): True where the leaf never crosses the
+                  network in a real federation (``floranna_jax.flower``): the server
+                  neither sends nor receives it; a client starts it from the model's
+                  initial value, then keeps its own. In one process the method's state and
+                  ``client_start`` hold the same values, so runs agree leaf for leaf.
     aggregate:    ``(uploads, weights, state=None, svd_metric=True) -> (lora, merge,
                   metrics)``: the server estimator, pure and jittable; ``weights`` are
                   normalized inside; ``svd_metric=False`` (static) skips ``rho_svd``.
@@ -54,6 +60,7 @@ class Method(NamedTuple):
     init: Callable[[common.Lora, int], MethodState]
     client_start: Callable[..., common.Clients]
     frozen: Callable[[tuple[str, ...]], bool]
+    private: Callable[[tuple[str, ...]], bool]
     aggregate: Callable[..., tuple[common.Lora, dict[str, jax.Array], dict[str, Any]]]
     apply: Callable[..., tuple[common.Lora, MethodState]]
     base_delta: Callable[[MethodState], dict[str, jax.Array]]
@@ -76,6 +83,11 @@ def train_everything(path: tuple[str, ...]) -> bool:
     return False
 
 
+def share_everything(path: tuple[str, ...]) -> bool:
+    del path
+    return False
+
+
 def take_aggregate(state, aggregate: common.Aggregate, client_ids, uploads):
     """The estimator's factors become the global adapter; the state is unchanged."""
     del client_ids, uploads
@@ -93,12 +105,13 @@ def make_method(
     **overrides: Callable[..., Any],
 ) -> Method:
     """A :class:`Method` from its estimator and byte count; ``overrides`` replace the
-    stateless defaults (start from the global adapter, train everything, take the
-    aggregate, no base delta)."""
+    stateless defaults (start from the global adapter, train everything, share
+    everything, take the aggregate, no base delta)."""
     defaults = dict(
         init=stateless,
         client_start=start_from_global,
         frozen=train_everything,
+        private=share_everything,
         apply=take_aggregate,
         base_delta=no_base_delta,
     )

@@ -1,0 +1,106 @@
+"""Benchmark: round time of U=10 clients through Flower on localhost against in-process.
+
+    python -m benchmarks.flower [--model PATH] [--glue FOLDER] [--rounds 2]
+
+One invocation, the same config and data both ways: ``configs/glue.py`` with U=10 clients
+all sampled every round (SST-2 from ``--glue`` and all-MiniLM-L6-v2 from ``--model`` when
+both exist, else the smoke config's tiny random encoder on synthetic tokens), first
+``--rounds`` rounds in this process (``train.build(...).round_fn``, clients as the config
+runs them), then the same rounds through a SuperLink and 10 SuperNodes started as separate
+processes (``floranna_jax.flower.local``, insecure on localhost). Prints, per round, the
+seconds of each (Flower: the server's own clock from sending the round's messages to the
+aggregate, ``time/clients_s + time/server_s``), their ratio (the transport overhead: the
+messages, one ClientApp process per client and round, which imports JAX, builds the model
+and loads its compiled step from the shared XLA cache) and the bytes per client measured
+on the messages beside the ``comm_bytes`` formula; writes them to ``--out``.
+
+Asserts nothing about time. Round 1 includes compilation on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import socket
+import tempfile
+import time
+
+from benchmarks import machine
+from configs import glue
+from floranna_jax import train
+from floranna_jax.flower import local, shards
+
+DEFAULT_MODEL = pathlib.Path.home() / ".cache" / "floranna" / "models" / "all-MiniLM-L6-v2"
+
+
+def make_config(model: pathlib.Path, glue_dir: pathlib.Path, rounds: int):
+    """U=10 clients, all sampled; real SST-2 and MiniLM when present, else smoke."""
+    real = (model / "config.json").is_file() and (glue_dir / "SST-2" / "train.tsv").is_file()
+    config = glue.get_config() if real else glue.get_config("smoke")
+    if real:
+        config.model.path, config.data.dir = str(model), str(glue_dir)
+        config.data.max_length = 64
+        config.client.local_steps, config.client.batch_size = 5, 16
+    config.partition.num_clients = config.train.clients_per_round = 10
+    config.train.num_rounds = rounds
+    config.ckpt.every_rounds = 0
+    return config, "MiniLM on SST-2" if real else "smoke (tiny random encoder, synthetic)"
+
+
+def in_process(config) -> list[float]:
+    run = train.build(config)
+    state, seconds = run.state, []
+    for _ in range(config.train.num_rounds):
+        t0 = time.perf_counter()
+        state, _ = run.round_fn(state)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def through_flower(config, workdir: pathlib.Path) -> list[dict]:
+    paths = shards.write(config, str(workdir / "data"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with local.federation(workdir, paths, port, None) as fed:
+        run_config = local.run_config(config, workdir / "run", **{"round-timeout-s": 3600.0})
+        run = local.submit(fed, run_config, fed.logs / "run.log")
+        if run.wait() != 0:
+            raise RuntimeError((fed.logs / "run.log").read_text()[-3000:])
+    with open(workdir / "run" / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
+    parser.add_argument("--glue", type=pathlib.Path, default=pathlib.Path("../shared/data/glue"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_out/flower.json"))
+    args = parser.parse_args()
+    config, setting = make_config(args.model, args.glue, args.rounds)
+    print(f"{setting}: U=10, {config.client.local_steps} steps of {config.client.batch_size}, "
+          f"server {config.server.name}; machine {machine.describe()}")  # fmt: skip
+    local_s = in_process(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = through_flower(config, pathlib.Path(tmp))
+    results = []
+    for r, row in enumerate(rows):
+        flower_s = row["time/clients_s"] + row["time/server_s"]
+        results.append({"round": r + 1, "in_process_s": local_s[r], "flower_s": flower_s,
+                        "overhead_ratio": flower_s / local_s[r],
+                        **{k: row[k] for k in row if "bytes" in k}})  # fmt: skip
+        print(f"round {r + 1}: in-process {local_s[r]:.1f} s, Flower {flower_s:.1f} s, "
+              f"transport overhead x{flower_s / local_s[r]:.2f}; bytes per client up "
+              f"{row['flower/bytes_up_per_client']:.0f} (formula {row['server/bytes_up']:.0f}),"
+              f" down {row['flower/bytes_down_per_client']:.0f} "
+              f"(formula {row['server/bytes_down']:.0f})")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"setting": setting, "machine": machine.describe(),
+                                    "rounds": results}, indent=2))  # fmt: skip
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
