@@ -131,7 +131,7 @@ def main(a) -> dict:
         if torch_peer.available():
             c = configs[DEFAULT]
             peer = stack.enter_context(torch_peer.Process(
-                model_path=a.model, rank=c.lora.rank, alpha=c.lora.alpha,
+                torch_peer.Peer, model_path=a.model, rank=c.lora.rank, alpha=c.lora.alpha,
                 dropout=c.lora.dropout, targets=tuple(c.lora.targets),
                 learning_rate=c.client.learning_rate, threads=a.threads,
             ))  # fmt: skip
@@ -143,8 +143,8 @@ def main(a) -> dict:
             if peer is not None:
                 work, weights, n = peer_work(configs[DEFAULT], runs[DEFAULT], r)
                 if r == 0:
-                    peer.round(work, weights)  # warm-up, as the project's compiling call
-                wall, cpu = peer.round(work, weights)
+                    peer.call("round", work, weights)  # warm-up, as the project's compiling call
+                _, wall, cpu = peer.call("round", work, weights)
                 clocks["peer"].wall += wall
                 clocks["peer"].cpu += cpu
                 examples["peer"] += n

@@ -1,14 +1,18 @@
-"""The PyTorch peer of one federated round: transformers + PEFT, clients one after another.
+"""The PyTorch peers: transformers + PEFT, what a user of the usual tools would write.
 
-What a user of the usual tools would write: ``BertForSequenceClassification`` with a PEFT
-LoRA adapter, each client starting from the global adapter and head, ``steps`` AdamW
-steps on its batches, each batch padded to its own longest example (dynamic padding, as
+:class:`Peer`, one federated round: ``BertForSequenceClassification`` with a PEFT LoRA
+adapter, each client starting from the global adapter and head, ``steps`` AdamW steps on
+its batches, each batch padded to its own longest example (dynamic padding, as
 ``DataCollatorWithPadding`` does), then FedIT's average of the uploads. It trains on the
 very examples, token ids and settings of the project's round it is compared with.
 
+:class:`DecoderPeer`, one decoder client: ``LlamaForCausalLM`` with a PEFT LoRA adapter
+taking AdamW steps on given token ids, and transformers' greedy ``generate`` (key/value
+cache) of the bare model.
+
 Needs ``torch`` and ``peft`` (not dependencies of the project); :func:`available` says
-whether they import. :class:`Process` runs the peer in a child process of its own, so that
-torch's threads never share a process with JAX's, and times each round there.
+whether they import. :class:`Process` runs a peer in a child process of its own, so that
+torch's threads never share a process with JAX's, and times each call there.
 """
 
 from __future__ import annotations
@@ -63,14 +67,62 @@ class Peer:
             opt.step()
         return {n: p.detach().clone() for n, p in self.trainable.items()}
 
-    def round(self, clients: list[list[dict[str, np.ndarray]]], weights: np.ndarray) -> float:
-        """One FedIT round over ``clients``; returns its wall seconds."""
-        t0 = time.perf_counter()
+    def round(self, clients: list[list[dict[str, np.ndarray]]], weights: np.ndarray) -> None:
+        """One FedIT round over ``clients``: the global adapter and head become the average."""
         uploads = [self.client(b) for b in clients]
         with self.torch.no_grad():
             for n in self.start:
                 self.start[n] = sum(float(w) * u[n] for w, u in zip(weights, uploads, strict=True))
-        return time.perf_counter() - t0
+
+
+class DecoderPeer:
+    """A float32 ``LlamaForCausalLM`` (transformers' default attention) with a PEFT LoRA
+    adapter and one AdamW optimizer kept across calls, on ``threads`` CPU threads."""
+
+    def __init__(self, model_path: str, *, rank: int, alpha: float, dropout: float,
+                 targets: tuple[str, ...], learning_rate: float, threads: int) -> None:  # fmt: skip
+        import peft
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        torch.set_num_threads(threads)
+        base = transformers.LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        config = peft.LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+            task_type=peft.TaskType.CAUSAL_LM,
+        )  # fmt: skip
+        self.torch, self.model = torch, peft.get_peft_model(base, config)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+
+    def train(self, ids: np.ndarray) -> list[float]:
+        """One AdamW step per batch of ``ids [S, b, L]`` (causal-LM loss on every token);
+        returns the ``S`` losses."""
+        self.model.train()
+        losses = []
+        for batch in ids:
+            x = self.torch.from_numpy(batch.astype(np.int64))
+            loss = self.model(input_ids=x, labels=x).loss
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            losses.append(loss.item())
+        return losses
+
+    def generate(self, ids: np.ndarray, mask: np.ndarray, max_new: int, pad: int) -> np.ndarray:
+        """``[b, max_new]`` greedy new tokens of the bare model after left-padded prompts
+        ``ids [b, P]``; no end-of-sequence id, so every row gets ``max_new`` tokens."""
+        torch = self.torch
+        self.model.eval()
+        with torch.no_grad(), self.model.disable_adapter():
+            out = self.model.generate(
+                input_ids=torch.from_numpy(ids.astype(np.int64)),
+                attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=pad,
+                use_cache=True,
+            )  # fmt: skip
+        return out[:, ids.shape[1] :].numpy()
 
 
 def dynamic_batches(arrays: dict[str, np.ndarray], lengths: np.ndarray, take: np.ndarray,
@@ -90,26 +142,29 @@ def dynamic_batches(arrays: dict[str, np.ndarray], lengths: np.ndarray, take: np
 
 
 class Process:
-    """A :class:`Peer` in a spawned child process (``with Process(**peer_args) as p:``).
+    """A peer built by ``make(**args)`` in a spawned child process (``with Process(Peer,
+    **args) as p:``), so that torch's threads never share a process with JAX's.
 
-    :meth:`round` sends one round's work and returns the child's wall and CPU seconds
-    (process CPU time of all its threads) for it; the parent waits idle meanwhile.
+    :meth:`call` runs one of the peer's methods there and returns its result with the
+    child's wall and CPU seconds (process CPU time of all its threads) for it; the parent
+    waits idle meanwhile.
     """
 
-    def __init__(self, **peer_args) -> None:
-        self.peer_args = peer_args
+    def __init__(self, make, **args) -> None:
+        self.make, self.args = make, args
 
     def __enter__(self):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, self.peer_args), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, self.make, self.args), daemon=True)
         self.proc.start()
         child.close()
         self.conn.recv()  # the model is loaded
         return self
 
-    def round(self, clients, weights) -> tuple[float, float]:
-        self.conn.send((clients, weights))
+    def call(self, method: str, *args):
+        """``(peer.method(*args), wall_s, cpu_s)``, run in the child."""
+        self.conn.send((method, args))
         return self.conn.recv()
 
     def __exit__(self, *exc):
@@ -117,10 +172,11 @@ class Process:
         self.proc.join()
 
 
-def _serve(conn, peer_args: dict) -> None:
-    peer = Peer(**peer_args)
+def _serve(conn, make, args: dict) -> None:
+    peer = make(**args)
     conn.send("ready")
     while (work := conn.recv()) is not None:
-        cpu = time.process_time()
-        wall = peer.round(*work)
-        conn.send((wall, time.process_time() - cpu))
+        method, method_args = work
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = getattr(peer, method)(*method_args)
+        conn.send((out, time.perf_counter() - wall, time.process_time() - cpu))
