@@ -14,6 +14,8 @@ All in one run (issue 9):
   id) at batch 1 and 16 on the same left-padded prompts, against transformers'
   ``generate`` with its key/value cache; prints whether the greedy tokens are equal.
   Target: 2x.
+- the training FLOP rate of each side (:func:`training_flops_per_token`) as a share of this
+  machine's float32 matmul peak, timed in the same run: how much room either side has left.
 - memory: ``compiled.memory_analysis()`` of one client's step, and of ``--clients``
   clients vmapped at once and ``--chunk`` at a time (compiled, not run).
 
@@ -78,6 +80,21 @@ def ratios(project: dict, peer: dict) -> dict:
     """Project over peer, tokens per wall second and per CPU second."""
     wall, cpu = project["per_s"] / peer["per_s"], project["per_cpu_s"] / peer["per_cpu_s"]
     return {"wall": wall, "cpu": cpu}
+
+
+def training_flops_per_token(config: dict, seq_len: int) -> float:
+    """Matmul FLOPs per token of one training step on a frozen base, counted from the model
+    config: the forward pass (every linear layer, the LM head, attention scores and values
+    over the full ``seq_len`` as XLA computes them) plus the backward pass, which computes
+    gradients of the activations only (as many FLOPs as the forward pass; the base weights
+    get none). LoRA's rank-16 factors add under 1% and are left out."""
+    d, f, L, V = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                      "vocab_size"))  # fmt: skip
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or d // heads
+    linear = 2 * d * heads * hd + 2 * d * kv * hd + 3 * d * f  # q, o; k, v; gate, up, down
+    forward = 2 * (L * linear + d * V) + L * 4 * seq_len * heads * hd
+    return 2.0 * forward
 
 
 def training_batches(ids: np.ndarray) -> dict:
@@ -226,7 +243,14 @@ def main(argv=None) -> dict:
             ))  # fmt: skip
         else:
             print("PyTorch peer skipped: torch, peft or transformers does not import")
+        report["matmul_peak_flops"] = bench_clients.matmul_peak()
         report["train"] = bench_training(a, model, local_update, peer)
+        per_token = training_flops_per_token(model.config, a.seq_len)
+        for side in ("project", "peer"):
+            if side in report["train"]:
+                x = report["train"][side]
+                x["flops_per_s"] = per_token * x["per_s"]
+                x["fraction_of_matmul_peak"] = x["flops_per_s"] / report["matmul_peak_flops"]
         report["generate"] = {
             int(b): bench_generation(a, model, int(b), peer) for b in a.gen_batches.split(",")
         }
@@ -256,6 +280,14 @@ def print_report(r: dict) -> None:
         cells += [f"{x['ratio'][k]:.2f}x" for k in ("wall", "cpu")] if "ratio" in x else []
         print(f"| {label} | {' | '.join(cells + [''] * (6 - len(cells)))} | "
               f"{TARGETS[target]}x |")  # fmt: skip
+    shares = ", ".join(
+        f"{side} {x['flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * x['fraction_of_matmul_peak']:.0f}%"
+        for side, x in r["train"].items() if side in ("project", "peer")
+    )  # fmt: skip
+    print(
+        f"training against the f32 matmul peak ({r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s, "
+        f"2048^3 timed in this run; FLOPs counted from the config): {shares}"
+    )
     for b, g in r["generate"].items():
         if "tokens_equal" in g:
             print(f"greedy tokens at batch {b} equal to transformers: {g['tokens_equal']} "

@@ -18,6 +18,7 @@ from server_cases import (
 )
 
 from floranna_jax import server
+from floranna_jax.server import svd as svd_module
 
 
 class SvdTest(chex.TestCase):
@@ -65,6 +66,19 @@ class SvdTest(chex.TestCase):
             self.assertEqual(agg.metrics[k], 0.0)
         for est in dense_estimate(agg).values():
             np.testing.assert_array_equal(est, 0.0)
+
+    def test_canonical_signs_undo_any_joint_flip(self):
+        rng = np.random.default_rng(0)
+        B = jnp.asarray(rng.standard_normal((2, 12, 4)), jnp.float32)
+        A = jnp.asarray(rng.standard_normal((2, 4, 9)), jnp.float32)
+        flip = jnp.asarray([[1.0, -1.0, -1.0, 1.0], [-1.0, 1.0, -1.0, -1.0]])  # [L, r]
+        ref = svd_module.canonical_signs(B, A)
+        got = svd_module.canonical_signs(B * flip[:, None, :], A * flip[:, :, None])
+        for x, y in zip(ref, got, strict=True):
+            np.testing.assert_array_equal(x, y)
+        top = jnp.take_along_axis(ref[0], jnp.argmax(jnp.abs(ref[0]), axis=1)[:, None], axis=1)
+        self.assertTrue(bool(jnp.all(top > 0)))
+        np.testing.assert_allclose(ref[0] @ ref[1], B @ A, rtol=1e-6, atol=1e-6)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Communication as FedIT.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from floranna_jax.server import common, factored
@@ -38,16 +39,27 @@ def _factors(group: common.LayerGroup, basis: factored.Basis, Ct, RB, RA, Uc, S,
     B, A = factored.combine(group, basis, NB.reshape(L, M, r, r),
                             MA.reshape(L, r, M, r).transpose(0, 2, 1, 3))  # fmt: skip
     resid = factored.matrix_resid_sq(basis, X[None] - jnp.einsum("lit,ltj->lij", NB, MA))
+    B, A = canonical_signs(B, A)
     return {"A": A, "B": B}, resid
+
+
+def canonical_signs(B: jax.Array, A: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``B [L, d_out, r]`` and ``A [L, r, d_in]`` with each pair ``(B[:, t], A[t])`` signed
+    so that the entry of largest magnitude of ``B[:, t]`` is positive. An SVD fixes its
+    singular vectors only up to a joint sign per pair, which LAPACK builds (and the eigh
+    roots of the basis) choose differently on different CPUs; ``B A`` is unchanged, and the
+    factors, which clients train from, become the same everywhere."""
+    top = jnp.take_along_axis(B, jnp.argmax(jnp.abs(B), axis=-2, keepdims=True), axis=-2)
+    sign = jnp.where(top < 0, -1.0, 1.0).astype(B.dtype)  # [L, 1, r]
+    return B * sign, A * sign.swapaxes(-1, -2)
 
 
 def aggregate(clients: common.Clients, weights, state=None, svd_metric: bool = True):
     del state, svd_metric  # the SVD is the method itself
     p = common.normalize(weights)
     groups = common.group_layers(clients)
-    # All M members and eigh roots: the factors depend on the basis through the signs of
-    # the singular vectors, which recorded runs pin (tests/test_train.py). The independent
-    # members and Cholesky roots of the metrics would flip some of them.
+    # All M members and eigh roots, as when the recorded runs of tests/test_train.py were
+    # taken: other bases give the same B A, but another rounding of the factors.
     bases = [factored.build_basis(g, p, all_members=True) for g in groups]
     r = groups[0].r
     Ct = factored.target_coeffs(p, bases[0].w0)
