@@ -112,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         every_rounds=5,  # evaluate every this many rounds (and after the last)
         batch_size=256,  # examples per evaluation batch
         local=True,  # also evaluate each sampled client on its held-out split
-        at_start=False,  # also evaluate the global model before round 1 (row "round": 0)
+        at_start=False,  # also evaluate before round 1 (row "round": 0; local: every client)
         max_local_examples=0,  # held-out rows per client in the local evaluation (0 = all)
     )
 

@@ -2,12 +2,12 @@
 
 The loop reads top to bottom: one round (``rounds.make_round``: clients, then server),
 an evaluation every ``eval.every_rounds`` rounds and after the last (the task's
-evaluator; with ``eval.at_start`` also the global model before round 1), one metrics row
-(``reporting``), a checkpoint every ``ckpt.every_rounds``
-rounds (``checkpoint``). A run restarted on the same workdir resumes from its newest
-checkpoint and, on CPU, ends bit-identical to an uninterrupted run: all randomness is a
-function of (seed, round, client) (see ``keys``), and the metrics rows after the
-checkpoint are rewritten.
+evaluator; with ``eval.at_start`` also the global model before round 1, on validation and
+on every client's holdout), one metrics row (``reporting``), a checkpoint every
+``ckpt.every_rounds`` rounds (``checkpoint``). A run restarted on the same workdir resumes
+from its newest checkpoint and, on CPU, ends bit-identical to an uninterrupted run: all
+randomness is a function of (seed, round, client) (see ``keys``), and the metrics rows
+after the checkpoint are rewritten.
 
 With several processes (``dist``, :mod:`floranna_jax.distributed`) every process runs this
 same loop on the same state; only process 0 writes the workdir's files, all of them save
@@ -26,6 +26,7 @@ import time
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 from absl import logging
 
 from floranna_jax import (
@@ -121,10 +122,22 @@ def _global_eval(run: Run, state) -> dict[str, float]:
 
 def _eval_row(run: Run, config, state, out) -> dict[str, float]:
     """Global model on validation, sampled clients on their holdout, and their gap."""
+    return _scores(run, config, state, out.base, out.trainable, out.client_ids)
+
+
+def _start_row(run: Run, config, state) -> dict[str, float]:
+    """``eval.at_start``: the global model before round 1 on validation and, as every
+    client's model then, on every client's holdout."""
+    ids = np.arange(config.partition.num_clients)
+    trainable = clients.broadcast({"lora": state.lora, "head": state.head}, len(ids))
+    return _scores(run, config, state, run.base_of(state), trainable, ids)
+
+
+def _scores(run: Run, config, state, base, trainable, client_ids) -> dict[str, float]:
     glob = _global_eval(run, state)
     row = {f"eval/global/{k}": v for k, v in glob.items()}
     if config.eval.local:
-        local = run.evaluator.local_eval(out.base, out.trainable, out.client_ids)
+        local = run.evaluator.local_eval(base, trainable, client_ids)
         row |= {f"eval/local/{k}": v for k, v in local.items()}
         row |= {f"eval/gap/{k}": local[k] - glob[k] for k in local if k in glob}
     return row
@@ -225,7 +238,7 @@ def run(config, workdir: str) -> str:
     )  # fmt: skip
     if config.eval.at_start and start == 0 and not reporter.kept:
         t0 = time.perf_counter()
-        row = {"round": 0, **{f"eval/global/{k}": v for k, v in _global_eval(run_, state).items()}}
+        row = {"round": 0, **_start_row(run_, config, state)}
         reporter.write(row | {"time/eval_s": time.perf_counter() - t0})
     while int(state.round) < num_rounds:
         state, out = run_.round_fn(state)

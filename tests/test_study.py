@@ -172,7 +172,7 @@ def test_report_from_committed_rows_alone(grid_run, tmp_path):
         evals = [r for r in rows[cell] if "eval/global/accuracy" in r]
         by_hand[method] = evals[-1]["eval/global/accuracy"]
         rho = np.mean([r["server/rho_rel"] for r in rows[cell] if r["round"]])
-        assert evals[0]["round"] == 0 and "eval/local/accuracy" not in evals[0]  # at_start
+        assert evals[0]["round"] == 0 and "eval/local/accuracy" in evals[0]  # at_start
         assert got[3] == f"{evals[0]['eval/global/accuracy']:.4f}"
         assert got[4] == f"{by_hand[method]:.4f}"
         assert got[5] == f"{max(r['eval/global/accuracy'] for r in evals[1:]):.4f}"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from smoke_setup import shared_compilation, smoke_config
 
-from floranna_jax import reporting, server, train
+from floranna_jax import clients, reporting, server, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,7 +51,18 @@ def test_at_start_evaluates_the_untrained_model_once(tmp_path):
     rows = reporting.read_rows(tmp_path / reporting.METRICS_FILE)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert {k.split("/")[0] for k in rows[0]} == {"round", "eval", "time"}
-    assert all(k.startswith("eval/global/") for k in rows[0] if k.startswith("eval"))
+    # Round 0: the global model on validation and, on every client's holdout, as each
+    # client's model before training: one local score, the same model everywhere.
+    assert {k for k in rows[0] if k.startswith("eval")} == {
+        "eval/global/accuracy", "eval/local/accuracy", "eval/gap/accuracy"}  # fmt: skip
+    run = train.build(config)
+    state = run.state
+    glob = run.evaluator.global_eval(run.exp.model.base, {"lora": state.lora, "head": state.head})
+    assert rows[0]["eval/global/accuracy"] == glob["accuracy"]
+    ids = np.arange(config.partition.num_clients)
+    trainable = clients.broadcast({"lora": state.lora, "head": state.head}, len(ids))
+    local = run.evaluator.local_eval(run.exp.model.base, trainable, ids)
+    assert rows[0]["eval/local/accuracy"] == local["accuracy"]
     before = rows[0]["eval/global/accuracy"]
     line = next(x for x in summary.splitlines() if "global accuracy before round 1" in x)
     assert line.split("|")[2].strip() == reporting.format_value(before)
