@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import tomli_w
@@ -204,46 +205,52 @@ def run_config(config, workdir: pathlib.Path, **options) -> dict:
     return {"experiment": config.to_json(), "workdir": str(workdir), **options}
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<task>.py[:arg]")
-_WORKDIR = flags.DEFINE_string("workdir", None, "folder for data, logs and results")
-_NODES = flags.DEFINE_integer("nodes", None, "SuperNodes, one per client (partition.num_clients)")
-_PORT = flags.DEFINE_integer("port", 9190, "SuperLink port; SuperNodes use the next ones")
-_CERTS = flags.DEFINE_string("certs", None, "TLS folder: ca.crt, server.pem, server.key")
-_INSECURE = flags.DEFINE_bool("insecure", False, "no TLS (tests on localhost only)")
-_TIMEOUT = flags.DEFINE_float("round_timeout_s", 600.0, "seconds to wait for replies")
-_RETRIES = flags.DEFINE_integer("retries", 0, "times a silent client is asked again")
-_MIN_REPLIES = flags.DEFINE_integer("min_replies", 1, "fewer accepted uploads stop the run")
+def define_flags() -> SimpleNamespace:
+    """The command line's flags; defined when run as a program, so that importing this
+    module defines none (another module's ``--config`` may be defined in the process)."""
+    return SimpleNamespace(
+        config=config_flags.DEFINE_config_file("config", None, "configs/<task>.py[:arg]"),
+        workdir=flags.DEFINE_string("workdir", None, "folder for data, logs and results"),
+        nodes=flags.DEFINE_integer("nodes", None, "SuperNodes, one per client (num_clients)"),
+        port=flags.DEFINE_integer("port", 9190, "SuperLink port; SuperNodes use the next ones"),
+        certs=flags.DEFINE_string("certs", None, "TLS folder: ca.crt, server.pem, server.key"),
+        insecure=flags.DEFINE_bool("insecure", False, "no TLS (tests on localhost only)"),
+        timeout=flags.DEFINE_float("round_timeout_s", 600.0, "seconds to wait for replies"),
+        retries=flags.DEFINE_integer("retries", 0, "times a silent client is asked again"),
+        min_replies=flags.DEFINE_integer("min_replies", 1, "fewer accepted uploads stop the run"),
+    )
 
 
-def _certs() -> pathlib.Path | None:
-    if _INSECURE.value == (_CERTS.value is not None):
+def _certs(cli: SimpleNamespace) -> pathlib.Path | None:
+    if cli.insecure.value == (cli.certs.value is not None):
         raise ConfigError("--certs: give a TLS folder (the default), or --insecure, not both")
-    if _INSECURE.value:
+    if cli.insecure.value:
         return None
-    certs = pathlib.Path(_CERTS.value)
+    certs = pathlib.Path(cli.certs.value)
     if not certs.exists() or not any(certs.iterdir()):
         make_certs(certs)
     return certs
 
 
-def main(argv) -> None:
+def main(argv, cli: SimpleNamespace) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value or "runs/flower").resolve()
+    config = cli.config.value
+    workdir = pathlib.Path(cli.workdir.value or "runs/flower").resolve()
     try:
-        nodes = _NODES.value or config.partition.num_clients
+        nodes = cli.nodes.value or config.partition.num_clients
         if nodes != config.partition.num_clients:
             raise ConfigError(
                 f"--nodes: {nodes} SuperNodes for partition.num_clients="
                 f"{config.partition.num_clients}; one SuperNode per client"
             )
-        certs = _certs()
+        certs = _certs(cli)
         paths = shards.write(config, str(workdir / "data"))
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    options = {"round-timeout-s": _TIMEOUT.value, "retries": _RETRIES.value,
-               "min-replies": _MIN_REPLIES.value}  # fmt: skip
-    with federation(workdir, paths, _PORT.value, certs) as fed:
+    options = {"round-timeout-s": cli.timeout.value, "retries": cli.retries.value,
+               "min-replies": cli.min_replies.value}  # fmt: skip
+    with federation(workdir, paths, cli.port.value, certs) as fed:
         run = submit(fed, run_config(config, workdir / "run", **options), fed.logs / "run.log")
         run.wait()
         status = run_status(fed, fed.logs / "run.log")
@@ -254,4 +261,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli = define_flags()
+    app.run(lambda argv: main(argv, _cli))
