@@ -26,15 +26,17 @@ convert the GGUF once, then point the run at local files:
         --config.data.max_train_examples=2000 --config.client.batch_size=8 \
         --config.client.learning_rate=2e-4 --config.eval.max_examples=64
 
-The evidence run of issue 9 is that command as a config, about 15 minutes per method here:
+The evidence run of issue 9 is a smaller version of that command as a config, about 15
+minutes per method on a 2-core CPU, most of it generation:
 
     python launch.py --config=configs/gsm8k.py:smollm2 --workdir=runs/gsm8k_smollm2_fedit \
         --config.server.name=fedit
     python launch.py --config=configs/gsm8k.py:smollm2 --workdir=runs/gsm8k_smollm2_floranna
 
 4 clients (all sampled), 3 rounds of 5 local steps of batch 4 on the first 400 training
-problems, global exact match and answer loss on the first 64 test problems before round 1
-and after round 3, local on 16 held-out problems per client (docs/gsm8k_smollm2.md).
+problems, exact match and answer loss before round 1 and after round 3, globally on the
+first 64 test problems and locally on 16 held-out problems per client (results:
+docs/gsm8k_smollm2.md).
 
 (SmolLM2 has a chat template, so ``data.prompt="auto"`` uses it; LLaMA-2's base tokenizer has
 none, so its prompts are plain "Question: ...\nAnswer:\n".) ``data.partition.scheme`` may be
