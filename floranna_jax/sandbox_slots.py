@@ -137,7 +137,7 @@ def taken() -> Iterator[Slot]:
 
 
 def cpu_seconds(uid: int) -> float:
-    """CPU seconds (user + system, with reaped children) of the live processes of `uid`.
+    """CPU seconds (user + system, with reaped children) of the running processes of `uid`.
     A process that made itself non-dumpable shows as root's and is missed: the per-process
     RLIMIT_CPU and the wall-clock limit still bound it."""
     ticks = 0
@@ -151,5 +151,6 @@ def cpu_seconds(uid: int) -> float:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        ticks += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+        if fields[0] not in (b"Z", b"X"):  # a zombie of a killed program spends nothing more
+            ticks += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
     return ticks / _CLOCK_TICKS
