@@ -302,6 +302,9 @@ def _proof(proof_r: int) -> bytes:
 
 def _reclaim(job: dict) -> None:
     """As the slot's uid (when root gave one): kill all its processes, then empty `folder`."""
+    # resolved before setuid: the uid may not read our interpreter's lazily imported modules
+    tools = {n: next(p for p in (f"/usr/bin/{n}", f"/bin/{n}") if os.path.exists(p))
+             for n in ("chmod", "find")}  # fmt: skip
     try:
         os.chdir(job["folder"])  # before setuid: the uid cannot reach its folder by name
     except FileNotFoundError:
@@ -317,12 +320,11 @@ def _reclaim(job: dict) -> None:
                 break
     if job["folder"] is None:
         return
-    env = {"PATH": "/usr/bin:/bin"}
     pid = os.fork()
     if pid == 0:  # a tree with folders closed to their owner: open them first
-        os.execvpe("chmod", ["chmod", "-R", "u+rwx", "."], env)
+        os.execve(tools["chmod"], ["chmod", "-R", "u+rwx", "."], {})
     os.waitpid(pid, 0)
-    os.execvpe("find", ["find", ".", "-mindepth", "1", "-delete"], env)
+    os.execve(tools["find"], ["find", ".", "-mindepth", "1", "-delete"], {})
 
 
 def main() -> None:

@@ -18,15 +18,16 @@ def sandbox_uids() -> range:
 
 
 def processes_of(uids) -> list[int]:
-    """Pids of the live processes whose real uid is in `uids`."""
+    """Pids of the live processes (zombies aside) whose real uid is in `uids`."""
     found = []
     for entry in pathlib.Path("/proc").iterdir():
         try:
             status = (entry / "status").read_text() if entry.name.isdigit() else ""
         except OSError:
             continue  # gone meanwhile
-        for line in status.splitlines():
-            if line.startswith("Uid:") and int(line.split()[1]) in uids:
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields and not fields["State"].split()[0] == "Z":
+            if int(fields["Uid"].split()[0]) in uids:
                 found.append(int(entry.name))
     return found
 
