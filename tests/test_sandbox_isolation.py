@@ -91,27 +91,30 @@ for _ in range({n}):
 while True:
     pass
 """
-NEIGHBOUR = "assert sum(i * i for i in range(2_000_000)) > 0\n"  # ~0.3 s of CPU
+NEIGHBOUR = "assert sum(i * i for i in range(15_000_000)) > 0\n"  # ~1 s of CPU
 # 7. what crashed sandbox.run without namespaces
 REAL_TIME_SIGNAL = "import os, signal\nos.kill(os.getpid(), signal.SIGRTMIN + 2)\n"
 DEEP_TREE = "import os\nfor _ in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n"
 # 9. forging the pass: the marker from its own file and constants; the same from atexit
 # after failing; and blind pokes at every file descriptor
-FORGER = """
-import os, re, sys
-found = set(re.findall(r"sandbox-ok-[0-9a-f]+", open("program.py").read()))
+FIND_MARKERS = """
+import atexit, os, re, sys
+def own_text():
+    try:
+        return open("program.py").read()
+    except OSError:
+        return ""
+found = set(re.findall(r"sandbox-ok-[0-9a-f]+", own_text()))
 for const in sys._getframe().f_code.co_consts:
     if isinstance(const, (bytes, str)):
         found |= set(re.findall(r"sandbox-ok-[0-9a-f]+", str(const)))
-print("\\n" + "\\n".join(found), flush=True)
-os._exit(0)
+def show():
+    print("\\n" + "\\n".join(found), flush=True)
 """
-ATEXIT_FORGER = """
-import atexit, os, re
-found = re.findall(r"sandbox-ok-[0-9a-f]+", open("program.py").read())
-atexit.register(lambda: (print("\\n" + "\\n".join(found), flush=True), os._exit(0)))
-assert False, "the tests fail"
-"""
+FORGER = FIND_MARKERS + "show()\nos._exit(0)\n"
+ATEXIT_FORGER = FIND_MARKERS + (
+    "atexit.register(lambda: (show(), os._exit(0)))\nassert False, 'the tests fail'\n"
+)
 BLIND_FORGER = """
 import os
 taken = b""
@@ -173,10 +176,12 @@ def test_1_a_planted_link_never_makes_root_write_a_host_file(tmp_path):
 
 
 @needs_namespaces
+@needs_root  # a socket in /run
 def test_2_host_files_and_path_sockets_are_out_of_reach(tmp_path):
     data = os.environ.get("FLORANNA_DATA_DIR", str(REPO.parent / "shared" / "data"))
     paths = [sandbox.__file__, str(REPO), data, "/run", "/home", "/var", "/etc/passwd"]
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="sandbox-socket-"))
+    # where D-Bus and journald live; not /tmp, which the old private /tmp already hid
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="sandbox-socket-", dir="/run"))
     try:
         folder.chmod(0o755)
         with socket.socket(socket.AF_UNIX) as server:
@@ -257,7 +262,7 @@ def test_5_a_killed_caller_leaves_nothing_by_the_next_start(namespaces):
 
 @needs_root
 def test_6_cpu_hogs_do_not_time_out_a_correct_neighbour():
-    hog, neighbour = sandbox.run([SPINNERS.format(n=16), NEIGHBOUR], timeout_s=2.0, workers=2)
+    hog, neighbour = sandbox.run([SPINNERS.format(n=16), NEIGHBOUR], timeout_s=3.0, workers=2)
     assert not hog.passed and "timeout" in hog.reason, hog
     assert neighbour.passed, neighbour
 
@@ -285,8 +290,8 @@ def test_8_the_code_task_refuses_a_weak_sandbox_unless_told(monkeypatch):
 def test_9_the_pass_cannot_be_forged(namespaces):
     forged = sandbox.run([FORGER, ATEXIT_FORGER, BLIND_FORGER], timeout_s=TIMEOUT_S,
                          namespaces=namespaces)  # fmt: skip
-    for result in forged:
-        assert not result.passed, result
+    for result in forged:  # each exits 0, as the old marker check wanted
+        assert not result.passed and result.reason.endswith("(no proof)"), result
 
 
 def test_9_the_holes_shared_with_the_official_harness_stay_documented():
