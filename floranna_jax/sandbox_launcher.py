@@ -313,12 +313,11 @@ def _reclaim(job: dict) -> None:
         os.setgroups([])
         os.setgid(job["gid"])
         os.setuid(job["uid"])
-        for _ in range(1000):  # a bound: zombies of a stuck parent stay signalable
-            try:
-                os.kill(-1, signal.SIGKILL)  # every process of this uid but us
-            except ProcessLookupError:
-                break
-    if job["folder"] is None:
+        try:  # every process of this uid but us; none can fork once the signal is pending
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if job["folder"] is None or not os.listdir("."):
         return
     pid = os.fork()
     if pid == 0:  # a tree with folders closed to their owner: open them first

@@ -69,21 +69,40 @@ def _slot(index: int) -> Slot:
     return Slot(base() / f"slot-{index}", uid, uid)
 
 
+def _has_processes(uid: int) -> bool:
+    """True if a process (zombies aside) has real uid `uid`; from /proc/PID/status, which
+    tells the truth even for a process that made itself non-dumpable."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status", "rb") as f:
+                fields = dict(ln.split(b":", 1) for ln in f.read().splitlines() if b":" in ln)
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[b"Uid"].split()[0]) == uid and fields[b"State"].split()[0] != b"Z":
+            return True
+    return False
+
+
 def reclaim(slot: Slot) -> None:
     """Kills every process of the slot's user and empties its work folder, as that user
-    (the launcher's reclaim mode); then removes the slot's own files."""
-    job = {"uid": slot.uid, "gid": slot.gid, "folder": str(slot.folder / "work")}
-    subprocess.run(
-        [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps({"reclaim": job})],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={}, check=False,
-    )  # fmt: skip
+    (the launcher's reclaim mode; skipped when there is nothing to do, as after a program
+    whose pid namespace died with it); then removes the slot's own files."""
+    work = slot.folder / "work"
+    if (work.is_dir() and any(os.scandir(work))) or (
+        slot.uid is not None and _has_processes(slot.uid)
+    ):
+        job = {"uid": slot.uid, "gid": slot.gid, "folder": str(work)}
+        subprocess.run(
+            [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps({"reclaim": job})],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={}, check=False,
+        )  # fmt: skip
     slot.folder.mkdir(mode=0o700, exist_ok=True)
     for entry in os.scandir(slot.folder):  # only we write here: plain names are safe
-        if entry.name == "work":
-            os.rmdir(entry.path)  # emptied above; only its user could have filled it
-        elif entry.is_dir(follow_symlinks=False):
-            os.rmdir(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            os.rmdir(entry.path)  # work/ was emptied above; only its user could fill it
         else:
             os.unlink(entry.path)
 

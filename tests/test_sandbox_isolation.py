@@ -1,6 +1,7 @@
-"""The sandbox against the programs of issue 18: each is written to PASS (or to do its harm)
-if the attack succeeds, so "it failed" means "it was stopped". Each case names what the
-sandbox did before the fix; BEFORE/AFTER tables are in the closing note of the issue."""
+"""The sandbox against the nine cases of issue 18, each with a program of its own, written
+to PASS (or to do its harm) if the attack succeeds, so "it failed" means "it was stopped".
+Every test here failed (or raised) on the sandbox before that issue was fixed; the last one
+pins the two holes shared with the official HumanEval harness, which stay documented."""
 
 import glob
 import json
