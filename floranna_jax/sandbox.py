@@ -288,23 +288,28 @@ def run_one(
 ) -> Result:
     """Runs one program (source text) in the sandbox; see `run`."""
     start = time.monotonic()
-    with sandbox_slots.taken() as slot:
-        _prepare(slot, program)
-        spec = _spec(slot, limits, timeout_s, python or default_python(), namespaces)
-        proc = _launch(slot, spec)
-        timed_out = _wait(proc, slot.uid, timeout_s)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # also whatever it left behind
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        seconds = time.monotonic() - start
-        report = _read_status(slot.folder / "status")
-        active = tuple(report.get("protections", ()))
-        if timed_out:
-            return Result(False, timed_out, seconds, active)
-        passed, reason = _reason(report, _tail(slot.folder / "stderr"), timeout_s)
-        return Result(passed, reason, seconds, active)
+    python = python or default_python()
+    try:
+        with sandbox_slots.taken() as slot:
+            _prepare(slot, program)
+            proc = _launch(slot, _spec(slot, limits, timeout_s, python, namespaces))
+            try:
+                timed_out = _wait(proc, slot.uid, timeout_s)
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # also whatever it left behind
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+            seconds = time.monotonic() - start
+            report = _read_status(slot.folder / "status")
+            active = tuple(report.get("protections", ()))
+            if timed_out:
+                return Result(False, timed_out, seconds, active)
+            passed, reason = _reason(report, _tail(slot.folder / "stderr"), timeout_s)
+            return Result(passed, reason, seconds, active)
+    except OSError as e:  # e.g. a disk that a program without namespaces filled
+        return Result(False, f"sandbox setup failed: {e}", time.monotonic() - start, ())
 
 
 def run(
