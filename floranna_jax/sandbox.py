@@ -7,10 +7,10 @@ What a program gets (``sandbox_launcher.py`` has each step; a Result lists those
 ``protections()`` tells them for this machine once): a fresh Python in new user, network,
 IPC, mount and pid namespaces, in which it may create no user namespace; a root holding
 only what Python needs, read-only (/usr, /lib*, the interpreter's prefix, two files of
-/etc, five devices), its own /proc and a size-capped /tmp whose /tmp/work is its working
-directory; resource limits (CPU seconds, address space, file size, open files, processes,
-core dumps off); as root, a user id of its own for each slot (``sandbox_slots``), no
-groups, no new privileges; stdin closed and a minimal environment.
+/etc, five devices), its own /proc, size-capped tmpfs on /tmp (its working directory is
+/tmp/work) and /dev/shm; resource limits (CPU seconds, address space, file size, open
+files, processes, core dumps off); as root, a user id of its own for each slot
+(``sandbox_slots``), no groups, no new privileges; stdin closed, a minimal environment.
 
 What it does not get: the checkout, the data and its reference solutions, the home
 folders, /run and the host's sockets bound to paths (abstract ones stay in the host's

@@ -17,7 +17,8 @@ one that took effect named in the report:
                           /etc/localtime, plus /dev/null, zero, full, random, urandom; the
                           launcher moves it onto / and chroots into it, so the checkout, the
                           data, /run and host sockets bound to paths do not exist there
-    private_tmp           a size-capped tmpfs on /tmp; the working directory /tmp/work
+    private_tmp           size-capped tmpfs on /tmp and /dev/shm; the working directory is
+                          /tmp/work
   pid_namespace         the program is pid 1 of a new pid namespace: when it exits or is
                         killed, the kernel kills everything it started, session changes or not
     private_proc          /proc shows only the namespace's processes
@@ -178,9 +179,10 @@ def _minimal_root(spec: dict) -> None:
     for path in spec["read_only"] + list(DEVICES):
         _bind_read_only(path, new)
     os.mkdir(new + "/proc", 0o555)
-    os.mkdir(new + "/tmp", 0o1777)
-    _mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-           f"size={spec['tmp_bytes']},mode=1777")  # fmt: skip
+    for folder in ("/tmp", "/dev/shm"):  # /dev/shm: POSIX shared memory, multiprocessing
+        os.mkdir(new + folder, 0o755)
+        _mount("tmpfs", new + folder, "tmpfs", MS_NOSUID | MS_NODEV,
+               f"size={spec['tmp_bytes']},mode=1777")  # fmt: skip
     os.mkdir(new + WORKDIR, 0o700)
     if spec["uid"] is not None:
         os.chown(new + WORKDIR, spec["uid"], spec["gid"])
