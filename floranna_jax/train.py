@@ -80,6 +80,16 @@ def make_runner(config, loss_fn, method: server.Method, one_client: bool = False
     return runner, opt
 
 
+def initial_state(config, model, method: server.Method) -> rounds.RoundState:
+    """The round-0 state of ``config``'s run of ``model`` (what a checkpoint restores into)."""
+    c = config.client
+    opt = None
+    if c.persistent_opt_state:
+        opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
+    return rounds.init_state(config.train.seed, model.trainable, method,
+                             config.partition.num_clients, opt=opt)  # fmt: skip
+
+
 def build(config, *, loss_wrapper=None) -> Run:
     """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss."""
     hparams = config_check.validate(config)
@@ -101,10 +111,7 @@ def build(config, *, loss_wrapper=None) -> Run:
         compare=server.make_compare(compare) if compare else None,
         packed=config.data.packing,
     )  # fmt: skip
-    state = rounds.init_state(
-        seed, exp.model.trainable, method, config.partition.num_clients,
-        opt=opt if c.persistent_opt_state else None,
-    )  # fmt: skip
+    state = initial_state(config, exp.model, method)
     evaluator = exp.task.make_evaluator(
         exp.model, exp.train, exp.validation, exp.part.holdout, config
     )
