@@ -90,7 +90,9 @@ def _head_tensors(arch, head) -> dict[str, np.ndarray]:
     out = {}
     for path, value in traverse_util.flatten_dict(head).items():
         value = np.asarray(value, np.float32)
-        out[arch.checkpoint_name(("head", *path))] = value.T if path[-1] == "kernel" else value
+        value = value.T if path[-1] == "kernel" else value
+        # safetensors writes the buffer as it lies in memory: copy a transposed view.
+        out[arch.checkpoint_name(("head", *path))] = np.ascontiguousarray(value)
     return out
 
 
