@@ -11,7 +11,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from decoder_cases import ALL_TARGETS, randomize_B, random_batch, tiny_config
+from decoder_cases import ALL_TARGETS, random_batch, randomize_B, tiny_config
 from safetensors import safe_open
 
 from floranna_jax import models, peft_folder
@@ -73,8 +73,10 @@ def test_decoder_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     assert max_real_diff(ours, np.asarray(bare), batch["attention_mask"]) > 100 * TOLERANCE
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(ALL_TARGETS)
-    assert (config["task_type"], config["base_model_name_or_path"]) == ("CAUSAL_LM",
-                                                                        str(base_folder))
+    assert (config["task_type"], config["base_model_name_or_path"]) == (
+        "CAUSAL_LM",
+        str(base_folder),
+    )
 
 
 def _encoder_batch(b: int = 3, L: int = 10) -> dict:
