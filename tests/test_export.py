@@ -157,3 +157,16 @@ def test_import_with_other_settings_is_one_error_line(tmp_path, field, value):
     message = str(e.value)
     assert message.startswith(f"config field {field}: ") and "\n" not in message
     assert str(tmp_path) in message
+
+
+def test_import_reaches_every_client_or_is_refused(tmp_path):
+    """FedSA's clients start from their own copy of the imported B; FLoRA, which restarts
+    its clients from fresh adapters, would drop the import after round 0: refused."""
+    export.export(trained("fedit"), str(tmp_path))
+    imported = peft_folder.read(tmp_path, result.load(trained("fedit")).model,
+                                experiment.lora_spec(run_config("fedit")), 0)  # fmt: skip
+    fedsa = train.build(run_config("fedsa", **{"lora.init_from": str(tmp_path)}))
+    for n, B in fedsa.state.method["B"].items():
+        np.testing.assert_array_equal(B, np.broadcast_to(imported["lora"][n]["B"], B.shape))
+    with pytest.raises(ConfigError, match="flora restarts its clients from fresh adapters"):
+        train.build(run_config("flora", **{"lora.init_from": str(tmp_path)}))
