@@ -52,7 +52,7 @@ def write_adapter(res: result.Result, out: str, client: int | None = None) -> No
     trainable = result.trainable(res, client)
     _check_out(out)
     peft_folder.write(out, res.model, experiment.lora_spec(res.config), res.task.num_labels,
-                      trainable, base_model=res.config.model.path)  # fmt: skip
+                      trainable, base_model=os.path.expanduser(res.config.model.path))  # fmt: skip
 
 
 def write_merged(res: result.Result, out: str, client: int | None = None) -> None:

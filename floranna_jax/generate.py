@@ -31,7 +31,7 @@ from absl import app, flags, logging
 from floranna_jax import models, result
 from floranna_jax.data import completion, glue
 from floranna_jax.errors import ConfigError, first_line
-from floranna_jax.models import decoder
+from floranna_jax.models import decoder, loading
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -69,16 +69,27 @@ def from_workdir(workdir: str, client: int | None = None) -> Generator:
     return Generator(res.model, result.base(res), adapters, codec, fmt, c.eval.max_new_tokens)
 
 
-def from_model(path: str) -> Generator:
-    """A Hugging Face decoder folder or hub id, no adapters, its tokenizer's format."""
+def _decoder_folder(path: str):
+    """The local folder of ``path`` (a hub id is fetched), which must hold a decoder."""
     try:
-        model = models.load_pretrained(path, num_labels=0, lora=models.LoraSpec(targets=()))
+        folder = loading.resolve_folder(path)
+        model_type = loading.read_config(folder).get("model_type")
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {path}: {first_line(e)}") from e
-    if model.config.get("model_type") not in decoder.MODEL_TYPES:
-        raise ConfigError(f"--model {path}: a {model.config.get('model_type')} model does not "
-                          f"generate text; decoders: {', '.join(decoder.MODEL_TYPES)}")  # fmt: skip
-    codec = _tokenizer(path)
+    if model_type not in decoder.MODEL_TYPES:
+        raise ConfigError(f"--model {path}: a {model_type} model does not generate text; "
+                          f"decoders: {', '.join(decoder.MODEL_TYPES)}")  # fmt: skip
+    return folder
+
+
+def from_model(path: str) -> Generator:
+    """A Hugging Face decoder folder or hub id, no adapters, its tokenizer's format."""
+    folder = _decoder_folder(path)
+    try:
+        model = models.load_pretrained(folder, num_labels=0, lora=models.LoraSpec(targets=()))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {path}: {first_line(e)}") from e
+    codec = _tokenizer(str(folder))
     return Generator(model, model.base, {}, codec, completion.resolve_format(codec, "auto"),
                      DEFAULT_MAX_NEW_TOKENS)  # fmt: skip
 
