@@ -1,6 +1,6 @@
 """A run's result as its workdir holds it, and the models that result defines.
 
-    result = result.load(workdir, round_=None)  # config.json rebuilt, a checkpoint restored
+    res = result.load(workdir, round_=None)     # config.json rebuilt, a checkpoint restored
     result.trainable(res, client=None)          # {"lora", "head"}: global, or client N's own
     result.base(res)                            # the frozen base with the method's merges
     result.merged_base(res, client=None)        # base + merges + adapter: plain weights
