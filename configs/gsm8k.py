@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rslora=False,  # rank-stabilized scale
         targets=("q_proj", "v_proj"),  # names of the adapted linear layers
         dropout=0.05,  # dropout probability inside the adapter, training only
+        init_from="",  # a PEFT LoRA folder to start from ("": fresh); r, alpha, targets match
     )
     c.data = dict(
         task="gsm8k",  # "gsm8k" or "code" (tasks.generation)

@@ -214,8 +214,9 @@ def load_pretrained(
     return _assemble(arch, base, head, lora, k_lora, hf_config)
 
 
-def save_pretrained(model: Model, folder: str | os.PathLike) -> None:
-    """Write base + head as a Hugging Face folder (adapters are not saved: merge first)."""
+def save_pretrained(model: Model, folder: str | os.PathLike, dtype: str = "float32") -> None:
+    """Write base + head as a Hugging Face folder, tensors in ``dtype`` (adapters are not
+    saved: merge first)."""
     head_leaves = jax.tree.leaves(model.trainable["head"])
     config = dict(model.config)
     num_labels = 0  # a decoder: no head, the config stays as it is
@@ -225,7 +226,7 @@ def save_pretrained(model: Model, folder: str | os.PathLike) -> None:
         config.pop("id2label", None)
         config.pop("label2id", None)
     arch = architecture(model.config, num_labels, LoraSpec(targets=()))
-    loading.save_folder(folder, config, arch, model.base, model.trainable["head"])
+    loading.save_folder(folder, config, arch, model.base, model.trainable["head"], dtype)
 
 
 def merge_into_base(base: Params, merges: dict[str, jax.Array], s: float) -> Params:
