@@ -24,9 +24,12 @@ def tiny_config(model_type: str = "llama", **kw) -> dict:
 
 def tiny_model(config: dict | None = None, **kw) -> models.Model:
     """A random model of ``config`` (default :func:`tiny_config`), LoRA r=4 on every
-    projection unless ``lora`` says otherwise; the same call returns the same model."""
-    kw.setdefault("lora", models.LoraSpec(rank=4, alpha=8.0, targets=ALL_TARGETS))
-    config_json = json.dumps(config or tiny_config(), sort_keys=True)
+    projection of its family unless ``lora`` says otherwise; the same call returns the
+    same model."""
+    config = config or tiny_config()
+    targets = decoder.get_family(config["model_type"]).targets
+    kw.setdefault("lora", models.LoraSpec(rank=4, alpha=8.0, targets=targets))
+    config_json = json.dumps(config, sort_keys=True)
     return _build(config_json, tuple(sorted(kw.items())))
 
 

@@ -23,6 +23,18 @@ from floranna_jax.models import decoder
 from floranna_jax.models.architecture import split_stacked
 from floranna_jax.models.decoder import rotary
 
+# One config per family, windows (5) shorter than the rows wherever the family has them;
+# the tiny Gemma configs window layer 0 and leave layer 1 full.
+WINDOWED_FAMILIES = {
+    "llama": tiny_config(),
+    "mistral": tiny_config("mistral", sliding_window=5),
+    "qwen2": tiny_config("qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    "qwen3": tiny_config("qwen3"),
+    "gemma2": tiny_config("gemma2", attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3_text": tiny_config("gemma3_text"),
+    "phi3": tiny_config("phi3", sliding_window=5),
+}
+
 
 class DecoderTest(chex.TestCase):
     def test_adapter_tree_names_and_shapes(self):
@@ -109,10 +121,9 @@ class DecoderTest(chex.TestCase):
         # chunked vs one-shot log-softmax, fp32 sums of ~8 terms of O(5)
         np.testing.assert_allclose(nll, want, rtol=1e-5, atol=1e-5)
 
-    @parameterized.parameters(("llama", None), ("mistral", 5))
-    def test_packed_equals_padded(self, model_type, window):
-        extra = {"sliding_window": window} if model_type == "mistral" else {}
-        model = tiny_model(tiny_config(model_type, **extra))
+    @parameterized.named_parameters(*WINDOWED_FAMILIES.items())
+    def test_packed_equals_padded(self, config):
+        model = tiny_model(config)
         trainable = randomize_B(model.trainable, 3)
         arrays = random_batch(b=6, L=32, seed=4, lengths=(30, 9, 13, 6, 19, 11))
         take = np.array([[0, 1, 2, 3, 4, 5]])
@@ -353,8 +364,9 @@ class GenerateTest(chex.TestCase):
         ids[mask == 0] = 0
         return ids, mask
 
-    def test_greedy_equals_argmax_of_full_forward(self):
-        model = tiny_model()
+    @parameterized.named_parameters(*WINDOWED_FAMILIES.items())
+    def test_greedy_equals_argmax_of_full_forward(self, config):
+        model = tiny_model(config)
         adapters = randomize_B(model.trainable, 1)["lora"]
         ids, mask = self._prompts()
         new = decoder.generate(model, model.base, adapters, ids, mask, max_new_tokens=3,
