@@ -299,6 +299,13 @@ class ConfigTest(parameterized.TestCase):
                                          sliding_window=8, max_window_layers=1))  # fmt: skip
         self.assertEqual(qwen.layer_windows, (None, 8))
 
+    def test_random_norms_start_at_weight_one(self):
+        # Gemma's norms multiply by 1 + weight: a fresh one stores 0, the others 1
+        for model_type, stored in (("llama", 1.0), ("gemma2", 0.0), ("gemma3_text", 0.0)):
+            base = models.build_random(tiny_config(model_type)).base
+            np.testing.assert_array_equal(base["norm"]["scale"], stored)
+            np.testing.assert_array_equal(base["layers"]["post_attn_norm"]["scale"], stored)
+
     def test_head_dim_from_config(self):
         cfg = decoder.parse_config(dict(tiny_config(), head_dim=32))
         self.assertEqual((cfg.head_dim, cfg.num_heads), (32, 4))

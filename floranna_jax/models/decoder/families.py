@@ -193,7 +193,7 @@ def _family(name, parse, targets, norms, defaults=None, tiny=None, default_targe
         targets=targets,
         default_targets=default_targets or ("q_proj", "v_proj"),
         modules=_modules(targets, norms),
-        tiny={"hidden_act": "silu", **(tiny or {})},
+        tiny={"hidden_act": "silu"} if tiny is None else tiny,
     )
 
 
@@ -202,10 +202,12 @@ FAMILIES: dict[str, Family] = {
     for f in (
         _family("llama", _parse_llama, SEPARATE, _PLAIN_NORMS),
         _family("mistral", _parse_mistral, SEPARATE, _PLAIN_NORMS,
-                defaults={"sliding_window": 4096}, tiny={"sliding_window": None}),
+                defaults={"sliding_window": 4096},
+                tiny={"hidden_act": "silu", "sliding_window": None}),
         _family("qwen2", _parse_qwen2, SEPARATE, _PLAIN_NORMS, defaults=_QWEN_DEFAULTS),
         _family("qwen3", _parse_qwen3, SEPARATE, _PLAIN_NORMS | _QK_NORMS,
-                defaults=dict(_QWEN_DEFAULTS, head_dim=128), tiny={"head_dim": 16}),
+                defaults=dict(_QWEN_DEFAULTS, head_dim=128),
+                tiny={"hidden_act": "silu", "head_dim": 16}),
         _family("gemma2", _parse_gemma2, SEPARATE, _SANDWICH_NORMS,
                 defaults=dict(_GEMMA_DEFAULTS, attn_logit_softcapping=50.0,
                               final_logit_softcapping=30.0, max_position_embeddings=8192),
