@@ -4,9 +4,9 @@
 everything the layer functions of :mod:`.modules` branch on: which projections and norms
 a layer has, biases, the activation, norm offset, embedding and query scales,
 soft-capping, per-layer sliding windows and rotary tables. Each family's record
-(:mod:`.families`) turns its ``config.json`` into one through :func:`parse_common` plus
-its own fields; what no family implements (MLP biases, ``pretraining_tp``, unknown
-activations) raises ``ValueError`` naming the field.
+(:mod:`.families`) turns its ``config.json`` into one through :func:`parse_common`, its
+own fields and its projections and norms; what no family implements (MLP biases,
+``pretraining_tp``, unknown activations) raises ``ValueError`` naming the field.
 
 A LoRA ``layer_name`` is ``"layers_{i}/attn/q_proj"`` or ``"layers_{i}/mlp/gate_proj"``:
 layer ``i`` of the weights stacked under ``"layers"``.
@@ -57,9 +57,9 @@ class DecoderConfig(NamedTuple):
     initializer_range: float
     pad_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    projections: tuple[str, ...]
-    norms: tuple[str, ...]
     rope: rotary.Rope
+    projections: tuple[str, ...] = ()
+    norms: tuple[str, ...] = ()
     local_rope: rotary.Rope | None = None
     layer_windows: tuple[int | None, ...] = ()
     activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
@@ -111,11 +111,12 @@ def _check_supported(hf_config: dict, model_type: str) -> None:
         raise ValueError("use_bidirectional_attention=true is not supported (causal only)")
 
 
-def parse_common(hf_config: dict, *, projections: tuple[str, ...], norms: tuple[str, ...],
-                 rope: rotary.Rope, act_key: str = "hidden_act") -> DecoderConfig:  # fmt: skip
+def parse_common(hf_config: dict, *, rope: rotary.Rope, act_key: str = "hidden_act"
+                 ) -> DecoderConfig:  # fmt: skip
     """The fields every family reads the same way (defaults: transformers' LlamaConfig; a
     family passes its own defaults merged into ``hf_config``). Full attention everywhere,
-    no biases; the family's record sets the rest with ``_replace``."""
+    ``attention_bias`` on q/k/v/o; the family's record sets the rest with ``_replace``
+    (``projections`` and ``norms`` too: empty here)."""
     model_type = hf_config.get("model_type")
     _check_supported(hf_config, model_type)
     d, h = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
@@ -143,8 +144,6 @@ def parse_common(hf_config: dict, *, projections: tuple[str, ...], norms: tuple[
         initializer_range=float(hf_config.get("initializer_range", 0.02)),
         pad_token_id=None if pad is None else int(pad),
         eos_token_ids=_eos_ids(hf_config.get("eos_token_id", 2)),
-        projections=projections,
-        norms=norms,
         rope=rope,
         layer_windows=(None,) * n,
         activation=activation(hf_config, act_key),

@@ -1,7 +1,7 @@
 """Every decoder family as one record: config parsing, layer layout, checkpoint names, LoRA targets.
 
     family = families.get("qwen2")
-    cfg = family.parse({**family.defaults, **hf_config})   # or parse_config(hf_config)
+    cfg = family.parse(hf_config)                 # = parse_config(hf_config)
     family.targets           # ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", ...)
     family.module_name("layers_3/attn/q_proj")   # "model.layers.3.self_attn.q_proj"
 
@@ -9,12 +9,16 @@ A :class:`Family` holds what differs between families, and nothing else:
 
 - ``defaults``: transformers' config defaults where they differ from LlamaConfig's (a
   config that omits a field means what transformers means by it);
-- ``parse``: the config -> :class:`~.config.DecoderConfig`, whose fields select the layer
-  functions of :mod:`.modules` (biases, q/k norms, sandwich norms, GeGLU, scales,
-  soft-caps, sliding windows per layer, local rotary table, fused projections);
+- ``read``: the family's own config fields (biases, GeGLU, scales, soft-caps, sliding
+  windows per layer, local rotary table); :meth:`Family.parse` completes them into a
+  :class:`~.config.DecoderConfig`, whose fields select the layer functions of
+  :mod:`.modules`;
 - ``targets``: the layer's projections, which are also the LoRA targets, named as the
-  checkpoint and PEFT name them; ``default_targets``: what ``LoraSpec(targets=None)`` adapts;
-- ``modules``: parameter module path -> Hugging Face module name (the checkpoint names);
+  checkpoint and PEFT name them (Phi-3's fused ones included); ``default_targets``: what
+  ``LoraSpec(targets=None)`` adapts;
+- ``norms``: the layer's RMSNorms, our name -> Hugging Face name (q/k and sandwich norms);
+- ``modules``: parameter module path -> Hugging Face module name (the checkpoint names),
+  built from ``targets`` and ``norms``;
 - ``tiny``: what the family's tiny test config adds to the shared one.
 
 Families: ``llama`` (also Llama 3.1/3.2 ``rope_type: llama3``), ``mistral`` (sliding
@@ -79,11 +83,17 @@ class Family(NamedTuple):
 
     name: str
     defaults: dict
-    parse: Callable[[dict], DecoderConfig]
+    read: Callable[[dict], DecoderConfig]
     targets: tuple[str, ...]
     default_targets: tuple[str, ...]
+    norms: dict[str, str]
     modules: dict[str, str]
     tiny: dict
+
+    def parse(self, hf_config: dict) -> DecoderConfig:
+        """The validated config; absent fields mean transformers' defaults."""
+        cfg = self.read({**self.defaults, **hf_config})
+        return cfg._replace(projections=self.targets, norms=tuple(self.norms))
 
     def checkpoint_name(self, path: tuple[str, ...]) -> str:
         """Parameter path (``("layers_0", "attn", "q_proj", "kernel")``) -> checkpoint
@@ -121,8 +131,7 @@ def _gemma_windows(hf: dict, pattern: int) -> tuple[int | None, ...]:
 
 
 def _parse_llama(hf: dict) -> DecoderConfig:
-    return parse_common(hf, projections=SEPARATE, norms=tuple(_PLAIN_NORMS),
-                        rope=rotary.from_config(hf))  # fmt: skip
+    return parse_common(hf, rope=rotary.from_config(hf))
 
 
 def _parse_mistral(hf: dict) -> DecoderConfig:
@@ -134,14 +143,11 @@ def _parse_qwen2(hf: dict) -> DecoderConfig:  # q/k/v always carry a bias, o_pro
 
 
 def _parse_qwen3(hf: dict) -> DecoderConfig:
-    cfg = parse_common(hf, projections=SEPARATE, norms=(*_PLAIN_NORMS, *_QK_NORMS),
-                       rope=rotary.from_config(hf))  # fmt: skip
-    return cfg._replace(layer_windows=_qwen_windows(hf))
+    return _parse_llama(hf)._replace(layer_windows=_qwen_windows(hf))
 
 
-def _gemma(hf: dict, norms, rope) -> DecoderConfig:
-    cfg = parse_common(hf, projections=SEPARATE, norms=norms, rope=rope,
-                       act_key="hidden_activation")  # fmt: skip
+def _gemma(hf: dict, rope: rotary.Rope) -> DecoderConfig:
+    cfg = parse_common(hf, rope=rope, act_key="hidden_activation")
     return cfg._replace(
         norm_offset=1.0,
         embed_scale=math.sqrt(cfg.hidden_size),
@@ -151,7 +157,7 @@ def _gemma(hf: dict, norms, rope) -> DecoderConfig:
 
 
 def _parse_gemma2(hf: dict) -> DecoderConfig:
-    cfg = _gemma(hf, tuple(_SANDWICH_NORMS), rotary.from_config(hf))
+    cfg = _gemma(hf, rotary.from_config(hf))
     return cfg._replace(layer_windows=_gemma_windows(hf, 2),
                         attn_softcap=hf.get("attn_logit_softcapping"))  # fmt: skip
 
@@ -159,15 +165,14 @@ def _parse_gemma2(hf: dict) -> DecoderConfig:
 def _parse_gemma3(hf: dict) -> DecoderConfig:
     # transformers' Gemma 3 reads attn_logit_softcapping but never applies it: neither here
     full, local = rotary.per_layer_type(hf, 1_000_000.0, 10_000.0)
-    cfg = _gemma(hf, (*_SANDWICH_NORMS, *_QK_NORMS), full)
+    cfg = _gemma(hf, full)
     pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
     return cfg._replace(layer_windows=_gemma_windows(hf, pattern), local_rope=local)
 
 
 def _parse_phi3(hf: dict) -> DecoderConfig:
-    cfg = parse_common(hf, projections=FUSED, norms=tuple(_PLAIN_NORMS),
-                       rope=rotary.from_config(hf))  # fmt: skip
-    return cfg._replace(layer_windows=_all_windowed(hf), qkv_bias=False, o_bias=False)
+    return _parse_llama(hf)._replace(layer_windows=_all_windowed(hf), qkv_bias=False,
+                                     o_bias=False)  # fmt: skip
 
 
 _GEMMA_DEFAULTS = {
@@ -185,13 +190,14 @@ _GEMMA_TINY = {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 16,
 _QWEN_DEFAULTS = {"max_position_embeddings": 32768, "eos_token_id": None}
 
 
-def _family(name, parse, targets, norms, defaults=None, tiny=None, default_targets=None):
+def _family(name, read, targets, norms, defaults=None, tiny=None, default_targets=None):
     return Family(
         name=name,
         defaults=dict(defaults or {}),
-        parse=parse,
+        read=read,
         targets=targets,
         default_targets=default_targets or ("q_proj", "v_proj"),
+        norms=norms,
         modules=_modules(targets, norms),
         tiny={"hidden_act": "silu"} if tiny is None else tiny,
     )
@@ -232,8 +238,7 @@ def get(model_type: str) -> Family:
 
 def parse_config(hf_config: dict) -> DecoderConfig:
     """Validate a Hugging Face config dict, absent fields meaning transformers' defaults."""
-    family = get(hf_config.get("model_type"))
-    return family.parse({**family.defaults, **hf_config})
+    return get(hf_config.get("model_type")).parse(hf_config)
 
 
 def tiny_config(model_type: str = "llama") -> dict:

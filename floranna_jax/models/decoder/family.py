@@ -44,7 +44,7 @@ def layer_names(cfg: DecoderConfig, targets: tuple[str, ...]) -> dict[str, tuple
     shapes = {}
     for i in range(cfg.num_layers):
         for t in targets:
-            shapes[f"layers_{i}/{modules._block_of(t)}/{t}"] = dims[t]
+            shapes[f"layers_{i}/{modules.block_of(t)}/{t}"] = dims[t]
     return dict(sorted(shapes.items()))
 
 

@@ -36,7 +36,8 @@ _NEG = float(jnp.finfo(jnp.float32).min)  # additive mask: finite, so an all-mas
 _NO_WINDOW = np.iinfo(np.int32).max  # the window of a full-attention layer in the scan
 
 
-def _block_of(target: str) -> str:
+def block_of(target: str) -> str:
+    """``"attn"`` or ``"mlp"``: the subtree of a layer that holds projection ``target``."""
     return "attn" if target in ATTENTION_PROJECTIONS else "mlp"
 
 
@@ -65,9 +66,9 @@ def param_shapes(cfg: DecoderConfig) -> Params:
 
     layers = {"attn": {}, "mlp": {}}
     for t, (d_in, d_out) in target_dims(cfg).items():
-        layers[_block_of(t)][t] = {"kernel": leaf(N, d_in, d_out)}
+        layers[block_of(t)][t] = {"kernel": leaf(N, d_in, d_out)}
         if _has_bias(cfg, t):
-            layers[_block_of(t)][t]["bias"] = leaf(N, d_out)
+            layers[block_of(t)][t]["bias"] = leaf(N, d_out)
     for norm in cfg.norms:  # "attn/q_norm" norms one head: [hd]; the others the residual
         block, _, name = norm.rpartition("/")
         width = cfg.head_dim if block else d
@@ -94,7 +95,7 @@ def stack_adapters(cfg: DecoderConfig, adapters: dict) -> dict:
         parts = split_stacked(name)
         stack, i, rest = parts if parts else ("", -1, "")
         target = rest.rpartition("/")[2]
-        known = target in cfg.projections and rest == f"{_block_of(target)}/{target}"
+        known = target in cfg.projections and rest == f"{block_of(target)}/{target}"
         if stack != "layers" or not 0 <= i < cfg.num_layers or not known:
             bad.append(name)
         else:
@@ -183,7 +184,7 @@ def lora_dropout_masks(cfg: DecoderConfig, ctx: Context, adapters, key, R: int, 
     """``target -> [R, T, d_in]`` scaled keep masks of the adapted projections of one layer,
     one independent mask each, drawn in ONE random call (each call is a threefry program
     XLA compiles separately, seconds apiece on a CPU); ``{}`` without LoRA dropout."""
-    targets = [t for t in cfg.projections if f"{_block_of(t)}/{t}" in adapters]
+    targets = [t for t in cfg.projections if f"{block_of(t)}/{t}" in adapters]
     if key is None or ctx.dropout is None or ctx.dropout[0] == 0.0 or not targets:
         return {}
     rate, dims = ctx.dropout[0], target_dims(cfg)
@@ -262,7 +263,7 @@ def block(cfg: DecoderConfig, ctx: Context, x, p, adapters, key, cache=None):
     keep = lora_dropout_masks(cfg, ctx, adapters, k_lora, R, T)
 
     def proj(target, h):
-        block = _block_of(target)
+        block = block_of(target)
         return _dense(ctx, h, p[block][target], adapters.get(f"{block}/{target}"),
                       keep.get(target))  # fmt: skip
 
