@@ -1,13 +1,16 @@
-"""Every decoder family against transformers' PyTorch implementation, on tiny random
-configs whose special features bite (sliding windows shorter than the rows, small
-soft-caps, noisy norm weights and biases): logits, logits with LoRA applied by PEFT
-under the module names the family record gives, and greedy generation.
+"""Decoder family records: config parsing, and every family against transformers'
+PyTorch implementation on tiny random configs whose special features bite (sliding
+windows shorter than the rows, small soft-caps, noisy norm weights and biases): logits,
+logits with LoRA applied by PEFT under the module names the family record gives, and
+greedy generation.
 
-Skipped, with the reason, when torch, transformers or peft is absent.
+The parity tests skip, with the reason, when torch, transformers or peft is absent.
 """
 
+import chex
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from decoder_cases import (
     left_padded_prompts,
     random_batch,
@@ -21,6 +24,81 @@ from decoder_cases import (
 
 from floranna_jax import models
 from floranna_jax.models import decoder
+from floranna_jax.models.decoder import rotary
+
+
+class ConfigTest(parameterized.TestCase):
+    def test_rope_theta_from_either_place(self):
+        self.assertEqual(rotary.from_config({"rope_theta": 5e5}).theta, 5e5)
+        new = {"rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}}
+        self.assertEqual(rotary.from_config(new), rotary.Rope(1e5))
+        self.assertEqual(rotary.from_config({}).theta, 10000.0)
+
+    def test_gemma3_tables_from_old_or_nested_fields(self):
+        old = {"rope_theta": 1e6, "rope_local_base_freq": 1e4,
+               "rope_scaling": {"rope_type": "linear", "factor": 8.0}}  # fmt: skip
+        nested = {"rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}  # fmt: skip
+        want = (rotary.Rope(1e6, "linear", 8.0), rotary.Rope(1e4))
+        self.assertEqual(rotary.per_layer_type(old, 0.0, 0.0), want)
+        self.assertEqual(rotary.per_layer_type(nested, 0.0, 0.0), want)
+
+    @parameterized.parameters(
+        {"rope_parameters": {"rope_theta": 5e5, "rope_type": "longrope", "factor": 8.0}},
+        {"rope_scaling": {"type": "yarn", "factor": 4.0}, "rope_theta": 1e4},
+    )
+    def test_unsupported_rope_type_is_named(self, **extra):
+        name = (extra.get("rope_parameters") or extra.get("rope_scaling")).get(
+            "rope_type", extra.get("rope_scaling", {}).get("type")
+        )
+        with self.assertRaisesRegex(ValueError, f"rope_type '{name}' is not supported"):
+            models.build_random(dict(tiny_config(), **extra))
+
+    def test_llama3_rope_needs_its_parameters(self):
+        rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+        with self.assertRaisesRegex(ValueError, "lacks 'low_freq_factor'"):
+            decoder.parse_config(dict(tiny_config(), rope_parameters=rope))
+
+    def test_unsupported_features_are_named(self):
+        cases = (({"mlp_bias": True}, "mlp_bias"),
+                 ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+                 ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
+                 ({"model_type": "gemma2", "use_bidirectional_attention": True},
+                  "use_bidirectional_attention"),
+                 ({"model_type": "gemma2", "layer_types": ["full_attention"]},
+                  "layer_types must list 2"))  # fmt: skip
+        for extra, msg in cases:
+            with self.assertRaisesRegex(ValueError, msg):
+                decoder.parse_config(dict(tiny_config(), **extra))
+
+    def test_absent_fields_mean_transformers_defaults(self):
+        bare = {k: v for k, v in tiny_config("gemma2").items()
+                if k not in ("head_dim", "sliding_window", "query_pre_attn_scalar")}  # fmt: skip
+        cfg = decoder.parse_config(bare)
+        self.assertEqual((cfg.head_dim, cfg.query_scale), (256, 256**-0.5))
+        self.assertEqual((cfg.attn_softcap, cfg.final_softcap), (50.0, 30.0))
+        self.assertEqual(cfg.layer_windows, (4096, None))  # layer_types from the tiny config
+        qwen = decoder.parse_config(dict(tiny_config("qwen2"), use_sliding_window=True,
+                                         sliding_window=8, max_window_layers=1))  # fmt: skip
+        self.assertEqual(qwen.layer_windows, (None, 8))
+
+    def test_random_norms_start_at_weight_one(self):
+        # Gemma's norms multiply by 1 + weight: a fresh one stores 0, the others 1
+        for model_type, stored in (("llama", 1.0), ("gemma2", 0.0), ("gemma3_text", 0.0)):
+            base = models.build_random(tiny_config(model_type)).base
+            np.testing.assert_array_equal(base["norm"]["scale"], stored)
+            np.testing.assert_array_equal(base["layers"]["post_attn_norm"]["scale"], stored)
+
+    def test_head_dim_from_config(self):
+        cfg = decoder.parse_config(dict(tiny_config(), head_dim=32))
+        self.assertEqual((cfg.head_dim, cfg.num_heads), (32, 4))
+        model = models.build_random(dict(tiny_config(), head_dim=32), lora=models.LoraSpec(rank=2))
+        chex.assert_shape(model.base["layers"]["attn"]["q_proj"]["kernel"], (2, 64, 128))
+        chex.assert_shape(model.trainable["lora"]["layers_0/attn/v_proj"]["B"], (64, 2))
+
+
+# ---------------------------------------------------------------- parity with PyTorch
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
