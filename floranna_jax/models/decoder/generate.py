@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from floranna_jax.models.decoder import modules
-from floranna_jax.models.decoder.config import DecoderConfig, parse_config
+from floranna_jax.models.decoder.config import DecoderConfig
+from floranna_jax.models.decoder.families import parse_config
 from floranna_jax.models.decoder.family import padded_positions
 
 
@@ -90,18 +91,15 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
     dtype = jnp.dtype(dtype)
 
     def head(base, x):  # [b, d] residual -> [b, V] float32 logits
-        h = modules.final_hidden(cfg, base, x).astype(dtype)
-        kernel = modules.head_kernel(cfg, base).astype(dtype)
-        return jnp.matmul(h, kernel, preferred_element_type=jnp.float32)
+        return modules.output_logits(cfg, base, x, dtype)
 
     def prefill(base, stacked, ids, mask):
         b, P = ids.shape
         positions = padded_positions(mask)
-        allowed = modules.attention_allowed(cfg, positions, positions, mask > 0,
-                                            modules.causal(P))  # fmt: skip
-        ctx = modules.Context(*modules.rotary(cfg, positions), allowed, dtype, lora_scale)
+        allowed = modules.attention_allowed(mask > 0, modules.causal(P))
+        ctx = modules.context(cfg, positions, positions, allowed, dtype, lora_scale)
         x, (k, v) = modules.run_layers(cfg, ctx, base["layers"], stacked,
-                                       modules.embed(base, ids), collect_kv=True)  # fmt: skip
+                                       modules.embed(cfg, base, ids), collect_kv=True)  # fmt: skip
         empty = ((0, 0), (0, 0), (0, max_new), (0, 0), (0, 0))
         return head(base, x[:, -1]), (jnp.pad(k, empty), jnp.pad(v, empty))
 
@@ -111,10 +109,9 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones_like(key_mask[:, :1]),
                                                 (0, slot))  # fmt: skip
         position = key_positions[:, slot][:, None]  # [b, 1]
-        allowed = modules.attention_allowed(cfg, position, key_positions, key_mask > 0,
-                                            jnp.ones((1, key_mask.shape[1]), bool))  # fmt: skip
-        ctx = modules.Context(*modules.rotary(cfg, position), allowed, dtype, lora_scale)
-        x = modules.embed(base, token[:, None])
+        allowed = modules.attention_allowed(key_mask > 0, jnp.ones((1, key_mask.shape[1]), bool))
+        ctx = modules.context(cfg, position, key_positions, allowed, dtype, lora_scale)
+        x = modules.embed(cfg, base, token[:, None])
         x, (k, v) = modules.run_layers(cfg, ctx, base["layers"], stacked, x,
                                        cache=(*cache, slot))  # fmt: skip
         cache = tuple(jax.lax.dynamic_update_slice(c, new, (0, 0, slot, 0, 0))
