@@ -131,6 +131,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_local_examples=32,  # held-out rows per client in the local evaluation (0 = all)
         max_examples=0,  # test problems in the global evaluation, the first ones (0 = all)
         max_new_tokens=256,  # greedy tokens generated per prompt (fixed: compiles once)
+        # A row also ends at these strings; the scorer sees the text before them. This is
+        # lm-evaluation-harness's gsm8k `until`: "Question:" starts an invented next problem
+        # (the plain prompt's own cue), "</s>" and "<|im_end|>" are Llama-2's and ChatML's
+        # end tokens, for a model that writes them as text or ends a turn before its eos.
+        stop=("Question:", "</s>", "<|im_end|>"),
+        log_generations=16,  # the first this many global problems' generations, each eval
         code_timeout_s=10.0,  # code task: wall-clock seconds per sandboxed program
     )
 
