@@ -5,9 +5,10 @@ r"""Federated LoRA fine-tuning of a decoder on GSM8K math, scored by exact match
 runs 2 rounds (3 of 4 clients each) of FLoRA-NA on a tiny random LLaMA with the built-in
 byte tokenizer and synthetic GSM8K-format rows ("What is 3 + 4?" -> "3 + 4 = 7\n#### 7"): no
 files, no network, well under a minute on a 2-core CPU. It prints the summary table
-(global and local exact_match_flexible, which a random model leaves at 0, and in
-metrics.jsonl also exact_match_strict and answer_loss, the teacher-forced loss on the
-held-out answers, which falls).
+(global and local exact_match_flexible, which a random model leaves at 0, and answer_loss,
+the teacher-forced loss on the held-out answers, which falls; metrics.jsonl also holds
+exact_match_strict) and writes each evaluation's first generations to
+generations/round_<k>.jsonl.
 
     python launch.py --config=configs/gsm8k.py --workdir=./runs/gsm8k_floranna
 
