@@ -200,7 +200,7 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
     train_lengths = train_layout[0] if train_layout else None
     holdout_index = [h[:cap] if cap else h for h in holdout_index]
 
-    def global_eval(base, trainable) -> dict[str, float]:
+    def global_eval(base, trainable, record=None) -> dict[str, float]:  # record: no text here
         take, real = _chunks([np.arange(len(val_labels))], batch_size, val_lengths)
         batches = packing.batches(val_inputs, take[0], real[0], val_layout)
         logits = [
