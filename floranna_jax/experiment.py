@@ -39,7 +39,8 @@ def lora_spec(config) -> models.LoraSpec:
 
 def build_model(config, num_labels: int, key: jax.Array) -> Any:
     """The model with fresh adapters and head, or those of ``lora.init_from``; pretrained
-    from model.path or tiny random."""
+    from model.path or tiny random; its decoder projections quantized by ``model.quantize``
+    (decoder configs only)."""
     kwargs = dict(
         num_labels=num_labels, lora=lora_spec(config), key=key,
         compute_dtype=jnp.dtype(config.model.compute_dtype),
@@ -48,9 +49,20 @@ def build_model(config, num_labels: int, key: jax.Array) -> Any:
         model = models.build_random(models.tiny_config(config.model.model_type), **kwargs)
     else:
         model = _load_pretrained(config, kwargs)
+    if config.model.get("quantize"):
+        model = _quantize(config, model)
     if config.lora.get("init_from"):
         model = _init_from(config, model, num_labels)
     return model
+
+
+def _quantize(config, model):
+    """``model`` with its frozen projections quantized by ``model.quantize``."""
+    try:
+        return model._replace(base=models.quantized(model.config, model.base,
+                                                    config.model.quantize))  # fmt: skip
+    except BadValue as e:  # an encoder, or an NF4 kernel whose d_in is not a multiple of 64
+        raise ConfigError(f"config field model.{e.param}: {e.message}") from e
 
 
 def _init_from(config, model, num_labels: int):

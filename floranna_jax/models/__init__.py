@@ -37,13 +37,16 @@ from floranna_jax.models.model import (
     check_lora,
     load_pretrained,
     merge_into_base,
+    quantized,
     save_pretrained,
     tiny_config,
 )
+from floranna_jax.models.quant import METHODS as QUANTIZE_METHODS
 
 __all__ = [
     "DEFAULT_TARGETS",
     "FAMILIES",
+    "QUANTIZE_METHODS",
     "TARGETS",
     "LoraSpec",
     "Model",
@@ -52,6 +55,7 @@ __all__ = [
     "check_lora",
     "load_pretrained",
     "merge_into_base",
+    "quantized",
     "save_pretrained",
     "tiny_config",
 ]
