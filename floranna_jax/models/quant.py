@@ -54,8 +54,8 @@ NF4_LEVELS = _nf4_levels()
 
 
 def is_quantized(leaf) -> bool:
-    """Whether ``leaf`` is a quantized kernel (a dict) rather than an array."""
-    return isinstance(leaf, dict)
+    """Whether ``leaf`` is a quantized kernel (a dict of one of the layouts above)."""
+    return isinstance(leaf, dict) and set(leaf) in ({"int8", "scale"}, {"nf4", "absmax"})
 
 
 def _safe(scale: jax.Array) -> jax.Array:
