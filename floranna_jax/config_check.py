@@ -27,6 +27,7 @@ from typing import Any
 
 from floranna_jax import clients, distributed, models, partition, server, tasks
 from floranna_jax.errors import BadValue, ConfigError
+from floranna_jax.models import quant
 from floranna_jax.server.method import no_base_delta
 
 MODEL_SOURCES = ("pretrained", "random")
@@ -108,7 +109,7 @@ def _lora(config) -> None:
 def _quantize(config, method) -> None:
     """``model.quantize``: a known method, on a decoder, and not under a method that merges
     its updates into the frozen base (FLoRA, FedEx), which a quantized base cannot take."""
-    _choice(config, "model.quantize", models.QUANTIZE_METHODS)
+    _choice(config, "model.quantize", quant.METHODS)
     if not config.model.quantize:
         return
     model_type = _model_type(config)

@@ -16,6 +16,7 @@ import numpy as np
 
 from floranna_jax import models, partition, peft_folder, tasks
 from floranna_jax.errors import BadValue, ConfigError, first_line
+from floranna_jax.models import quant
 from floranna_jax.tasks.classification import OFFLINE_HINT
 
 
@@ -39,8 +40,7 @@ def lora_spec(config) -> models.LoraSpec:
 
 def build_model(config, num_labels: int, key: jax.Array) -> Any:
     """The model with fresh adapters and head, or those of ``lora.init_from``; pretrained
-    from model.path or tiny random; its decoder projections quantized by ``model.quantize``
-    (decoder configs only)."""
+    from model.path or tiny random."""
     kwargs = dict(
         num_labels=num_labels, lora=lora_spec(config), key=key,
         compute_dtype=jnp.dtype(config.model.compute_dtype),
@@ -57,11 +57,11 @@ def build_model(config, num_labels: int, key: jax.Array) -> Any:
 
 
 def _quantize(config, model):
-    """``model`` with its frozen projections quantized by ``model.quantize``."""
+    """``model`` with its decoder projections quantized by ``model.quantize`` (decoder
+    configs only; :mod:`floranna_jax.models.quant`), once built or loaded."""
     try:
-        return model._replace(base=models.quantized(model.config, model.base,
-                                                    config.model.quantize))  # fmt: skip
-    except BadValue as e:  # an encoder, or an NF4 kernel whose d_in is not a multiple of 64
+        return model._replace(base=quant.quantize_base(model.base, config.model.quantize))
+    except BadValue as e:  # no decoder layers, or an NF4 kernel whose d_in is not 64 k
         raise ConfigError(f"config field model.{e.param}: {e.message}") from e
 
 

@@ -60,6 +60,12 @@ def test_nf4_round_trip_within_half_the_largest_gap_per_block():
     assert np.all(err[at_max] <= _EPS)
 
 
+def _quantized(method: str) -> models.Model:
+    """The shared tiny model (:func:`tiny_model`) with its projections quantized."""
+    model = tiny_model()
+    return model._replace(base=quant.quantize_base(model.base, method))
+
+
 def _dequantized(base):
     """The reference: every quantized kernel replaced by its float32 dequantization."""
     return jax.tree.map(quant.dequantize, base, is_leaf=quant.is_quantized)
@@ -67,7 +73,7 @@ def _dequantized(base):
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 def test_quantized_forward_equals_dequantized_reference(method):
-    model = tiny_model(quantize=method)
+    model = _quantized(method)
     layers = model.base["layers"]
     assert quant.is_quantized(layers["attn"]["q_proj"]["kernel"])
     assert not quant.is_quantized(model.base["embed_tokens"]["embedding"])
@@ -91,7 +97,7 @@ def _loss(model, batch):
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 def test_training_step_updates_only_float32_adapters(method):
-    model = tiny_model(quantize=method)
+    model = _quantized(method)
     base_before = jax.tree.map(np.asarray, model.base)
     trainable = randomize_B(model.trainable, seed=2)
     opt = optax.adam(1e-2)
@@ -107,7 +113,7 @@ def test_training_step_updates_only_float32_adapters(method):
 
 
 def test_clients_vmapped_over_one_quantized_base_equal_a_loop():
-    model = tiny_model(quantize="nf4")
+    model = _quantized("nf4")
     stacked = [randomize_B(model.trainable, seed=s) for s in (3, 4)]
     batch = random_batch(b=2)
     both = jax.tree.map(lambda *x: jnp.stack(x), *stacked)
@@ -128,7 +134,7 @@ def _saved_shapes(model, trainable, batch) -> set[str]:
 
 
 def test_backward_keeps_no_dense_copy_of_a_quantized_kernel():
-    model = tiny_model(quantize="int8")
+    model = _quantized("int8")
     leaves = jax.tree.leaves(model.base["layers"], is_leaf=quant.is_quantized)
     kernels = [leaf["int8"].shape for leaf in leaves if quant.is_quantized(leaf)]
     dense = {f"f32[{','.join(map(str, s[k:]))}]" for s in kernels for k in (0, 1)}
@@ -152,11 +158,13 @@ def test_quantized_base_bytes():
 
 def test_bad_quantize_settings_raise():
     with pytest.raises(BadValue, match="int4"):
-        models.build_random(tiny_config(), quantize="int4")
+        quant.quantize_base(tiny_model().base, "int4")
+    encoder = models.build_random(models.tiny_config("bert"), lora=models.LoraSpec(rank=2))
     with pytest.raises(BadValue, match="decoder"):
-        models.build_random(models.tiny_config("bert"), quantize="int8")
+        quant.quantize_base(encoder.base, "int8")
+    odd = models.build_random(dict(tiny_config(), intermediate_size=96), lora=models.LoraSpec(2))
     with pytest.raises(BadValue, match="multiple of 64"):
-        models.build_random(dict(tiny_config(), intermediate_size=96), quantize="nf4")
+        quant.quantize_base(odd.base, "nf4")
 
 
 @pytest.mark.parametrize(

@@ -37,16 +37,13 @@ from floranna_jax.models.model import (
     check_lora,
     load_pretrained,
     merge_into_base,
-    quantized,
     save_pretrained,
     tiny_config,
 )
-from floranna_jax.models.quant import METHODS as QUANTIZE_METHODS
 
 __all__ = [
     "DEFAULT_TARGETS",
     "FAMILIES",
-    "QUANTIZE_METHODS",
     "TARGETS",
     "LoraSpec",
     "Model",
@@ -55,7 +52,6 @@ __all__ = [
     "check_lora",
     "load_pretrained",
     "merge_into_base",
-    "quantized",
     "save_pretrained",
     "tiny_config",
 ]

@@ -8,9 +8,6 @@ fresh adapters ``{"A": [r, d_in], "B": [d_out, r]}`` with ``B = 0``;
 :func:`save_pretrained` writes base + head back; :func:`merge_into_base` folds dense
 ``[d_out, d_in]`` updates into the frozen kernels (also into a layer of stacked kernels).
 
-A decoder's base may be weight-only quantized (``quantize="int8"`` or ``"nf4"``,
-:mod:`.quant`) once built or loaded; adapters and the head stay float32.
-
 Family options beyond the shared ones (decoders: ``remat``, ``loss_chunk_elements``) pass
 through :func:`build_random` / :func:`load_pretrained` as keyword arguments.
 """
@@ -30,7 +27,7 @@ from flax import traverse_util
 
 from floranna_jax import lora as lora_lib
 from floranna_jax.errors import BadValue
-from floranna_jax.models import decoder, encoder, loading, quant
+from floranna_jax.models import decoder, encoder, loading
 from floranna_jax.models.architecture import Architecture, Params, split_stacked
 
 _ENCODER_DEFAULT_TARGETS = ("query", "value")
@@ -178,15 +175,13 @@ def build_random(
     lora: LoraSpec = LoraSpec(),  # noqa: B008 (immutable NamedTuple)
     key: jax.Array | None = None,
     compute_dtype=jnp.float32,
-    quantize: str = "",
     **options,
 ) -> Model:
-    """A model with a random base (no files, no network); ``key=None`` means key(0);
-    ``quantize``: see :func:`quantized`.
+    """A model with a random base (no files, no network); ``key=None`` means key(0).
     ``options``: the family's own keyword arguments (see :func:`architecture`)."""
     arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
     k_base, k_head, k_lora = _keys(key)
-    base = quantized(hf_config, arch.init_base(k_base), quantize)
+    base = arch.init_base(k_base)
     head = arch.init_head(k_head)
     return _assemble(arch, base, head, lora, k_lora, hf_config)
 
@@ -199,14 +194,12 @@ def load_pretrained(
     compute_dtype=jnp.float32,
     *,
     load_head: bool = True,
-    quantize: str = "",
     **options,
 ) -> Model:
     """A model whose base comes from a Hugging Face folder (or hub id, when online).
 
     Checkpoint and model must agree exactly (see :mod:`loading`); the task head is read
     when the checkpoint has one of the right size and ``load_head``, else fresh (logged).
-    ``quantize``: see :func:`quantized`.
     ``options``: the family's own keyword arguments (see :func:`architecture`).
     """
     folder = loading.resolve_folder(path_or_hub_id)
@@ -214,18 +207,8 @@ def load_pretrained(
     arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
     _, k_head, k_lora = _keys(key)
     base, head = loading.load_params(arch, folder, head_key=k_head, load_head=load_head)
-    base = quantized(hf_config, base, quantize)
     logging.info("loaded %s model from %s", hf_config["model_type"], folder)
     return _assemble(arch, base, head, lora, k_lora, hf_config)
-
-
-def quantized(hf_config: dict, base: Params, method: str) -> Params:
-    """``base`` with its decoder projections quantized by ``method`` (``""``: as it is;
-    ``"int8"``, ``"nf4"``: :func:`.quant.quantize_base`). Raises :class:`BadValue`
-    (``quantize``) for an encoder, whose layers do not dequantize."""
-    if method and hf_config.get("model_type") not in decoder.MODEL_TYPES:
-        raise BadValue("quantize", f'{method!r} is for decoder models only; use ""')
-    return quant.quantize_base(base, method)
 
 
 def save_pretrained(model: Model, folder: str | os.PathLike, dtype: str = "float32") -> None:

@@ -124,7 +124,8 @@ def quantize_base(base: dict, method: str) -> dict:
     The embedding, norms and LM head stay as they are: the embedding is a gather (one row
     per token, no matmul to save), norms are ``d`` numbers, and the head's vocabulary
     logits feed the loss directly, where QLoRA too keeps 16-bit weights. Raises
-    :class:`BadValue` (``quantize``) for an unknown method or an NF4 kernel whose ``d_in``
+    :class:`BadValue` (``quantize``) for an unknown method, a base without stacked
+    decoder layers (an encoder's layers do not dequantize), or an NF4 kernel whose ``d_in``
     is not a multiple of 64.
     """
     if method not in METHODS:
@@ -132,14 +133,16 @@ def quantize_base(base: dict, method: str) -> dict:
     if not method:
         return base
     flat = traverse_util.flatten_dict(base, sep="/")
+    kernels = [p for p in flat if p.startswith("layers/") and p.endswith("/kernel")]
+    if not kernels:
+        raise BadValue("quantize", f"{method!r} is for decoder models (stacked layers) only; "
+                       'use ""')  # fmt: skip
     one_layer = jax.jit(lambda k: jax.lax.map(_QUANTIZERS[method], k))
-    for path, leaf in flat.items():
-        if not (path.startswith("layers/") and path.endswith("/kernel")):
-            continue
-        if method == "nf4" and leaf.shape[-2] % NF4_BLOCK:
+    for path in kernels:
+        if method == "nf4" and flat[path].shape[-2] % NF4_BLOCK:
             raise BadValue("quantize", f"nf4 needs d_in a multiple of {NF4_BLOCK}; {path} "
-                           f"has {leaf.shape[-2]}: use int8")  # fmt: skip
-        flat[path] = one_layer(leaf)
+                           f"has {flat[path].shape[-2]}: use int8")  # fmt: skip
+        flat[path] = one_layer(flat[path])
     return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -16,9 +16,7 @@ Adapters arrive per layer (``"layers_3/attn/q_proj" -> {"A": [r, d_in], "B": [d_
 r]}``, what the server sees) and :func:`stack_adapters` stacks them for the scan.
 
 Mixed precision: parameters stay float32; matmuls run in ``dtype``; the residual stream,
-RMSNorm, rotary embeddings and softmax run in float32. The projections' kernels may be
-quantized (int8 or NF4, :mod:`floranna_jax.models.quant`); each is dequantized inside the
-layer, where it is used.
+RMSNorm, rotary embeddings and softmax run in float32.
 """
 
 from __future__ import annotations
@@ -200,7 +198,8 @@ def lora_dropout_masks(cfg: DecoderConfig, ctx: Context, adapters, key, R: int, 
 def _dense(ctx: Context, x, node, adapter, keep):
     """``x @ W0^T (+ b) + s B A (keep * x)`` in ``ctx.dtype``: LoRA dropout (``keep``, a
     scaled mask or None) drops the adapter's input only, as PEFT's ``lora_dropout``. A
-    quantized ``W0^T`` (:mod:`..quant`) is dequantized here, one projection at a time."""
+    quantized ``W0^T`` (int8 or NF4, :mod:`floranna_jax.models.quant`) is dequantized
+    here, inside the layer scan, one projection at a time."""
     x = x.astype(ctx.dtype)
     y = quant.matmul(x, node["kernel"])
     if adapter is not None:
