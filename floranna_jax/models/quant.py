@@ -146,6 +146,14 @@ def quantize_base(base: dict, method: str) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def dequantize_base(base: dict) -> dict:
+    """``base`` with every quantized kernel dequantized to float32, the other leaves as
+    they are: the plain weights a quantized model computes with (merging, export)."""
+    return jax.tree.map(
+        lambda x: dequantize(x) if is_quantized(x) else x, base, is_leaf=is_quantized
+    )
+
+
 def tree_bytes(tree) -> int:
     """Bytes of all array leaves of ``tree``."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
