@@ -77,7 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         optimizer="adamw",  # local optimizer name (clients.make_optimizer)
         learning_rate=2e-2,  # local learning rate
         weight_decay=0.0,  # decoupled weight decay
-        local_steps=10,  # optimizer steps per client per round (S)
+        # Optimizer steps per client per round (S). A client holding fewer than S * b
+        # examples goes on with a fresh shuffle of its data (epochs): no masked steps.
+        local_steps=10,
         batch_size=128,  # examples per local step (b)
         persistent_opt_state=False,  # keep each client's optimizer state across rounds
     )

@@ -14,9 +14,10 @@ method's pure functions (:mod:`floranna_jax.server.method`); what the loss is li
 the runner the caller built from the task. Every key comes from :mod:`floranna_jax.keys`.
 
 Batches: a client shuffles its training indices and takes the first ``S * b`` of them
-(``S`` local steps, ``b`` examples each). A client with fewer examples gets fewer real
-steps: padded steps are masked by ``step_mask`` ``[U, S]`` (they change nothing) and the
-last partial batch by the per-example ``"mask"`` ``[U, S, b]``. Tokens are packed (the
+(``S`` local steps, ``b`` examples each); a client with fewer examples goes on with a
+fresh shuffle (epochs), so every step of a client with data is a full, real step and
+no compute is spent on masked steps. Only a client without data (and the padding of the
+clients axis) has ``step_mask`` ``[U, S]`` zero, which changes nothing. Tokens are packed (the
 ``b`` examples of a step share ``R`` rows, :mod:`floranna_jax.packing`) or padded. The
 trainable head is averaged with weights ``p_u = n_u / sum n`` (client training sizes)
 for every method.
@@ -97,14 +98,18 @@ def sample_clients(rkey: jax.Array, num_clients: int, clients_per_round: int) ->
 def client_order(
     index: np.ndarray, data_key: jax.Array, steps: int, batch: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One client's examples ``take [S, b]`` and ``real [S, b]`` (False: padding, row 0): the
-    first ``S * b`` of a permutation of ``index`` drawn from ``data_key``."""
+    """One client's examples ``take [S, b]`` and ``real [S, b]`` (False only for a client
+    without data: row 0, padding). The examples come in epochs: a permutation of ``index``
+    drawn from ``data_key``, then a fresh one, and so on until ``S * b`` are taken, so a
+    client with any data never runs a masked step (each epoch sees every example once)."""
     rng = np.random.default_rng(np.asarray(jax.random.key_data(data_key)).tolist())
-    order = rng.permutation(np.asarray(index, np.int64))[: steps * batch]
-    real = np.arange(steps * batch) < len(order)
-    take = np.zeros(steps * batch, np.int64)
-    take[: len(order)] = order
-    return take.reshape(steps, batch), real.reshape(steps, batch)
+    index = np.asarray(index, np.int64)
+    need = steps * batch
+    if len(index) == 0:
+        return np.zeros((steps, batch), np.int64), np.zeros((steps, batch), bool)
+    epochs = [rng.permutation(index) for _ in range(-(-need // len(index)))]
+    take = np.concatenate(epochs)[:need]
+    return take.reshape(steps, batch), np.ones((steps, batch), bool)
 
 
 def client_batches(
@@ -240,8 +245,9 @@ def train_clients(
     if jax.process_count() > 1:  # every process gets every row back: drop the padding
         out = jax.tree.map(lambda x: x[:U], out)
     trained, opt_state, cm = out
-    # Real examples each client trained on (what its batches' masks sum to, on any process).
-    examples = np.minimum([len(train_index[u]) for u in ids], steps * batch).astype(np.float32)
+    # Examples each client trained on, repeats of a later epoch included (what its batches'
+    # masks sum to, on any process): S * b for a client with data, 0 without.
+    examples = np.asarray([len(train_index[u]) > 0 for u in ids], np.float32) * steps * batch
     return Trained(trained, opt_state, np.asarray(cm["loss"]), np.asarray(cm["steps"]), examples)
 
 

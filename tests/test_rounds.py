@@ -27,15 +27,32 @@ def test_sample_clients_is_deterministic_and_distinct():
     assert len(draws) > 1  # rounds differ
 
 
-def test_client_order_masks_short_clients():
+def test_client_order_cycles_short_clients_in_fresh_epochs():
     key = jax.random.key(0)
     take, real = rounds.client_order(np.array([1, 4, 7]), key, steps=3, batch=2)
-    np.testing.assert_array_equal(real, [[1, 1], [1, 0], [0, 0]])
-    assert sorted(take[real].tolist()) == [1, 4, 7]  # every row once
+    assert real.all()  # no masked step, no padded example
+    flat = take.ravel().tolist()
+    assert sorted(flat[:3]) == sorted(flat[3:]) == [1, 4, 7]  # two whole epochs
+    epochs = {tuple(rounds.client_order(np.array([1, 4, 7]), jax.random.key(s), 2, 3)[0]
+                    .ravel()[3:].tolist()) for s in range(8)}  # fmt: skip
+    assert len(epochs) > 1  # the second epoch is shuffled afresh, not a copy of a fixed one
     again, _ = rounds.client_order(np.array([1, 4, 7]), key, steps=3, batch=2)
     np.testing.assert_array_equal(again, take)
     full, full_real = rounds.client_order(np.arange(10), key, steps=2, batch=3)
     assert full_real.all() and len(set(full.ravel().tolist())) == 6
+    _, none_real = rounds.client_order(np.array([], np.int64), key, steps=2, batch=3)
+    assert not none_real.any()  # a client without data: masked steps only
+
+
+def test_round_runs_only_real_steps_and_counts_repeats():
+    # 256 examples over 4 clients, 5 steps of 16: 80 per client, more than most hold.
+    config = smoke_config(**{"server.name": "fedit", "client.local_steps": 5})
+    run = train.build(config)
+    sizes = np.asarray([len(i) for i in run.exp.part.train])
+    assert sizes.min() > 0 and (sizes < 5 * 16).sum() >= 2  # clients that cycle
+    _, out = run.round_fn(run.state)
+    assert out.metrics["train/real_steps"] == 5
+    assert out.metrics["train/examples"] == 5 * 16 * config.train.clients_per_round
 
 
 def _padded_batches(arrays, index, data_key, steps, batch):
