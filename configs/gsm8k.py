@@ -98,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # examples goes on with a fresh shuffle of its data (epochs): no masked steps.
         local_steps=10,
         batch_size=128,  # examples per local step (b)
+        micro_batch_size=0,  # examples per micro-batch, a divisor of b (0: the whole batch)
         persistent_opt_state=False,  # keep each client's optimizer state across rounds
     )
     c.server = dict(

@@ -130,6 +130,13 @@ def validate(config) -> dict[str, Any]:
     _owned("client", lambda: clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay))
     _int(config, "client.local_steps")
     _int(config, "client.batch_size")
+    _int(config, "client.micro_batch_size", 0)
+    if c.micro_batch_size and c.batch_size % c.micro_batch_size:
+        _fail(
+            "client.micro_batch_size",
+            f"{c.micro_batch_size} does not divide client.batch_size={c.batch_size}; "
+            "use a divisor, or 0 for the whole batch",
+        )
     _choice(config, "server.name", tuple(server.ESTIMATORS))
     hparams = server_hparams(config)
     _owned("server", lambda: server.make(config.server.name, **hparams))

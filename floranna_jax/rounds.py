@@ -120,21 +120,26 @@ def client_batches(
     steps: int,
     batch: int,
     packed: tuple[np.ndarray, int] | None = None,
+    micro: int = 1,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Batches ``[U, S, ...]`` and ``step_mask [U, S]`` of the sampled clients, each
     client's examples drawn by :func:`client_order` from its data key; padded, or with
     ``packed = (token lengths, T)`` packed in rows of ``T`` tokens, one row count for the
-    whole round (:func:`packing.batches`)."""
+    whole round (:func:`packing.batches`). ``micro > 1``: each step's ``b`` examples as
+    ``micro`` micro-batches ``[U, S, micro, b / micro, ...]``, each packed on its own, so
+    an example never spans two micro-batches."""
     orders = [
         client_order(train_index[u], keys.data_key(keys.client_key(rkey, u)), steps, batch)
         for u in ids
     ]
     take, real = (np.concatenate([o[i] for o in orders]) for i in (0, 1))  # [U * S, b]
+    lead = (len(ids), steps) if micro == 1 else (len(ids), steps, micro)
+    take, real = take.reshape(-1, batch // micro), real.reshape(-1, batch // micro)
     flat = packing.batches(arrays, take, real, packed)
     if packed is not None:  # each process packs its own clients: all take the most rows
         flat = packing.pad_rows(flat, distributed.max_over_processes(packing.rows(flat)))
-    out = {k: v.reshape(len(ids), steps, *v.shape[1:]) for k, v in flat.items()}
-    return out, out["mask"].max(axis=2)
+    out = {k: v.reshape(*lead, *v.shape[1:]) for k, v in flat.items()}
+    return out, out["mask"].reshape(len(ids), steps, -1).max(axis=2)
 
 
 def first_nonfinite(tree: PyTree, stacked: bool = True) -> tuple[int, str] | None:
@@ -228,16 +233,20 @@ class Trained(NamedTuple):
 
 
 def train_clients(
-    runner, base, trainable, opt_state, rkey, ids, arrays, train_index, steps, batch, layout
-) -> Trained:
+    runner, base, trainable, opt_state, rkey, ids, arrays, train_index, steps, batch, layout,
+    micro: int = 1,
+) -> Trained:  # fmt: skip
     """Clients ``ids`` train from ``trainable`` ``[U, ...]`` on their batches of the round
-    ``rkey`` (:func:`client_batches`; ``train_index[u]``: client ``u``'s rows of ``arrays``)."""
+    ``rkey`` (:func:`client_batches`, ``micro`` micro-batches per step; ``train_index[u]``:
+    client ``u``'s rows of ``arrays``)."""
     U = len(ids)
     # This process's block of the clients axis (all of it with one process); rows past U
     # pad the axis of several processes with copies of the last client that take no step.
     rows = clients.local_rows(U)
     mine = np.minimum(rows, U - 1)
-    batches, step_mask = client_batches(rkey, ids[mine], arrays, train_index, steps, batch, layout)
+    batches, step_mask = client_batches(
+        rkey, ids[mine], arrays, train_index, steps, batch, layout, micro
+    )
     step_mask = np.where(rows[:, None] < U, step_mask, 0).astype(step_mask.dtype)
     if jax.process_count() > 1:
         trainable, opt_state = jax.tree.map(lambda x: x[mine], (trainable, opt_state))
@@ -307,6 +316,7 @@ def make_round(
     persistent_opt_state: bool = False,
     compare: Callable | None = None,
     packed: bool = False,
+    micro_batches: int = 1,
 ) -> Callable[[RoundState], tuple[RoundState, RoundOutput]]:
     """Build ``round_fn(state) -> (state, RoundOutput)`` for one run.
 
@@ -316,6 +326,8 @@ def make_round(
     uploads is logged as ``compare/<label>/rho_rel`` (the run itself still uses its method).
     ``packed``: each step's examples share rows of the longest training example's length
     (rounded up to 16 tokens; :mod:`floranna_jax.packing`), else each is padded to ``L``.
+    ``micro_batches``: a step's ``batch_size`` examples run as this many micro-batches
+    (the runner's ``local_update`` built with ``micro_batched`` when more than 1).
     """
     num_clients = len(train_index)
     layout = packing.layout(arrays) if packed else None
@@ -330,7 +342,7 @@ def make_round(
         base = effective_base(model.base, method.base_delta(state.method))
         out = train_clients(
             runner, base, trainable, opt_state, rkey, ids, arrays, train_index,
-            local_steps, batch_size, layout,
+            local_steps, batch_size, layout, micro_batches,
         )  # fmt: skip
         check_uploads(number, ids, out.loss, out.trainable)
         t1 = time.perf_counter()

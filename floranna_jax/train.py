@@ -71,13 +71,23 @@ def make_runner(config, loss_fn, method: server.Method, one_client: bool = False
     # Several processes always shard: each feeds its own clients to the global mesh.
     multi = jax.process_count() > 1
     shard = not one_client and (multi or (t.shard_clients and jax.device_count() > 1))
+    local_update = clients.make_local_update(
+        loss_fn, opt, lambda path, _: method.frozen(path), micro_batched=micro_batches(config) > 1
+    )
     runner = clients.make_runner(
-        clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)),
+        local_update,
         mode="loop" if one_client else t.client_mode,
         mesh=clients.make_mesh() if shard else None,
         chunk=0 if one_client else t.clients_per_chunk,
     )
     return runner, opt
+
+
+def micro_batches(config) -> int:
+    """Micro-batches per local step: ``client.batch_size / client.micro_batch_size``, or 1
+    when ``micro_batch_size`` is 0 (the whole batch at once)."""
+    c = config.client
+    return c.batch_size // c.micro_batch_size if c.micro_batch_size else 1
 
 
 def build(config, *, loss_wrapper=None) -> Run:
@@ -99,7 +109,7 @@ def build(config, *, loss_wrapper=None) -> Run:
         clients_per_round=config.train.clients_per_round,
         persistent_opt_state=c.persistent_opt_state,
         compare=server.make_compare(compare) if compare else None,
-        packed=config.data.packing,
+        packed=config.data.packing, micro_batches=micro_batches(config),
     )  # fmt: skip
     state = rounds.init_state(
         seed, exp.model.trainable, method, config.partition.num_clients,

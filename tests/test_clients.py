@@ -35,7 +35,7 @@ def make_loss(dropout_rate: float = 0.0):
         logits = h @ trainable["head"]["w"] + trainable["head"]["c"]
         per_ex = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
         mask = batch["mask"]
-        return jnp.sum(per_ex * mask) / jnp.sum(mask)
+        return jnp.sum(per_ex * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
 
     return loss_fn
 
@@ -95,7 +95,9 @@ class LocalUpdateTest(chex.TestCase):
 
         step_key = jax.random.fold_in(key, 0)
         first = jax.tree.map(lambda x: x[0], batch)
-        loss, grads = jax.value_and_grad(loss_fn, argnums=1)(base, trainable, first, step_key)
+        (loss, _), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+            base, trainable, first, step_key
+        )
         expected = jax.tree.map(lambda p, g: p - lr * g, trainable, grads)
         # Same ops in the same order; 1e-6 only absorbs jit-vs-eager fusion rounding.
         chex.assert_trees_all_close(new, expected, atol=1e-6, rtol=1e-6)
@@ -107,7 +109,8 @@ class LocalUpdateTest(chex.TestCase):
         # Linear loss <key noise, params>: SGD(lr=1) subtracts exactly the noise of each step.
         def loss_fn(base, trainable, batch, key):
             del base, batch
-            return jnp.sum(trainable["w"] * jax.random.normal(key, trainable["w"].shape))
+            noise = jax.random.normal(key, trainable["w"].shape)
+            return jnp.sum(trainable["w"] * noise), jnp.float32(1.0)
 
         opt = clients.make_optimizer("sgd", learning_rate=1.0)
         local_update = self.variant(clients.make_local_update(loss_fn, opt))
