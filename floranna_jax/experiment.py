@@ -38,11 +38,14 @@ def lora_spec(config) -> models.LoraSpec:
 
 
 def build_model(config, num_labels: int, key: jax.Array) -> Any:
-    """The model with fresh adapters and head; pretrained from model.path or tiny random."""
+    """The model with fresh adapters and head; pretrained from model.path or tiny random.
+    ``model.remat`` (decoder configs only) reaches the decoder family."""
     kwargs = dict(
         num_labels=num_labels, lora=lora_spec(config), key=key,
         compute_dtype=jnp.dtype(config.model.compute_dtype),
     )  # fmt: skip
+    if "remat" in config.model:
+        kwargs["remat"] = config.model.remat
     if config.model.source == "random":
         return models.build_random(models.tiny_config(config.model.model_type), **kwargs)
     try:
