@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         path="FacebookAI/roberta-base",  # hub id or local HF folder
         model_type="bert",  # architecture of the random model when source="random"
         compute_dtype="float32",  # activations dtype: float32 or bfloat16
+        # Frozen base dtype: float32, bfloat16, or "auto" (bfloat16 on GPU/TPU, float32 on
+        # CPU). Adapters, head and optimizer states stay float32.
+        base_dtype="auto",
     )
     c.lora = dict(
         rank=16,  # r, adapter rank

@@ -109,6 +109,7 @@ def validate(config) -> dict[str, Any]:
     _choice(config, "model.source", MODEL_SOURCES)
     _choice(config, "model.model_type", tuple(models.FAMILIES))
     _choice(config, "model.compute_dtype", COMPUTE_DTYPES)
+    _choice(config, "model.base_dtype", models.BASE_DTYPES)
     if "remat" in config.model:  # decoder configs only
         _choice(config, "model.remat", (True, False))
     _lora(config)

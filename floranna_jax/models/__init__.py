@@ -26,6 +26,7 @@ subpackage (LLaMA/Mistral: logits, generation).
 """
 
 from floranna_jax.models.model import (
+    BASE_DTYPES,
     DEFAULT_TARGETS,
     FAMILIES,
     TARGETS,
@@ -36,11 +37,13 @@ from floranna_jax.models.model import (
     check_lora,
     load_pretrained,
     merge_into_base,
+    resolve_base_dtype,
     save_pretrained,
     tiny_config,
 )
 
 __all__ = [
+    "BASE_DTYPES",
     "DEFAULT_TARGETS",
     "FAMILIES",
     "TARGETS",
@@ -51,6 +54,7 @@ __all__ = [
     "check_lora",
     "load_pretrained",
     "merge_into_base",
+    "resolve_base_dtype",
     "save_pretrained",
     "tiny_config",
 ]
