@@ -140,6 +140,23 @@ class LocalUpdateTest(chex.TestCase):
         chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
         self.assertEqual(int(got[2]["steps"]), 2)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_micro_batches_equal_one_batch(self):
+        # 4 steps of 4 examples, whole or as 2 micro-batches of 2, some examples masked so
+        # that micro-batches weigh differently: the same AdamW steps up to float32 round-off.
+        base, trainable, batches = make_problem(U=1, S=4)
+        batches = jax.tree.map(lambda x: x[0], batches)
+        batches["mask"] = batches["mask"].at[0, 1].set(0).at[2, 2:].set(0)
+        opt = clients.make_optimizer("adamw", learning_rate=5e-2)
+        args = (base, trainable, opt.init(trainable))
+        tail = (jnp.ones((4,)), jax.random.key(1))
+        whole = self.variant(clients.make_local_update(make_loss(), opt))(*args, batches, *tail)
+        split = jax.tree.map(lambda x: x.reshape(4, 2, 2, *x.shape[2:]), batches)
+        micro = clients.make_local_update(make_loss(), opt, micro_batched=True)
+        got = self.variant(micro)(*args, split, *tail)
+        chex.assert_trees_all_close(got, whole, rtol=1e-5, atol=1e-6)
+        self.assertFalse(np.allclose(got[0]["head"]["w"], trainable["head"]["w"]))
+
     def test_frozen_A_is_bit_identical_and_B_trains(self):
         base, trainable, _ = make_problem()
         frozen = lambda path, _: path[-1] == "A"  # noqa: E731  (FFA-LoRA)
