@@ -39,11 +39,15 @@ def lora_spec(config) -> models.LoraSpec:
 
 def build_model(config, num_labels: int, key: jax.Array) -> Any:
     """The model with fresh adapters and head, or those of ``lora.init_from``; pretrained
-    from model.path or tiny random."""
+    from model.path or tiny random, its base in ``model.base_dtype``. ``model.remat``
+    (decoder configs only) reaches the decoder family."""
     kwargs = dict(
         num_labels=num_labels, lora=lora_spec(config), key=key,
         compute_dtype=jnp.dtype(config.model.compute_dtype),
+        base_dtype=models.resolve_base_dtype(config.model.base_dtype),
     )  # fmt: skip
+    if "remat" in config.model:
+        kwargs["remat"] = config.model.remat
     if config.model.source == "random":
         model = models.build_random(models.tiny_config(config.model.model_type), **kwargs)
     else:

@@ -76,7 +76,11 @@ def make_runner(config, loss_fn, method: server.Method, one_client: bool = False
     mode, chunk = ("loop", 0) if one_client else (t.client_mode, t.clients_per_chunk)
     ticker = progress.Ticker()
     local_update = clients.make_local_update(
-        loss_fn, opt, lambda path, _: method.frozen(path), on_step=ticker.tick
+        loss_fn,
+        opt,
+        lambda path, _: method.frozen(path),
+        on_step=ticker.tick,
+        micro_batched=micro_batches(config) > 1,
     )
     runner = clients.make_runner(
         local_update, mode=mode, mesh=clients.make_mesh() if shard else None, chunk=chunk,
@@ -116,6 +120,13 @@ def check_import_kept(name: str, method: server.Method, state: rounds.RoundState
         )
 
 
+def micro_batches(config) -> int:
+    """Micro-batches per local step: ``client.batch_size / client.micro_batch_size``, or 1
+    when ``micro_batch_size`` is 0 (the whole batch at once)."""
+    c = config.client
+    return c.batch_size // c.micro_batch_size if c.micro_batch_size else 1
+
+
 def build(config, *, loss_wrapper=None) -> Run:
     """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss."""
     hparams = config_check.validate(config)
@@ -135,7 +146,7 @@ def build(config, *, loss_wrapper=None) -> Run:
         clients_per_round=config.train.clients_per_round,
         persistent_opt_state=c.persistent_opt_state,
         compare=server.make_compare(compare) if compare else None,
-        packed=config.data.packing,
+        packed=config.data.packing, micro_batches=micro_batches(config),
     )  # fmt: skip
     state = initial_state(config, exp.model, method)
     if config.lora.get("init_from"):

@@ -27,6 +27,7 @@ subpackage (every decoder family: logits, generation).
 """
 
 from floranna_jax.models.model import (
+    BASE_DTYPES,
     DEFAULT_TARGETS,
     FAMILIES,
     TARGETS,
@@ -37,11 +38,13 @@ from floranna_jax.models.model import (
     check_lora,
     load_pretrained,
     merge_into_base,
+    resolve_base_dtype,
     save_pretrained,
     tiny_config,
 )
 
 __all__ = [
+    "BASE_DTYPES",
     "DEFAULT_TARGETS",
     "FAMILIES",
     "TARGETS",
@@ -52,6 +55,7 @@ __all__ = [
     "check_lora",
     "load_pretrained",
     "merge_into_base",
+    "resolve_base_dtype",
     "save_pretrained",
     "tiny_config",
 ]

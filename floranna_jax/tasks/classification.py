@@ -125,8 +125,9 @@ def load_data(config, info: glue.TaskInfo) -> tuple[Arrays, Arrays]:
 
 
 def loss_fn(model, is_regression: bool):
-    """``loss_fn(base, trainable, batch, dropout_key)``: mean cross-entropy (MSE for
-    regression) over the real examples of ``batch`` (``batch["mask"]: [b]``)."""
+    """``loss_fn(base, trainable, batch, dropout_key) -> (loss, examples)``: mean
+    cross-entropy (MSE for regression) over the real examples of ``batch``
+    (``batch["mask"]: [b]``) and their number."""
 
     def loss(base, trainable, batch, dropout_key):
         logits = model.apply(base, trainable, batch, deterministic=False, dropout_key=dropout_key)
@@ -136,7 +137,8 @@ def loss_fn(model, is_regression: bool):
         else:
             per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         mask = batch["mask"].astype(jnp.float32)
-        return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        examples = jnp.sum(mask)
+        return jnp.sum(per_example * mask) / jnp.maximum(examples, 1.0), examples
 
     return loss
 

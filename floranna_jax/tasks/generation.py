@@ -257,14 +257,16 @@ def item_arrays(items: list[Item], length: int, max_length: int) -> Arrays:
 
 
 def loss_fn(model):
-    """``loss(base, trainable, batch, dropout_key)``: summed NLL of the completion tokens
-    of the real examples (``batch["mask"] [b]``) over their number of tokens."""
+    """``loss(base, trainable, batch, dropout_key) -> (loss, tokens)``: summed NLL of the
+    completion tokens of the real examples (``batch["mask"] [b]``) over their number of
+    tokens, and that number."""
 
     def loss(base, trainable, batch, dropout_key):
         nll, tokens = model.apply(base, trainable, batch, deterministic=False,
                                   dropout_key=dropout_key)  # fmt: skip
         mask = batch["mask"].astype(jnp.float32)
-        return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(tokens * mask), 1.0)
+        total = jnp.sum(tokens * mask)
+        return jnp.sum(nll * mask) / jnp.maximum(total, 1.0), total
 
     return loss
 

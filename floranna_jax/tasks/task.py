@@ -6,7 +6,7 @@ serves) and ``make(name) -> Task``, plus one entry in :data:`KINDS`.
 
     task = tasks.get(config.data.task)
     train, validation = task.load(config)          # numpy arrays {key: [N, ...]}
-    loss_fn = task.make_loss(model)                # (base, trainable, batch, key) -> scalar
+    loss_fn = task.make_loss(model)                # (base, trainable, batch, key) -> (loss, weight)
     evaluator = task.make_evaluator(model, train, validation, holdout_index, config)
     evaluator.global_eval(base, trainable, record=None) -> {metric: float}
     evaluator.local_eval(base, trainable_U, client_ids) -> {metric: mean over clients}
@@ -41,8 +41,10 @@ class Task(NamedTuple):
     load: ``config -> (train, validation)``, numpy arrays ``{key: [N, ...]}`` with equal
       ``N`` per split; ``train["label"]`` (if any) is what label-based partitions split on.
       Raises ``errors.ConfigError`` naming the file, line or field on bad input.
-    make_loss: ``model -> loss_fn(base, trainable, batch, dropout_key) -> scalar``, the mean
-      training loss over the real rows of ``batch`` (``batch["mask"]: [b]``).
+    make_loss: ``model -> loss_fn(base, trainable, batch, dropout_key) -> (loss, weight)``:
+      the mean training loss over the real rows of ``batch`` (``batch["mask"]: [b]``) and
+      what it averages over (real examples, or tokens), which does not depend on the
+      parameters; micro-batches (``clients.make_local_update``) weigh their means by it.
     make_evaluator: ``(model, train, validation, holdout_index, config) -> Evaluator``;
       ``holdout_index[u]``: client ``u``'s held-out rows of ``train``; ``config``: the run's
       config (section ``eval`` and ``train.clients_per_round``).
