@@ -37,15 +37,21 @@ def lora_spec(config) -> models.LoraSpec:
     )
 
 
-def build_model(config, num_labels: int, key: jax.Array) -> Any:
-    """The model with fresh adapters and head; pretrained from model.path or tiny random."""
+def build_model(config, num_labels: int, key: jax.Array, abstract: bool = False) -> Any:
+    """The model with fresh adapters and head; pretrained from model.path or tiny random.
+    ``abstract``: the base as shapes only (``models.build_abstract``), read from the
+    folder's config.json alone: no weight is read or made."""
     kwargs = dict(
         num_labels=num_labels, lora=lora_spec(config), key=key,
         compute_dtype=jnp.dtype(config.model.compute_dtype),
     )  # fmt: skip
     if config.model.source == "random":
-        return models.build_random(models.tiny_config(config.model.model_type), **kwargs)
+        build = models.build_abstract if abstract else models.build_random
+        return build(models.tiny_config(config.model.model_type), **kwargs)
     try:
+        if abstract:
+            folder = models.loading.resolve_folder(os.path.expanduser(config.model.path))
+            return models.build_abstract(models.loading.read_config(folder), **kwargs)
         return models.load_pretrained(os.path.expanduser(config.model.path), **kwargs)
     except BadValue as e:  # the checkpoint's family does not know a LoRA setting
         raise ConfigError(f"config field lora.{e.param}: {e.message}") from e
@@ -88,8 +94,9 @@ def load_data(config) -> tuple[tasks.Task, dict, dict, partition.Partition]:
     return task, train, validation, part
 
 
-def build(config, key: jax.Array) -> Experiment:
-    """Data first (cheap to fail), then the partition, then the model (``key`` inits it)."""
+def build(config, key: jax.Array, abstract: bool = False) -> Experiment:
+    """Data first (cheap to fail), then the partition, then the model (``key`` inits it;
+    ``abstract``: its base as shapes only, see :func:`build_model`)."""
     task, train, validation, part = load_data(config)
-    model = build_model(config, task.num_labels, key)
+    model = build_model(config, task.num_labels, key, abstract)
     return Experiment(task, model, train, validation, part)

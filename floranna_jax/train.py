@@ -51,8 +51,8 @@ RESUMABLE_CHANGES = ("train.num_rounds", "eval", "ckpt", "dist")
 class Run(NamedTuple):
     """A built run: ``round_fn(state) -> (state, RoundOutput)``, the round-0 ``state``,
     the task's ``evaluator``, the experiment (task, model, data, partition), the
-    ``server_`` (the method, built once) and ``base_of(state)``, the frozen base a state's
-    global model runs on."""
+    ``server_`` (the method, built once), ``base_of(state)``, the frozen base a state's
+    global model runs on, and the clients' ``loss_fn``."""
 
     round_fn: Any
     state: rounds.RoundState
@@ -60,19 +60,28 @@ class Run(NamedTuple):
     exp: experiment.Experiment
     server_: server.Server
     base_of: Any
+    loss_fn: Any
+
+
+def make_local_update(config, loss_fn, method: server.Method):
+    """``(local_update, opt)``: one client's update (``clients.make_local_update``) with the
+    optimizer of the config's ``client`` section and the method's frozen factors."""
+    c = config.client
+    opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
+    return clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)), opt
 
 
 def make_runner(config, loss_fn, method: server.Method, one_client: bool = False):
     """``(runner, opt)``: the clients' optimizer and the runner of their ``local_update``
     (``clients.make_runner``) as the config's ``client`` and ``train`` sections say, or,
     with ``one_client``, the ``"loop"`` runner (a process that trains one client)."""
-    c, t = config.client, config.train
-    opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
+    t = config.train
+    local_update, opt = make_local_update(config, loss_fn, method)
     # Several processes always shard: each feeds its own clients to the global mesh.
     multi = jax.process_count() > 1
     shard = not one_client and (multi or (t.shard_clients and jax.device_count() > 1))
     runner = clients.make_runner(
-        clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)),
+        local_update,
         mode="loop" if one_client else t.client_mode,
         mesh=clients.make_mesh() if shard else None,
         chunk=0 if one_client else t.clients_per_chunk,
@@ -80,13 +89,15 @@ def make_runner(config, loss_fn, method: server.Method, one_client: bool = False
     return runner, opt
 
 
-def build(config, *, loss_wrapper=None) -> Run:
-    """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss."""
+def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
+    """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss.
+    ``abstract`` (a plan): the frozen base, the method's state and the optimizer states
+    are ``jax.ShapeDtypeStruct`` trees; no weight is read (:mod:`floranna_jax.plan`)."""
     hparams = config_check.validate(config)
     seed = config.train.seed
     server_ = server.build(config.server.name, **hparams)
     method = server_.method
-    exp = experiment.build(config, keys.model_key(seed))
+    exp = experiment.build(config, keys.model_key(seed), abstract)
     c = config.client
     loss_fn = exp.task.make_loss(exp.model)
     if loss_wrapper is not None:
@@ -103,7 +114,7 @@ def build(config, *, loss_wrapper=None) -> Run:
     )  # fmt: skip
     state = rounds.init_state(
         seed, exp.model.trainable, method, config.partition.num_clients,
-        opt=opt if c.persistent_opt_state else None,
+        opt=opt if c.persistent_opt_state else None, abstract=abstract,
     )  # fmt: skip
     evaluator = exp.task.make_evaluator(
         exp.model, exp.train, exp.validation, exp.part.holdout, config
@@ -113,7 +124,7 @@ def build(config, *, loss_wrapper=None) -> Run:
     def base_of(state: rounds.RoundState):
         return effective_base(exp.model.base, method.base_delta(state.method))
 
-    return Run(round_fn, state, evaluator, exp, server_, base_of)
+    return Run(round_fn, state, evaluator, exp, server_, base_of, loss_fn)
 
 
 def _global_eval(run: Run, state) -> dict[str, float]:

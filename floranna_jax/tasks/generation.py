@@ -31,6 +31,7 @@ does.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -42,7 +43,7 @@ from absl import logging
 from floranna_jax.data import code, completion, glue, gsm8k, synthetic_text
 from floranna_jax.errors import BadValue, ConfigError, first_line
 from floranna_jax.models import decoder
-from floranna_jax.tasks.task import Arrays, Evaluator, Task
+from floranna_jax.tasks.task import Arrays, Evaluator, Program, Task
 
 NAMES = ("gsm8k", "code")
 ALIASES = {"gsm8k": "gsm8k", "code": "code", "mbpp": "code"}
@@ -265,6 +266,8 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             f"{max_new} new ones exceed the model's {positions} positions"
         )
     forward = jax.jit(lambda base, trainable, batch: model.apply(base, trainable, batch))
+    decode = functools.partial(decoder.generate, model, max_new_tokens=max_new,
+                               eos_ids=(codec.eos_id,), pad_id=codec.pad_id)  # fmt: skip
     cap = e.max_local_examples
     holdout_index = [h[:cap] if cap else h for h in holdout_index]
 
@@ -274,9 +277,7 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             chunk = items[start : start + batch_size]
             prompts = [i.prompt for i in chunk] + [[codec.pad_id]] * (batch_size - len(chunk))
             ids, mask = completion.left_pad(prompts, P, codec.pad_id)
-            new = np.asarray(decoder.generate(model, base, adapters, ids, mask,
-                                              max_new_tokens=max_new, eos_ids=(codec.eos_id,),
-                                              pad_id=codec.pad_id))  # fmt: skip
+            new = np.asarray(decode(base, adapters, ids, mask))
             out += [codec.decode(completion.until_eos(r, codec.eos_id)) for r in new[: len(chunk)]]
         return out
 
@@ -317,4 +318,22 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             return {}
         return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
-    return Evaluator(global_eval, local_eval)
+    def programs(base, trainable_U) -> list[Program]:
+        """Greedy decoding ``[batch_size, P]`` and the answer-loss forward ``[batch_size,
+        L]``, each run once per batch of every test set and of the sampled clients'
+        held-out rows."""
+        trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                 trainable_U)  # fmt: skip
+        sizes = [len(items) for items in corpus_.tests.values()]
+        if e.local:
+            sizes += [len(h) for h in holdout_index[: config.train.clients_per_round]]
+        calls = sum(-(-n // batch_size) for n in sizes)
+        prompt = jax.ShapeDtypeStruct((batch_size, P), jnp.int32)
+        rows = item_arrays(corpus_.train[:1], corpus_.length, config.data.max_length)
+        batch = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype)
+                 for k, v in rows.items()}  # fmt: skip
+        return [Program("generate", jax.jit(decode), (base, trainable["lora"], prompt, prompt),
+                        calls, loop_trips=max_new - 1),
+                Program("answer loss", forward, (base, trainable, batch), calls)]  # fmt: skip
+
+    return Evaluator(global_eval, local_eval, programs)
