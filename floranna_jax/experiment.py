@@ -50,7 +50,8 @@ def build_model(config, num_labels: int, key: jax.Array, abstract: bool = False)
         return build(models.tiny_config(config.model.model_type), **kwargs)
     try:
         if abstract:
-            folder = models.loading.resolve_folder(os.path.expanduser(config.model.path))
+            path = os.path.expanduser(config.model.path)
+            folder = models.loading.resolve_folder(path, weights=False)
             return models.build_abstract(models.loading.read_config(folder), **kwargs)
         return models.load_pretrained(os.path.expanduser(config.model.path), **kwargs)
     except BadValue as e:  # the checkpoint's family does not know a LoRA setting

@@ -19,7 +19,7 @@ import launch
 from floranna_jax import plan, rounds, train
 from floranna_jax.errors import ConfigError
 from floranna_jax.models import decoder
-from floranna_jax.plan import flops, programs, report
+from floranna_jax.plan import flops, knobs, programs, report
 
 
 def _nbytes(x) -> int:
@@ -121,6 +121,20 @@ def test_flora_plans_its_merge_and_holds_a_second_base():
     base = programs.nbytes(run.exp.model.base)
     # The loaded base stays while the clients train on the merged one.
     assert progs.held[progs.round[0].name] >= base
+
+
+def test_suggestion_is_planned_again():
+    """On a device 1 byte short of the client step's peak, the plan proposes training the
+    clients one at a time and says the peak it then measured, which fits."""
+    config = _gsm8k_smoke()
+    worst = plan.make(config, plan.DEVICES["h100-80gb"]).worst
+    assert worst.name.startswith("client step")
+    capacity = worst.peak - 1
+    line = knobs.suggest(config, 0, worst, capacity)
+    assert line.startswith("try train.clients_per_chunk=1 (peak then "), line
+    assert "still over" not in line
+    config.train.clients_per_chunk = 1
+    assert knobs.replan(config, 0).peak <= capacity
 
 
 def test_too_big_exits_2_with_one_line(tmp_path):

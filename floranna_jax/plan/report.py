@@ -1,57 +1,38 @@
-"""Compile a config's programs, measure them, and say whether they fit a device.
+"""Plan a config: compile its programs, measure them, say whether they fit a device.
 
-``make(config, device, count) -> Report``: every program of :mod:`.programs` is traced
-and compiled ahead of time (``fn.trace(*args).lower().compile()``) for the backend this
-process runs on, then measured: ``memory_analysis()`` gives its arguments, outputs
-(less what aliases an argument) and temporaries per device, :mod:`.flops` its FLOPs.
-Its peak is
+``make(config, device, count) -> Report``: every program of :mod:`.programs` is measured
+(:mod:`.figures`: compiled ahead of time on this backend); a program's peak per device is
 
     peak = arguments + outputs - aliased + temporaries + held,
 
-``held`` what the run keeps beside it (:func:`.programs.held`). The report's last line
-is ``plan: fits ...`` or ``plan: does not fit: <program> needs X GB of Y GB per device;
-try <field>=<value>``, the first of :data:`KNOBS` that the config has and that can help.
+``held`` what the run keeps beside it (:func:`.programs.held`). The FLOPs per round are
+those of the round's programs times their calls, the round time that at
+:data:`UTILIZATION` of the devices' peak. The report's last line is ``plan: fits ...`` or
+``plan: does not fit: <program> needs X GB of Y GB per device; try <field>=<value>``
+(:mod:`.knobs`, planned again with the change).
 
 Made on a CPU for an accelerator: arguments (the frozen base, the adapters, the batches)
 and the autodiff residuals a step saves are the same on every backend. What differs is
 one layer's transient: XLA:CPU computes bfloat16 matrix products in float32, so with
-``model.compute_dtype=bfloat16`` a CPU plan's temporaries hold float32 copies an
-accelerator does not make, and read high (an upper bound, by at most one layer's
-activations in float32 per client at once).
+``model.compute_dtype=bfloat16`` a CPU plan's temporaries hold float32 copies that an
+accelerator does not make: they read high, an upper bound of the accelerator's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from floranna_jax import train
-from floranna_jax.plan import flops
+from floranna_jax.plan import knobs
 from floranna_jax.plan import programs as programs_lib
-from floranna_jax.plan.devices import GB, Device
-from floranna_jax.tasks import Program
+from floranna_jax.plan.devices import Device
+from floranna_jax.plan.figures import Figures, gb, measure
 
 UTILIZATION = 0.4  # the round time assumes this share of the peak bf16 FLOP/s
-
-
-class Figures(NamedTuple):
-    """One program measured, per device: bytes and FLOPs (whole program) per call."""
-
-    name: str
-    calls: int
-    arguments: int
-    outputs: int
-    temporaries: int
-    held: int
-    flops: int
-
-    @property
-    def peak(self) -> int:
-        return self.arguments + self.outputs + self.temporaries + self.held
 
 
 class Report(NamedTuple):
@@ -63,71 +44,12 @@ class Report(NamedTuple):
     worst: Figures
 
 
-def measure(program: Program, held: int = 0) -> Figures:
-    """Compile ``program`` ahead of time on this backend and read its figures."""
-    traced = program.fn.trace(*program.args)
-    memory = traced.lower().compile().memory_analysis()
-    return Figures(
-        program.name, program.calls, memory.argument_size_in_bytes,
-        memory.output_size_in_bytes - memory.alias_size_in_bytes, memory.temp_size_in_bytes,
-        held, flops.count(traced.jaxpr, program.loop_trips),
-    )  # fmt: skip
-
-
-def _gb(n: float) -> str:
-    """Bytes in GB (10^9), or in MB or kB below 1 GB."""
-    for unit, size in (("GB", GB), ("MB", 10**6)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n / 1e3:.1f} kB"
-
-
-def _halved(value: int, fig: Figures, capacity: int) -> int:
-    """``value`` scaled by the share of the temporaries that would fit, to a power of 2."""
-    room = capacity - (fig.peak - fig.temporaries)
-    if room <= 0 or value <= 1:
-        return 0
-    target = value * room / max(fig.temporaries, 1)
-    return min(value // 2, 1 << max(0, int(math.floor(math.log2(max(target, 1))))))
-
-
-# What can shrink a program, tried in order: (applies to a program?, field, new value or
-# None when it cannot help).
-Knob = tuple[Callable[[str], bool], str, Callable[..., object]]
-KNOBS: list[Knob] = [
-    (lambda name: name.startswith("client step"), "train.clients_per_chunk",
-     lambda c, fig, cap: 1 if c.train.client_mode == "vmap" and c.train.clients_per_chunk != 1
-     and c.train.clients_per_round > 1 else None),
-    (lambda name: name.startswith("client step"), "client.batch_size",
-     lambda c, fig, cap: _halved(c.client.batch_size, fig, cap) or None),
-    (lambda name: name.startswith("server"), "train.clients_per_round",
-     lambda c, fig, cap: c.train.clients_per_round // 2 or None),
-    (lambda name: not name.startswith(("client step", "server", "merge")), "eval.batch_size",
-     lambda c, fig, cap: _halved(c.eval.batch_size, fig, cap) or None),
-]  # fmt: skip
-
-
-def _has(config, field: str) -> bool:
-    section, name = field.split(".")
-    return section in config and name in config[section]
-
-
-def suggestion(config, fig: Figures, capacity: int) -> str:
-    """``try <field>=<value>`` from the first knob that the config has and that helps."""
-    for applies, field, propose in KNOBS:
-        if applies(fig.name) and _has(config, field):
-            value = propose(config, fig, capacity)
-            if value is not None:
-                return f"try {field}={value}"
-    return f"try a device with more memory (its arguments alone take {_gb(fig.arguments)})"
-
-
 def _table(figs: list[Figures]) -> list[str]:
     rows = ["| program | calls | arguments | outputs | temporaries | held by the run | peak "
             "| GFLOP per call |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for f in figs:
-        rows.append(f"| {f.name} | {f.calls} | {_gb(f.arguments)} | {_gb(f.outputs)} | "
-                    f"{_gb(f.temporaries)} | {_gb(f.held)} | {_gb(f.peak)} | "
+        rows.append(f"| {f.name} | {f.calls} | {gb(f.arguments)} | {gb(f.outputs)} | "
+                    f"{gb(f.temporaries)} | {gb(f.held)} | {gb(f.peak)} | "
                     f"{f.flops / 1e9:,.1f} |")  # fmt: skip
     return rows
 
@@ -149,10 +71,14 @@ def _header(config, run, progs, device: Device, count: int, used: int) -> list[s
     lines = [
         f"plan: {config.server.name} on {config.data.task}, {run.exp.model.config['model_type']}"
         f" base of {params:.3g} parameters ({', '.join(dtypes)}), for {count} x "
-        f"{device.name} ({_gb(device.memory_bytes)} each); compiled on "
+        f"{device.name} ({gb(device.memory_bytes)} each); compiled on "
         f"{jax.default_backend()} for {used} device(s)",
         f"round 1: {s['clients']} clients x {s['steps']} steps x {s['examples']} examples{packed}",
     ]
+    if used < count:
+        lines.append(f"note: the run trains on {used} of the {count} devices: clients are "
+                     "sharded over devices only with train.shard_clients=True and "
+                     "train.clients_per_chunk=0")  # fmt: skip
     if jax.default_backend() == "cpu" and config.model.compute_dtype != "float32":
         lines.append("note: compiled on a CPU: arguments and autodiff residuals are as on the "
                      "device; temporaries read high where XLA:CPU computes bfloat16 in "
@@ -176,13 +102,15 @@ def make(config, device: Device, count: int = 1) -> Report:
         f"{_time(per_round, device, used)}",
         f"FLOPs per evaluation: {per_eval:.3g}; {_time(per_eval, device, used)}",
     ]
-    worst = max(round_figs + eval_figs, key=lambda f: f.peak)
+    every = round_figs + eval_figs
+    index = max(range(len(every)), key=lambda i: every[i].peak)
+    worst = every[index]
     fits = worst.peak <= device.memory_bytes
     if fits:
-        lines.append(f"plan: fits: peak {_gb(worst.peak)} of {_gb(device.memory_bytes)} per "
+        lines.append(f"plan: fits: peak {gb(worst.peak)} of {gb(device.memory_bytes)} per "
                      f"device ({worst.name})")  # fmt: skip
     else:
-        lines.append(f"plan: does not fit: {worst.name} needs {_gb(worst.peak)} of "
-                     f"{_gb(device.memory_bytes)} per device; "
-                     f"{suggestion(config, worst, device.memory_bytes)}")  # fmt: skip
+        lines.append(f"plan: does not fit: {worst.name} needs {gb(worst.peak)} of "
+                     f"{gb(device.memory_bytes)} per device; "
+                     f"{knobs.suggest(config, index, worst, device.memory_bytes)}")  # fmt: skip
     return Report(lines, fits, worst)
