@@ -113,6 +113,13 @@ def test_plans_from_a_folder_with_only_config_json(tmp_path):
     assert os.listdir(folder) == ["config.json"]
 
 
+def test_encoder_plan_compiles_its_evaluation_forwards():
+    out = plan.make(config_file("glue.py", "smoke"), plan.DEVICES["tpu-v5e"])
+    assert out.fits, out.lines[-1]
+    names = [line.split(" | ")[0] for line in out.lines if line.startswith("| ")]
+    assert "| predict" in names and "| predict clients" in names, names
+
+
 def test_flora_plans_its_merge_and_holds_a_second_base():
     config = _gsm8k_smoke(**{"server.name": "flora"})
     run = train.build(config, abstract=True)
