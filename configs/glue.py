@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rslora=False,  # rank-stabilized scale
         targets=("query", "value"),  # names of the adapted linear layers
         dropout=0.05,  # dropout probability inside the adapter, training only
+        init_from="",  # a PEFT LoRA folder to start from ("": fresh); r, alpha, targets match
     )
     c.data = dict(
         source="glue",  # "glue" (tokenized GLUE task) or "synthetic" (random tokens)

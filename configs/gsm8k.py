@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rslora=False,  # rank-stabilized scale
         targets=("q_proj", "v_proj"),  # names of the adapted linear layers
         dropout=0.05,  # dropout probability inside the adapter, training only
+        init_from="",  # a PEFT LoRA folder to start from ("": fresh); r, alpha, targets match
     )
     c.data = dict(
         task="gsm8k",  # "gsm8k" or "code" (tasks.generation)
@@ -131,7 +132,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_local_examples=32,  # held-out rows per client in the local evaluation (0 = all)
         max_examples=0,  # test problems in the global evaluation, the first ones (0 = all)
         max_new_tokens=256,  # greedy tokens generated per prompt (fixed: compiles once)
-        code_timeout_s=10.0,  # code task: wall-clock seconds per sandboxed program
+        code_timeout_s=10.0,  # code task: CPU seconds per sandboxed program (wall: 3x)
+        code_allow_weak_sandbox=False,  # code task: run generated code even where the kernel
+        # refuses namespaces (programs then see the host's files: floranna_jax/sandbox.py)
     )
 
     if arg == "smoke":

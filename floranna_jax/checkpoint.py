@@ -44,6 +44,10 @@ class Checkpointer:
         """The round of the newest checkpoint, or None."""
         return self.manager.latest_step()
 
+    def all_rounds(self) -> list[int]:
+        """The rounds of every kept checkpoint, ascending."""
+        return sorted(self.manager.all_steps())
+
     def save(self, state: Any, *, force: bool = False) -> bool:
         """Save ``state`` if its round is a multiple of ``every_rounds`` (or ``force``)."""
         r = int(state.round)

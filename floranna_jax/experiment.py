@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floranna_jax import models, partition, tasks
+from floranna_jax import models, partition, peft_folder, tasks
 from floranna_jax.errors import BadValue, ConfigError, first_line
 from floranna_jax.tasks.classification import OFFLINE_HINT
 
@@ -38,16 +38,34 @@ def lora_spec(config) -> models.LoraSpec:
 
 
 def build_model(config, num_labels: int, key: jax.Array, abstract: bool = False) -> Any:
-    """The model with fresh adapters and head; pretrained from model.path or tiny random.
-    ``abstract``: the base as shapes only (``models.build_abstract``), read from the
-    folder's config.json alone: no weight is read or made."""
+    """The model with fresh adapters and head, or those of ``lora.init_from``; pretrained
+    from model.path or tiny random. ``abstract``: the base as shapes only
+    (``models.build_abstract``), read from the folder's config.json alone: no weight is
+    read or made."""
     kwargs = dict(
         num_labels=num_labels, lora=lora_spec(config), key=key,
         compute_dtype=jnp.dtype(config.model.compute_dtype),
     )  # fmt: skip
     if config.model.source == "random":
         build = models.build_abstract if abstract else models.build_random
-        return build(models.tiny_config(config.model.model_type), **kwargs)
+        model = build(models.tiny_config(config.model.model_type), **kwargs)
+    else:
+        model = _load_pretrained(config, kwargs, abstract)
+    if config.lora.get("init_from"):
+        model = _init_from(config, model, num_labels)
+    return model
+
+
+def _init_from(config, model, num_labels: int):
+    """``model`` with the adapters (and saved head) of the PEFT folder ``lora.init_from``."""
+    try:
+        trainable = peft_folder.read(config.lora.init_from, model, lora_spec(config), num_labels)
+    except BadValue as e:  # a setting that differs, or a folder that is not such an adapter
+        raise ConfigError(f"config field lora.{e.param}: {e.message}") from e
+    return model._replace(trainable=trainable)
+
+
+def _load_pretrained(config, kwargs: dict, abstract: bool = False):
     try:
         if abstract:
             path = os.path.expanduser(config.model.path)

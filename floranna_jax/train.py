@@ -89,6 +89,32 @@ def make_runner(config, loss_fn, method: server.Method, one_client: bool = False
     return runner, opt
 
 
+def initial_state(config, model, method: server.Method, abstract: bool = False):
+    """The round-0 state of ``config``'s run of ``model`` (what a checkpoint restores into);
+    ``abstract``: its method and optimizer states as shapes (``rounds.init_state``)."""
+    c = config.client
+    opt = None
+    if c.persistent_opt_state:
+        opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
+    return rounds.init_state(config.train.seed, model.trainable, method,
+                             config.partition.num_clients, opt=opt, abstract=abstract)  # fmt: skip
+
+
+def check_import_kept(name: str, method: server.Method, state: rounds.RoundState) -> None:
+    """``lora.init_from`` needs a method whose clients start from the global adapter (or
+    their own copy of it): one that restarts them from fresh adapters (FLoRA) would drop
+    the imported one after round 0; raise ``ConfigError`` saying so."""
+    rkey = keys.round_key(state.key, 0)
+    start = method.client_start(state.lora, state.method, np.arange(1), keys.init_key(rkey))
+    same = jax.tree.map(lambda s, g: bool(np.array_equal(s[0], g)), start, state.lora)
+    if not all(jax.tree.leaves(same)):
+        raise ConfigError(
+            f"config field lora.init_from: method {name} restarts its clients from fresh "
+            "adapters every round, which would drop the imported adapter after round 0; "
+            "start from it with another method"
+        )
+
+
 def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
     """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss.
     ``abstract`` (a plan): the frozen base, the method's state and the optimizer states
@@ -112,10 +138,9 @@ def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
         compare=server.make_compare(compare) if compare else None,
         packed=config.data.packing,
     )  # fmt: skip
-    state = rounds.init_state(
-        seed, exp.model.trainable, method, config.partition.num_clients,
-        opt=opt if c.persistent_opt_state else None, abstract=abstract,
-    )  # fmt: skip
+    state = initial_state(config, exp.model, method, abstract)
+    if config.lora.get("init_from"):
+        check_import_kept(config.server.name, method, state)
     evaluator = exp.task.make_evaluator(
         exp.model, exp.train, exp.validation, exp.part.holdout, config
     )

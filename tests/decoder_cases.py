@@ -1,4 +1,5 @@
-"""A tiny random LLaMA and its batches, shared by the decoder tests."""
+"""Tiny random decoders, their batches, and their PyTorch references, shared by the
+decoder tests (torch and transformers are imported only by the reference helpers)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from floranna_jax import models
 from floranna_jax.models import decoder
 
-ALL_TARGETS = decoder.TARGETS
+ALL_TARGETS = decoder.get_family("llama").targets
 
 
 def tiny_config(model_type: str = "llama", **kw) -> dict:
@@ -22,9 +24,12 @@ def tiny_config(model_type: str = "llama", **kw) -> dict:
 
 def tiny_model(config: dict | None = None, **kw) -> models.Model:
     """A random model of ``config`` (default :func:`tiny_config`), LoRA r=4 on every
-    projection unless ``lora`` says otherwise; the same call returns the same model."""
-    kw.setdefault("lora", models.LoraSpec(rank=4, alpha=8.0, targets=ALL_TARGETS))
-    config_json = json.dumps(config or tiny_config(), sort_keys=True)
+    projection of its family unless ``lora`` says otherwise; the same call returns the
+    same model."""
+    config = config or tiny_config()
+    targets = decoder.get_family(config["model_type"]).targets
+    kw.setdefault("lora", models.LoraSpec(rank=4, alpha=8.0, targets=targets))
+    config_json = json.dumps(config, sort_keys=True)
     return _build(config_json, tuple(sorted(kw.items())))
 
 
@@ -76,3 +81,55 @@ def jitted(model: models.Model):
 
 def max_diff(x, y) -> float:
     return float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y))))
+
+
+# ------------------------------------------------------------- PyTorch references
+
+
+def torch_or_skip():
+    torch = pytest.importorskip("torch", reason="torch not installed: no PyTorch reference")
+    pytest.importorskip("transformers", reason="transformers not installed")
+    return torch
+
+
+def torch_model(config: dict, seed: int = 0, vector_noise: float = 0.0):
+    """transformers' ``*ForCausalLM`` of ``config`` with random weights (eager attention).
+
+    ``vector_noise``: add ``N(0, noise^2)`` to every 1-D parameter (norm weights, biases),
+    which transformers initializes to constants that would hide a misread offset or bias.
+    """
+    torch = torch_or_skip()
+    import transformers
+
+    torch.manual_seed(seed)
+    kw = {k: v for k, v in config.items() if k != "model_type"}
+    hf = transformers.AutoConfig.for_model(config["model_type"], **kw)
+    hf._attn_implementation = "eager"
+    ref = transformers.AutoModelForCausalLM.from_config(hf).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1 and vector_noise:
+                p.add_(vector_noise * torch.randn_like(p))
+    return ref
+
+
+def torch_logits(ref, batch) -> np.ndarray:
+    torch = torch_or_skip()
+    with torch.no_grad():
+        return ref(
+            input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=torch.as_tensor(batch["attention_mask"], dtype=torch.long),
+        ).logits.numpy()
+
+
+def torch_generate(ref, ids, mask, max_new, eos, pad) -> np.ndarray:
+    """transformers' greedy ``generate``: ``[b, max_new]`` new tokens, ``pad`` after a stop."""
+    torch = torch_or_skip()
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            max_new_tokens=max_new, do_sample=False, eos_token_id=list(eos), pad_token_id=pad,
+        )  # fmt: skip
+    new = out[:, ids.shape[1] :].numpy()
+    return np.pad(new, ((0, 0), (0, max_new - new.shape[1])), constant_values=pad)

@@ -15,6 +15,10 @@ from decoder_cases import (
     randomize_B,
     tiny_config,
     tiny_model,
+    torch_generate,
+    torch_logits,
+    torch_model,
+    torch_or_skip,
 )
 
 from floranna_jax import lora, models
@@ -70,36 +74,6 @@ def test_untied_model_needs_lm_head(tmp_path):
 # ---------------------------------------------------------------- parity with PyTorch
 
 
-def _torch():
-    torch = pytest.importorskip("torch", reason="torch not installed: no PyTorch reference")
-    pytest.importorskip("transformers", reason="transformers not installed")
-    return torch
-
-
-def _torch_model(config: dict, seed: int = 0):
-    torch = _torch()
-    import transformers
-
-    classes = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }
-    config_cls, model_cls = classes[config["model_type"]]
-    torch.manual_seed(seed)
-    hf = config_cls(**{k: v for k, v in config.items() if k != "model_type"})
-    hf._attn_implementation = "eager"
-    return model_cls(hf).eval()
-
-
-def _torch_logits(ref, batch) -> np.ndarray:
-    torch = _torch()
-    with torch.no_grad():
-        return ref(
-            input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
-            attention_mask=torch.as_tensor(batch["attention_mask"], dtype=torch.long),
-        ).logits.numpy()
-
-
 PARITY_CASES = {
     "llama_gqa_untied": tiny_config(),
     "llama_gqa_tied": tiny_config(tie_word_embeddings=True),
@@ -113,10 +87,10 @@ PARITY_CASES = {
 
 @pytest.mark.parametrize("case", sorted(PARITY_CASES))
 def test_parity_tiny_random_with_transformers(case, tmp_path):
-    ref = _torch_model(PARITY_CASES[case])
+    ref = torch_model(PARITY_CASES[case])
     ref.save_pretrained(tmp_path)
     batch = random_batch(b=3, L=16)
-    want = _torch_logits(ref, batch)
+    want = torch_logits(ref, batch)
     model = models.load_pretrained(tmp_path)
     got = decoder.logits(model.config, model.base, {}, batch["input_ids"],
                          batch["attention_mask"])  # fmt: skip
@@ -128,8 +102,8 @@ def test_parity_tiny_random_with_transformers(case, tmp_path):
 
 
 def test_parity_lora_with_merged_torch_weights(tmp_path):
-    torch = _torch()
-    ref = _torch_model(tiny_config())
+    torch = torch_or_skip()
+    ref = torch_model(tiny_config())
     ref.save_pretrained(tmp_path)
     model = models.load_pretrained(tmp_path, lora=models.LoraSpec(rank=4, alpha=8.0))
     adapters = randomize_B(model.trainable, 5, std=0.3)["lora"]
@@ -140,7 +114,7 @@ def test_parity_lora_with_merged_torch_weights(tmp_path):
             weight = getattr(ref.model.layers[i].self_attn, target).weight
             weight += torch.from_numpy(np.array(lora.delta(a, s)))
     batch = random_batch(b=3, L=16)
-    want = _torch_logits(ref, batch)
+    want = torch_logits(ref, batch)
     got = decoder.logits(model.config, model.base, adapters, batch["input_ids"],
                          batch["attention_mask"], lora_scale=s)  # fmt: skip
     bare = decoder.logits(model.config, model.base, {}, batch["input_ids"],
@@ -152,28 +126,16 @@ def test_parity_lora_with_merged_torch_weights(tmp_path):
     assert diff < 1e-5
 
 
-def _torch_generate(ref, ids, mask, max_new, eos, pad) -> np.ndarray:
-    torch = _torch()
-    with torch.no_grad():
-        out = ref.generate(
-            input_ids=torch.as_tensor(ids, dtype=torch.long),
-            attention_mask=torch.as_tensor(mask, dtype=torch.long),
-            max_new_tokens=max_new, do_sample=False, eos_token_id=list(eos), pad_token_id=pad,
-        )  # fmt: skip
-    new = out[:, ids.shape[1] :].numpy()
-    return np.pad(new, ((0, 0), (0, max_new - new.shape[1])), constant_values=pad)
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_greedy_generation_equals_transformers(tied, tmp_path):
-    _torch()
-    ref = _torch_model(tiny_config(tie_word_embeddings=tied), seed=1)
+    torch_or_skip()
+    ref = torch_model(tiny_config(tie_word_embeddings=tied), seed=1)
     ref.save_pretrained(tmp_path)
     model = models.load_pretrained(tmp_path)
     ids, mask = left_padded_prompts(512)
     free = decoder.generate(model, model.base, {}, ids, mask, max_new_tokens=10, eos_ids=())
     eos = (int(free[1, 4]),)  # a token row 1 emits: one row stops early on both sides
-    want = _torch_generate(ref, ids, mask, 10, eos, pad=0)
+    want = torch_generate(ref, ids, mask, 10, eos, pad=0)
     got = decoder.generate(model, model.base, {}, ids, mask, max_new_tokens=10, eos_ids=eos,
                            pad_id=0)  # fmt: skip
     np.testing.assert_array_equal(np.asarray(got), want)
@@ -189,7 +151,7 @@ def smollm2_dir(request, tmp_path_factory, smollm_gguf):
     (a reference independent of floranna_jax's own converter). The conversion takes a
     minute and a half, so its result is kept in pytest's cache, keyed by the file."""
     gguf = smollm_gguf
-    _torch()
+    torch_or_skip()
     pytest.importorskip("gguf", reason="transformers needs the gguf package to read GGUF")
     import transformers
 
@@ -218,7 +180,7 @@ def test_parity_smollm2_with_transformers(smollm2_dir):
     model = models.load_pretrained(smollm2_dir)
     assert model.config["tie_word_embeddings"] and "lm_head" not in model.base
     batch = random_batch(b=2, L=24, vocab=49152)
-    want = _torch_logits(ref, batch)
+    want = torch_logits(ref, batch)
     got = decoder.logits(model.config, model.base, {}, batch["input_ids"],
                          batch["attention_mask"])  # fmt: skip
     real = batch["attention_mask"] > 0
@@ -227,14 +189,14 @@ def test_parity_smollm2_with_transformers(smollm2_dir):
     # 30 fp32 layers, logits up to ~30: op-order differences add up to a few 1e-4
     assert diff < 1e-3
     ids, mask = left_padded_prompts(49152, lengths=(9, 5))
-    want_new = _torch_generate(ref, ids, mask, 6, (2,), pad=2)
+    want_new = torch_generate(ref, ids, mask, 6, (2,), pad=2)
     got_new = decoder.generate(model, model.base, {}, ids, mask, max_new_tokens=6, eos_ids=(2,))
     np.testing.assert_array_equal(np.asarray(got_new), want_new)
 
 
 def test_sharded_checkpoint_loads(tmp_path):
-    _torch()
-    ref = _torch_model(tiny_config())
+    torch_or_skip()
+    ref = torch_model(tiny_config())
     ref.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
@@ -243,12 +205,12 @@ def test_sharded_checkpoint_loads(tmp_path):
     got = decoder.logits(model.config, model.base, {}, batch["input_ids"],
                          batch["attention_mask"])  # fmt: skip
     real = batch["attention_mask"] > 0
-    assert np.abs(np.asarray(got) - _torch_logits(ref, batch))[real].max() < 1e-5
+    assert np.abs(np.asarray(got) - torch_logits(ref, batch))[real].max() < 1e-5
 
 
 def test_saved_folder_loads_in_transformers(tmp_path):
     """save_pretrained writes what transformers reads: same logits both sides."""
-    _torch()
+    torch_or_skip()
     import transformers
 
     model = tiny_model(tiny_config(tie_word_embeddings=True), lora=models.LoraSpec(rank=4))
@@ -258,4 +220,4 @@ def test_saved_folder_loads_in_transformers(tmp_path):
     got = decoder.logits(model.config, model.base, {}, batch["input_ids"],
                          batch["attention_mask"])  # fmt: skip
     real = batch["attention_mask"] > 0
-    assert np.abs(np.asarray(got) - _torch_logits(ref, batch))[real].max() < 1e-5
+    assert np.abs(np.asarray(got) - torch_logits(ref, batch))[real].max() < 1e-5

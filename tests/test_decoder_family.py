@@ -22,6 +22,18 @@ from floranna_jax import lora, models, packing
 from floranna_jax.models import decoder
 from floranna_jax.models.architecture import split_stacked
 
+# One config per family, windows (5) shorter than the rows wherever the family has them;
+# the tiny Gemma configs window layer 0 and leave layer 1 full.
+WINDOWED_FAMILIES = {
+    "llama": tiny_config(),
+    "mistral": tiny_config("mistral", sliding_window=5),
+    "qwen2": tiny_config("qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    "qwen3": tiny_config("qwen3"),
+    "gemma2": tiny_config("gemma2", attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3_text": tiny_config("gemma3_text"),
+    "phi3": tiny_config("phi3", sliding_window=5),
+}
+
 
 class DecoderTest(chex.TestCase):
     def test_adapter_tree_names_and_shapes(self):
@@ -108,10 +120,9 @@ class DecoderTest(chex.TestCase):
         # chunked vs one-shot log-softmax, fp32 sums of ~8 terms of O(5)
         np.testing.assert_allclose(nll, want, rtol=1e-5, atol=1e-5)
 
-    @parameterized.parameters(("llama", None), ("mistral", 5))
-    def test_packed_equals_padded(self, model_type, window):
-        extra = {"sliding_window": window} if model_type == "mistral" else {}
-        model = tiny_model(tiny_config(model_type, **extra))
+    @parameterized.named_parameters(*WINDOWED_FAMILIES.items())
+    def test_packed_equals_padded(self, config):
+        model = tiny_model(config)
         trainable = randomize_B(model.trainable, 3)
         arrays = random_batch(b=6, L=32, seed=4, lengths=(30, 9, 13, 6, 19, 11))
         take = np.array([[0, 1, 2, 3, 4, 5]])
@@ -231,40 +242,6 @@ class DecoderTest(chex.TestCase):
             model.apply(model.base, model.trainable, batch)
 
 
-class ConfigTest(parameterized.TestCase):
-    def test_rope_theta_from_either_place(self):
-        self.assertEqual(decoder.rope_theta({"rope_theta": 5e5}), 5e5)
-        new = {"rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}}
-        self.assertEqual(decoder.rope_theta(new), 1e5)
-        self.assertEqual(decoder.rope_theta({}), 10000.0)
-
-    @parameterized.parameters(
-        {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
-        {"rope_scaling": {"type": "yarn", "factor": 4.0}, "rope_theta": 1e4},
-    )
-    def test_unsupported_rope_type_is_named(self, **extra):
-        name = (extra.get("rope_parameters") or extra.get("rope_scaling")).get(
-            "rope_type", extra.get("rope_scaling", {}).get("type")
-        )
-        with self.assertRaisesRegex(ValueError, f"rope_type '{name}' is not supported"):
-            models.build_random(dict(tiny_config(), **extra))
-
-    def test_unsupported_features_are_named(self):
-        cases = (({"attention_bias": True}, "attention_bias"),
-                 ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-                 ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"))  # fmt: skip
-        for extra, msg in cases:
-            with self.assertRaisesRegex(ValueError, msg):
-                decoder.parse_config(dict(tiny_config(), **extra))
-
-    def test_head_dim_from_config(self):
-        cfg = decoder.parse_config(dict(tiny_config(), head_dim=32))
-        self.assertEqual((cfg.head_dim, cfg.num_heads), (32, 4))
-        model = models.build_random(dict(tiny_config(), head_dim=32), lora=models.LoraSpec(rank=2))
-        chex.assert_shape(model.base["layers"]["attn"]["q_proj"]["kernel"], (2, 64, 128))
-        chex.assert_shape(model.trainable["lora"]["layers_0/attn/v_proj"]["B"], (64, 2))
-
-
 # ------------------------------------------------------------- no [b, T, vocab] float32
 
 
@@ -322,8 +299,9 @@ class GenerateTest(chex.TestCase):
         ids[mask == 0] = 0
         return ids, mask
 
-    def test_greedy_equals_argmax_of_full_forward(self):
-        model = tiny_model()
+    @parameterized.named_parameters(*WINDOWED_FAMILIES.items())
+    def test_greedy_equals_argmax_of_full_forward(self, config):
+        model = tiny_model(config)
         adapters = randomize_B(model.trainable, 1)["lora"]
         ids, mask = self._prompts()
         new = decoder.generate(model, model.base, adapters, ids, mask, max_new_tokens=3,

@@ -40,7 +40,9 @@ def _shared_compilation():
 
 @pytest.fixture(autouse=True)
 def _slow_only_when_asked(request):
-    if request.node.get_closest_marker("slow") and "slow" not in request.config.option.markexpr:
+    # Asked for: ``-m slow`` or ``-m "slow or ..."``; ``-m "not slow"`` is not asking.
+    asked = re.search(r"(?<!not )\bslow\b", request.config.option.markexpr or "")
+    if request.node.get_closest_marker("slow") and not asked:
         pytest.skip("slow (minutes): runs with -m slow")
 
 

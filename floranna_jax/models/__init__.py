@@ -10,10 +10,11 @@ estimators consume ``trainable["lora"]`` unchanged. ``layer_name`` is the "/"-jo
 path of the adapted kernel in ``model.base`` (``"layer_0/attention/query"``), sorted.
 ``apply`` is pure: jit it, and vmap it over a stacked ``trainable`` with ``base`` shared.
 
-Decoders (``llama``, ``mistral``) keep ``trainable["head"] = {}`` and their ``apply``
-returns the per-example causal-LM sums ``(nll [b], tokens [b])`` of batches with a
-``loss_mask``; their layers are stacked under ``base["layers"]`` and their layer names
-read ``"layers_3/attn/q_proj"`` (see :mod:`floranna_jax.models.decoder`).
+Decoders (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma2``, ``gemma3_text``,
+``phi3``; one record each in :data:`decoder.FAMILIES`) keep ``trainable["head"] = {}``
+and their ``apply`` returns the per-example causal-LM sums ``(nll [b], tokens [b])`` of
+batches with a ``loss_mask``; their layers are stacked under ``base["layers"]`` and their
+layer names read ``"layers_3/attn/q_proj"`` (see :mod:`floranna_jax.models.decoder`).
 
 Families are listed in :data:`FAMILIES` (model_type -> ``make`` returning an
 :class:`~floranna_jax.models.architecture.Architecture`); a family is one subpackage and
@@ -22,7 +23,7 @@ one entry.
 Modules: ``model`` (:class:`LoraSpec`, :class:`Model`, ``FAMILIES``; build, load, save,
 merge), ``architecture`` (what a family provides), ``loading`` (Hugging Face folders <->
 parameter trees, strictly), the ``encoder`` subpackage (BERT/RoBERTa) and the ``decoder``
-subpackage (LLaMA/Mistral: logits, generation).
+subpackage (every decoder family: logits, generation).
 """
 
 from floranna_jax.models.model import (

@@ -223,10 +223,31 @@ def load_params(
     return base, arch.init_head(head_key)
 
 
+def parameter_names(arch: Architecture) -> list[str]:
+    """Every parameter's full name in a Hugging Face checkpoint of ``arch``: the base's
+    (with ``arch.checkpoint_prefix``, one per layer of a stack), then the head's."""
+    base = [arch.checkpoint_prefix + n for n in _expected(arch, arch.base_shapes, ())]
+    return base + list(_expected(arch, arch.head_shapes, ("head",)))
+
+
+def checkpoint_dtype(folder: pathlib.Path) -> str:
+    """The dtype name (``"float32"``, ``"bfloat16"``, ...) of the folder's first floating
+    tensor in the checkpoint, what a model written back should keep."""
+    dtypes = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+    for file, key in sorted((f, k) for k, (f, _) in checkpoint_index(folder).items()):
+        with safe_open(file, framework="numpy") as f:
+            name = dtypes.get(f.get_slice(key).get_dtype())
+        if name is not None:
+            return name
+    return "float32"
+
+
 def save_folder(
-    folder: pathlib.Path, hf_config: dict, arch: Architecture, base: Params, head: Params
-) -> None:
-    """Write ``config.json`` + ``model.safetensors`` laid out as Hugging Face does.
+    folder: pathlib.Path, hf_config: dict, arch: Architecture, base: Params, head: Params,
+    dtype: str = "float32",
+) -> None:  # fmt: skip
+    """Write ``config.json`` + ``model.safetensors`` laid out as Hugging Face does, the
+    tensors in ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``).
 
     Base names get ``arch.checkpoint_prefix``; head names are bare (``classifier.*``),
     as in ``*ForSequenceClassification``, so transformers and :func:`load_params` read it.
@@ -236,7 +257,7 @@ def save_folder(
     tensors = {}
     for tree, prefix, key_prefix in ((base, (), arch.checkpoint_prefix), (head, ("head",), "")):
         for path, value in traverse_util.flatten_dict(tree).items():
-            value = np.asarray(value, np.float32)
+            value = np.asarray(jnp.asarray(value).astype(dtype))  # numpy holds bf16 (ml_dtypes)
             layers = [(path, value)]
             if not prefix and path[0] in arch.stacked:
                 layers = [((f"{path[0]}_{i}", *path[1:]), v) for i, v in enumerate(value)]

@@ -30,25 +30,20 @@ from floranna_jax.errors import BadValue
 from floranna_jax.models import decoder, encoder, loading
 from floranna_jax.models.architecture import Architecture, Params, split_stacked
 
+_ENCODER_DEFAULT_TARGETS = ("query", "value")
 FAMILIES: dict[str, Callable[..., Architecture]] = {
-    "bert": encoder.make,
-    "roberta": encoder.make,
-    "llama": decoder.make,
-    "mistral": decoder.make,
+    **{name: encoder.make for name in encoder.MODEL_TYPES},
+    **{name: decoder.make for name in decoder.MODEL_TYPES},
 }
-# The names a LoRA target may take in each family.
+# The names a LoRA target may take in each family (decoders: their record's targets).
 TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": encoder.TARGETS,
-    "roberta": encoder.TARGETS,
-    "llama": decoder.TARGETS,
-    "mistral": decoder.TARGETS,
+    **{name: encoder.TARGETS for name in encoder.MODEL_TYPES},
+    **{name: f.targets for name, f in decoder.FAMILIES.items()},
 }
 # What LoraSpec(targets=None) adapts in each family.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-    "llama": decoder.DEFAULT_TARGETS,
-    "mistral": decoder.DEFAULT_TARGETS,
+    **{name: _ENCODER_DEFAULT_TARGETS for name in encoder.MODEL_TYPES},
+    **{name: f.default_targets for name, f in decoder.FAMILIES.items()},
 }
 
 
@@ -58,9 +53,10 @@ class LoraSpec(NamedTuple):
     Fields: rank ``r``; ``alpha`` (scale ``alpha/r``, or ``alpha/sqrt(r)`` with
     ``rslora``); ``targets`` among the family's :data:`TARGETS` (encoders: query, key,
     value, attn_out, mlp_up, mlp_down; decoders: q_proj, k_proj, v_proj, o_proj,
-    gate_proj, up_proj, down_proj; empty: no adapters, head-only training; None: the
-    family's :data:`DEFAULT_TARGETS`, query+value / q_proj+v_proj); ``dropout`` on the
-    adapter input during training.
+    gate_proj, up_proj, down_proj, Phi-3 qkv_proj, o_proj, gate_up_proj, down_proj;
+    empty: no adapters, head-only training; None: the family's :data:`DEFAULT_TARGETS`,
+    query+value / q_proj+v_proj / qkv_proj); ``dropout`` on the adapter input during
+    training.
     """
 
     rank: int = 16
@@ -92,7 +88,8 @@ class Model(NamedTuple):
 
 def tiny_config(model_type: str = "bert") -> dict:
     """A tiny Hugging Face style config: encoders vocab 1000, hidden 64, 2 layers, 4
-    heads; decoders vocab 512, hidden 64, 2 layers, 4 query and 2 key/value heads."""
+    heads; decoders vocab 512, hidden 64, 2 layers, 4 query and 2 key/value heads (see
+    :func:`decoder.tiny_config`)."""
     if model_type in decoder.MODEL_TYPES:
         return decoder.tiny_config(model_type)
     return encoder.tiny_config(model_type)
@@ -230,8 +227,9 @@ def load_pretrained(
     return _assemble(arch, base, head, lora, k_lora, hf_config)
 
 
-def save_pretrained(model: Model, folder: str | os.PathLike) -> None:
-    """Write base + head as a Hugging Face folder (adapters are not saved: merge first)."""
+def save_pretrained(model: Model, folder: str | os.PathLike, dtype: str = "float32") -> None:
+    """Write base + head as a Hugging Face folder, tensors in ``dtype`` (adapters are not
+    saved: merge first)."""
     head_leaves = jax.tree.leaves(model.trainable["head"])
     config = dict(model.config)
     num_labels = 0  # a decoder: no head, the config stays as it is
@@ -241,7 +239,7 @@ def save_pretrained(model: Model, folder: str | os.PathLike) -> None:
         config.pop("id2label", None)
         config.pop("label2id", None)
     arch = architecture(model.config, num_labels, LoraSpec(targets=()))
-    loading.save_folder(folder, config, arch, model.base, model.trainable["head"])
+    loading.save_folder(folder, config, arch, model.base, model.trainable["head"], dtype)
 
 
 def merge_into_base(base: Params, merges: dict[str, jax.Array], s: float) -> Params:

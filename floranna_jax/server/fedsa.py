@@ -7,11 +7,11 @@ Update rule (METHOD.md; baseline in arXiv 2509.26399):
 There is no single global model in the method itself; for *global* evaluation the
 global adapter holds ``A`` and the weighted average ``B = sum_u p_u B_u`` (so ``rho`` is
 FedIT's). Method state: ``{"B": {layer: [N, d_out, r]}}``, every client's own ``B``
-(zero until it first trains): a sampled client starts from the global ``A`` and its own
-``B``, and its trained ``B`` is stored after the round. Communication: only ``A``,
-``r d_in`` numbers per layer each way: in a real federation (``floranna_jax.flower``)
-``B`` is ``private`` and never leaves its client, so the server's global adapter keeps
-the initial ``B = 0`` there.
+(the initial global ``B`` until it first trains: zero, or an imported adapter's): a
+sampled client starts from the global ``A`` and its own ``B``, and its trained ``B`` is
+stored after the round. Communication: only ``A``, ``r d_in`` numbers per layer each way:
+in a real federation (``floranna_jax.flower``) ``B`` is ``private`` and never leaves its
+client, so the server's global adapter keeps the initial ``B`` there.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def fedsa_bytes(shapes: common.Shapes, U: int) -> tuple[int, int]:
 
 
 def init(lora: common.Lora, num_clients: int) -> dict:
-    return {"B": {n: jnp.zeros((num_clients, *f["B"].shape), f["B"].dtype)
+    """Every client's ``B`` starts as the initial global one (zero, or an imported one)."""
+    return {"B": {n: jnp.broadcast_to(f["B"], (num_clients, *f["B"].shape))
                   for n, f in lora.items()}}  # fmt: skip
 
 

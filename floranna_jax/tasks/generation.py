@@ -23,7 +23,9 @@ problems; local: each sampled client's own model on its held-out training rows, 
 prompts LEFT-padded to one length for the run (the longest prompt rounded up to 16), in
 batches of ``eval.batch_size``, so decoding compiles once. Scores: GSM8K
 ``exact_match_strict`` and ``exact_match_flexible``; code ``pass@1`` (programs run in
-:mod:`floranna_jax.sandbox`, ``eval.code_timeout_s`` each), and for the global model also
+:mod:`floranna_jax.sandbox`, ``eval.code_timeout_s`` CPU seconds each; where the kernel
+refuses the sandbox's namespaces the task refuses to start unless
+``eval.code_allow_weak_sandbox``), and for the global model also
 ``humaneval_pass@1``. Every set also reports ``answer_loss`` (``humaneval_answer_loss``):
 the teacher-forced NLL per token of the reference answers, which moves before exact match
 does.
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from floranna_jax import sandbox
 from floranna_jax.data import code, completion, glue, gsm8k, synthetic_text
 from floranna_jax.errors import BadValue, ConfigError, first_line
 from floranna_jax.models import decoder
@@ -91,6 +94,8 @@ def check(config) -> None:
             raise BadValue(field, f"must be an integer >= {low}, got {value!r}")
     if not (isinstance(e.code_timeout_s, int | float) and e.code_timeout_s > 0):
         raise BadValue("eval.code_timeout_s", f"must be a number > 0, got {e.code_timeout_s!r}")
+    if ALIASES[d.task.lower()] == "code":
+        _check_sandbox(e.code_allow_weak_sandbox)
     if d.source == "local":
         if not d.dir:
             raise BadValue("data.dir", "is empty; source 'local' reads the data folder "
@@ -101,6 +106,20 @@ def check(config) -> None:
     if d.tokenizer == "model" and config.model.source != "pretrained":
         raise BadValue("data.tokenizer", "'model' needs model.source='pretrained' (a folder "
                        "with a tokenizer); use 'bytes' with the random model")  # fmt: skip
+
+
+def _check_sandbox(allow_weak: bool) -> None:
+    """Refuses to run generated code where the sandbox cannot hide the host, unless the
+    config opts in (the sandbox's docstring says what is then left open)."""
+    if not isinstance(allow_weak, bool):
+        raise BadValue("eval.code_allow_weak_sandbox", f"must be True or False, got {allow_weak!r}")
+    missing = sandbox.weak(sandbox.protections())
+    if missing and not allow_weak:
+        raise BadValue("eval.code_allow_weak_sandbox", f"the kernel refused the sandbox's "
+                       f"{', '.join(missing)}, so generated programs could read this machine's "
+                       "files (the data's reference solutions too); run where namespaces are "
+                       "allowed (not under Docker's default seccomp profile) or set "
+                       "--config.eval.code_allow_weak_sandbox=True")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,4 +1,5 @@
-"""LLaMA and Mistral decoders with LoRA, loaded from Hugging Face checkpoints unchanged.
+"""Decoder LMs with LoRA (LLaMA, Mistral, Qwen2/3, Gemma 2/3, Phi-3), loaded from Hugging
+Face checkpoints unchanged.
 
     arch = decoder.make(hf_config, targets=("q_proj", "v_proj"), lora_scale=2.0)
     nll, tokens = arch.apply(base, {"lora": adapters, "head": {}}, batch)   # [b], [b] f32
@@ -8,28 +9,30 @@
 
 Modules, one concept each:
 
-- ``config``: :class:`DecoderConfig`, :func:`parse_config`, :func:`tiny_config`, the LoRA
-  target names ``TARGETS`` (default ``DEFAULT_TARGETS`` = q_proj, v_proj).
+- ``families``: one :class:`~.families.Family` record per ``model_type`` (config
+  parsing and defaults, LoRA targets and default targets, checkpoint and PEFT module
+  names, tiny test config); :func:`parse_config`, :func:`tiny_config`.
+- ``config``: :class:`DecoderConfig`, the fields the layer functions branch on, and the
+  parsing every family shares.
+- ``rotary``: rotary tables (default, ``linear``, ``llama3`` scaling; Gemma 3's two bases).
 - ``modules``: the layer as pure functions (RMSNorm, rotary, grouped-query attention,
-  SwiGLU) and :func:`~.modules.run_layers`, all layers under one ``lax.scan``.
-- ``checkpoint``: parameter path <-> Hugging Face checkpoint name.
+  gated MLP) and :func:`~.modules.run_layers`, all layers under one ``lax.scan``.
+- ``checkpoint``: raw checkpoint keys -> canonical names.
 - ``family``: :func:`make`, the chunked causal-LM loss, packed and padded batches, and
   :func:`logits`.
 - ``generate``: :func:`generate`, batched decoding with a key/value cache.
 """
 
-from floranna_jax.models.decoder.checkpoint import canonical_key, checkpoint_name
-from floranna_jax.models.decoder.config import (
-    ATTENTION_TARGETS,
-    DEFAULT_TARGETS,
-    MLP_TARGETS,
+from floranna_jax.models.decoder.checkpoint import canonical_key
+from floranna_jax.models.decoder.config import DecoderConfig
+from floranna_jax.models.decoder.families import (
+    FAMILIES,
     MODEL_TYPES,
-    TARGETS,
-    DecoderConfig,
+    Family,
     parse_config,
-    rope_theta,
     tiny_config,
 )
+from floranna_jax.models.decoder.families import get as get_family
 from floranna_jax.models.decoder.family import (
     LOSS_CHUNK_ELEMENTS,
     chunk_length,
@@ -41,22 +44,19 @@ from floranna_jax.models.decoder.family import (
 from floranna_jax.models.decoder.generate import generate
 
 __all__ = [
-    "ATTENTION_TARGETS",
-    "DEFAULT_TARGETS",
+    "FAMILIES",
     "LOSS_CHUNK_ELEMENTS",
-    "MLP_TARGETS",
     "MODEL_TYPES",
-    "TARGETS",
     "DecoderConfig",
+    "Family",
     "canonical_key",
-    "checkpoint_name",
     "chunk_length",
+    "get_family",
     "generate",
     "layer_names",
     "logits",
     "make",
     "parse_config",
-    "rope_theta",
     "tiny_config",
     "token_nll",
 ]

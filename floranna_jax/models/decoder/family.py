@@ -1,8 +1,8 @@
-"""The LLaMA/Mistral family as one :class:`~floranna_jax.models.architecture.Architecture`.
+"""Any decoder family as one :class:`~floranna_jax.models.architecture.Architecture`.
 
-``make(hf_config, num_labels=..., targets=..., lora_scale=...)`` ties together the config
-(:mod:`.config`), the layer functions (:mod:`.modules`) and the checkpoint names
-(:mod:`.checkpoint`). Its ``apply(base, trainable, batch)`` is the training output: the
+``make(hf_config, num_labels=..., targets=..., lora_scale=...)`` ties together the
+family's record (:mod:`.families`: config, LoRA targets, checkpoint names) and the layer
+functions (:mod:`.modules`). Its ``apply(base, trainable, batch)`` is the training output: the
 per-example causal-LM sums ``(nll [b], tokens [b])`` float32 over completion tokens,
 
     nll[j] = sum over tokens t of example j with loss_mask[t] = 1 of -log p(x_t | x_<t),
@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from floranna_jax.models.architecture import Architecture, Params, init_like
-from floranna_jax.models.decoder import modules
-from floranna_jax.models.decoder.checkpoint import canonical_key, checkpoint_name
-from floranna_jax.models.decoder.config import TARGETS, DecoderConfig, parse_config
+from floranna_jax.models.decoder import families, modules
+from floranna_jax.models.decoder.checkpoint import canonical_key
+from floranna_jax.models.decoder.config import DecoderConfig
+from floranna_jax.models.decoder.families import parse_config
 
 # Logits elements per loss chunk ([rows, chunk, vocab] float32: 16 MB); the chunk length
 # is the largest power of two that keeps a chunk within it.
@@ -36,15 +37,14 @@ LOSS_CHUNK_ELEMENTS = 1 << 22
 
 def layer_names(cfg: DecoderConfig, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """``layer_name -> (d_in, d_out)`` for ``targets`` in every layer, sorted by name."""
-    unknown = sorted(set(targets) - set(TARGETS))
+    unknown = sorted(set(targets) - set(cfg.projections))
     if unknown:
-        raise ValueError(f"unknown LoRA targets {unknown}; valid: {list(TARGETS)}")
+        raise ValueError(f"unknown LoRA targets {unknown}; valid: {list(cfg.projections)}")
     dims = modules.target_dims(cfg)
     shapes = {}
     for i in range(cfg.num_layers):
         for t in targets:
-            block = "attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            shapes[f"layers_{i}/{block}/{t}"] = dims[t]
+            shapes[f"layers_{i}/{modules.block_of(t)}/{t}"] = dims[t]
     return dict(sorted(shapes.items()))
 
 
@@ -55,10 +55,11 @@ def chunk_length(rows: int, T: int, vocab: int, budget: int = LOSS_CHUNK_ELEMENT
     return min(T, 1 << (fits.bit_length() - 1))
 
 
-def token_nll(h, kernel, labels, dtype, chunk: int) -> jax.Array:
+def token_nll(h, kernel, labels, dtype, chunk: int, softcap: float | None = None) -> jax.Array:
     """``[R, T]`` float32 ``-log softmax(h @ kernel)[labels]``, ``chunk`` positions at a time.
 
-    ``h [R, T, d]``, ``kernel [d, V]``, ``labels [R, T]``. Each chunk's logits are
+    ``h [R, T, d]``, ``kernel [d, V]``, ``labels [R, T]``; ``softcap``: the logits'
+    soft-cap (Gemma 2), None for none. Each chunk's logits are
     rematerialized in the backward pass, so neither pass holds more than one chunk's
     ``[R, chunk, V]`` logits.
     """
@@ -71,6 +72,7 @@ def token_nll(h, kernel, labels, dtype, chunk: int) -> jax.Array:
     @jax.checkpoint
     def one(h, y, w):
         logits = jnp.matmul(h.astype(dtype), w, preferred_element_type=jnp.float32)
+        logits = modules.soft_cap(logits, softcap)
         picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
         return jax.nn.logsumexp(logits, axis=-1) - picked
 
@@ -98,7 +100,7 @@ def prepare(cfg: DecoderConfig, batch: dict):
         seg = jnp.asarray(batch["segment_ids"], jnp.int32)
         positions = jnp.asarray(batch["positions"], jnp.int32)
         same = seg[:, :, None] == seg[:, None, :]
-        allowed = modules.attention_allowed(cfg, positions, positions, same, modules.causal(T))
+        allowed = modules.attention_allowed(same, modules.causal(T))
         weights = _shift(loss_mask) * (_shift(seg) == seg) * (seg > 0)
         b = batch["starts"].shape[0]
 
@@ -109,7 +111,7 @@ def prepare(cfg: DecoderConfig, batch: dict):
         mask = batch.get("attention_mask")
         mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask, jnp.int32)
         positions = padded_positions(mask)
-        allowed = modules.attention_allowed(cfg, positions, positions, mask > 0, modules.causal(T))
+        allowed = modules.attention_allowed(mask > 0, modules.causal(T))
         weights = _shift(loss_mask) * _shift(mask)
 
         def sum_fn(x):
@@ -126,13 +128,23 @@ def padded_positions(mask: jax.Array) -> jax.Array:
 
 def hidden_states(cfg, base, adapters, ids, positions, allowed, *, dtype, scale, dropout=None,
                   key=None, remat=False) -> jax.Array:  # fmt: skip
-    """The final normed hidden states ``[R, T, d]`` float32; ``adapters`` per layer_name."""
-    cos, sin = modules.rotary(cfg, positions)
-    ctx = modules.Context(cos, sin, allowed, dtype, scale, dropout)
+    """The last layer's float32 residual ``[R, T, d]`` (before the final norm);
+    ``adapters`` per layer_name."""
+    ctx = modules.context(cfg, positions, positions, allowed, dtype, scale, dropout)
     stacked = modules.stack_adapters(cfg, adapters)
-    x = modules.embed(base, ids)
-    x, _ = modules.run_layers(cfg, ctx, base["layers"], stacked, x, key=key, remat=remat)
-    return modules.final_hidden(cfg, base, x)
+    x = modules.embed(cfg, base, ids)
+    return modules.run_layers(cfg, ctx, base["layers"], stacked, x, key=key, remat=remat)[0]
+
+
+def _init_base(cfg: DecoderConfig, shapes: Params, key: jax.Array) -> Params:
+    """Hugging Face's random init: norms start at an effective weight of 1, which Gemma
+    stores as 0 (its norms multiply by ``1 + weight``)."""
+    base = init_like(shapes, key, std=cfg.initializer_range)
+    if not cfg.norm_offset:
+        return base
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x - cfg.norm_offset if path[-1].key == "scale" else x, base
+    )
 
 
 def make(
@@ -146,11 +158,12 @@ def make(
     remat: bool = False,
     loss_chunk_elements: int = LOSS_CHUNK_ELEMENTS,
 ) -> Architecture:
-    """The :class:`Architecture` of a LLaMA/Mistral config (``num_labels`` is unused: the
+    """The :class:`Architecture` of a decoder config (``num_labels`` is unused: the
     vocabulary is the output). ``remat``: recompute each layer in the backward pass;
     ``loss_chunk_elements``: the logits elements one loss chunk may hold."""
     del num_labels
     cfg = parse_config(hf_config)
+    family = families.get(cfg.model_type)
     dtype = jnp.dtype(compute_dtype)
     shapes = modules.param_shapes(cfg)
 
@@ -159,22 +172,24 @@ def make(
             raise ValueError("deterministic=False needs a dropout_key")
         dropout = None if deterministic else (lora_dropout, cfg.attention_dropout)
         ids, positions, allowed, labels, weights, sum_fn = prepare(cfg, batch)
-        h = hidden_states(
+        x = hidden_states(
             cfg, base, trainable["lora"], ids, positions, allowed,
             dtype=dtype, scale=lora_scale, dropout=dropout, key=dropout_key, remat=remat,
         )  # fmt: skip
+        h = modules.final_hidden(cfg, base, x)
         chunk = chunk_length(ids.shape[0], ids.shape[1], cfg.vocab_size, loss_chunk_elements)
-        nll = token_nll(h, modules.head_kernel(cfg, base), labels, dtype, chunk)
+        nll = token_nll(h, modules.head_kernel(cfg, base), labels, dtype, chunk,
+                        cfg.final_softcap)  # fmt: skip
         return sum_fn(nll * weights), sum_fn(weights)
 
     return Architecture(
         base_shapes=shapes,
         head_shapes={},
-        init_base=functools.partial(init_like, shapes, std=cfg.initializer_range),
+        init_base=functools.partial(_init_base, cfg, shapes),
         init_head=lambda key: {},
         apply=apply,
         lora_shapes=layer_names(cfg, tuple(targets)),
-        checkpoint_name=checkpoint_name,
+        checkpoint_name=family.checkpoint_name,
         canonical_key=functools.partial(canonical_key, cfg.tie_embeddings),
         checkpoint_prefix="",
         stacked=("layers",),
@@ -199,12 +214,9 @@ def _logits_fn(cfg: DecoderConfig, lora_scale: float, dtype: str):
     @jax.jit
     def run(base, adapters, ids, mask):
         positions = padded_positions(mask)
-        allowed = modules.attention_allowed(
-            cfg, positions, positions, mask > 0, modules.causal(ids.shape[1])
-        )
-        h = hidden_states(cfg, base, adapters, ids, positions, allowed, dtype=dtype,
+        allowed = modules.attention_allowed(mask > 0, modules.causal(ids.shape[1]))
+        x = hidden_states(cfg, base, adapters, ids, positions, allowed, dtype=dtype,
                           scale=lora_scale)  # fmt: skip
-        kernel = modules.head_kernel(cfg, base).astype(dtype)
-        return jnp.matmul(h.astype(dtype), kernel, preferred_element_type=jnp.float32)
+        return modules.output_logits(cfg, base, x, dtype)
 
     return run

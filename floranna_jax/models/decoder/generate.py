@@ -1,4 +1,4 @@
-"""Batched decoding with a key/value cache: greedy, or sampling at a temperature.
+"""Batched decoding with a key/value cache: greedy, or sampling at a temperature (top-p).
 
     tokens = decoder.generate(model, base, adapters, prompt_ids, prompt_mask,
                               max_new_tokens=64, eos_ids=(2,))       # [b, 64] int32
@@ -18,12 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from floranna_jax.models.decoder import modules
-from floranna_jax.models.decoder.config import DecoderConfig, parse_config
+from floranna_jax.models.decoder.config import DecoderConfig
+from floranna_jax.models.decoder.families import parse_config
 from floranna_jax.models.decoder.family import padded_positions
 
 
 def generate(model, base, adapters, prompt_ids, prompt_mask, *, max_new_tokens: int,
-             eos_ids=None, temperature: float = 0.0, key: jax.Array | None = None,
+             eos_ids=None, temperature: float = 0.0, top_p: float = 1.0,
+             key: jax.Array | None = None,
              pad_id: int | None = None, lora_scale: float | None = None,
              compute_dtype=jnp.float32) -> jax.Array:  # fmt: skip
     """``[b, max_new_tokens]`` int32 new tokens after left-padded prompts ``[b, P]``.
@@ -35,6 +37,8 @@ def generate(model, base, adapters, prompt_ids, prompt_mask, *, max_new_tokens: 
       eos_ids: the ids that end a row (default: the config's ``eos_token_id``).
       temperature: 0 decodes greedily; above 0 samples ``softmax(logits / temperature)``
         with ``key`` (step ``t`` uses ``fold_in(key, t)``).
+      top_p: when sampling, only from the most likely tokens whose probabilities sum to
+        ``top_p`` (nucleus sampling; 1 keeps every token).
       pad_id: what a finished row emits (default: the config's pad id, else the first eos).
     """
     hf_config = model if isinstance(model, dict) else model.config
@@ -49,6 +53,8 @@ def generate(model, base, adapters, prompt_ids, prompt_mask, *, max_new_tokens: 
     greedy = float(temperature) == 0.0
     if not greedy and key is None:
         raise ValueError("sampling (temperature > 0) needs a key")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     ids = jnp.asarray(prompt_ids, jnp.int32)
     mask = jnp.asarray(prompt_mask, jnp.int32)
     if ids.shape[1] + int(max_new_tokens) > cfg.max_positions:
@@ -58,13 +64,26 @@ def generate(model, base, adapters, prompt_ids, prompt_mask, *, max_new_tokens: 
                    greedy)  # fmt: skip
     key = jax.random.key(0) if key is None else key
     return run(base, adapters or {}, ids, mask, jnp.asarray(eos, jnp.int32).reshape(-1),
-               jnp.int32(pad_id), jnp.float32(max(float(temperature), 1e-6)), key)  # fmt: skip
+               jnp.int32(pad_id), jnp.float32(max(float(temperature), 1e-6)),
+               jnp.float32(top_p), key)  # fmt: skip
 
 
-def _pick(logits, greedy, temperature, key):
+def _pick(logits, greedy, temperature, top_p, key):
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+    logits = _nucleus(logits / temperature, top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _nucleus(logits, top_p):
+    """``logits [b, V]`` with every token outside the nucleus at ``-inf``: the nucleus is
+    the most likely tokens up to the first whose cumulative probability reaches ``top_p``.
+    ``top_p >= 1`` returns ``logits`` unchanged."""
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+    cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((top_p >= 1.0) | (logits >= cutoff), logits, -jnp.inf)
 
 
 @functools.lru_cache(maxsize=32)
@@ -72,18 +91,15 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
     dtype = jnp.dtype(dtype)
 
     def head(base, x):  # [b, d] residual -> [b, V] float32 logits
-        h = modules.final_hidden(cfg, base, x).astype(dtype)
-        kernel = modules.head_kernel(cfg, base).astype(dtype)
-        return jnp.matmul(h, kernel, preferred_element_type=jnp.float32)
+        return modules.output_logits(cfg, base, x, dtype)
 
     def prefill(base, stacked, ids, mask):
         b, P = ids.shape
         positions = padded_positions(mask)
-        allowed = modules.attention_allowed(cfg, positions, positions, mask > 0,
-                                            modules.causal(P))  # fmt: skip
-        ctx = modules.Context(*modules.rotary(cfg, positions), allowed, dtype, lora_scale)
+        allowed = modules.attention_allowed(mask > 0, modules.causal(P))
+        ctx = modules.context(cfg, positions, positions, allowed, dtype, lora_scale)
         x, (k, v) = modules.run_layers(cfg, ctx, base["layers"], stacked,
-                                       modules.embed(base, ids), collect_kv=True)  # fmt: skip
+                                       modules.embed(cfg, base, ids), collect_kv=True)  # fmt: skip
         empty = ((0, 0), (0, 0), (0, max_new), (0, 0), (0, 0))
         return head(base, x[:, -1]), (jnp.pad(k, empty), jnp.pad(v, empty))
 
@@ -93,10 +109,9 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones_like(key_mask[:, :1]),
                                                 (0, slot))  # fmt: skip
         position = key_positions[:, slot][:, None]  # [b, 1]
-        allowed = modules.attention_allowed(cfg, position, key_positions, key_mask > 0,
-                                            jnp.ones((1, key_mask.shape[1]), bool))  # fmt: skip
-        ctx = modules.Context(*modules.rotary(cfg, position), allowed, dtype, lora_scale)
-        x = modules.embed(base, token[:, None])
+        allowed = modules.attention_allowed(key_mask > 0, jnp.ones((1, key_mask.shape[1]), bool))
+        ctx = modules.context(cfg, position, key_positions, allowed, dtype, lora_scale)
+        x = modules.embed(cfg, base, token[:, None])
         x, (k, v) = modules.run_layers(cfg, ctx, base["layers"], stacked, x,
                                        cache=(*cache, slot))  # fmt: skip
         cache = tuple(jax.lax.dynamic_update_slice(c, new, (0, 0, slot, 0, 0))
@@ -104,7 +119,7 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         return head(base, x[:, 0]), cache, key_mask
 
     @jax.jit
-    def run(base, adapters, ids, mask, eos, pad, temperature, key):
+    def run(base, adapters, ids, mask, eos, pad, temperature, top_p, key):
         b, P = ids.shape
         stacked = modules.stack_adapters(cfg, adapters)
         logits, cache = prefill(base, stacked, ids, mask)
@@ -113,7 +128,7 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         key_positions = jnp.concatenate(
             [padded_positions(mask), n_real[:, None] + jnp.arange(max_new)[None]], axis=1
         )
-        token = _pick(logits, greedy, temperature, jax.random.fold_in(key, 0))
+        token = _pick(logits, greedy, temperature, top_p, jax.random.fold_in(key, 0))
         out = jnp.full((b, max_new), pad, jnp.int32)
         done = jnp.zeros((b,), bool)
 
@@ -127,7 +142,7 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
             done = done | jnp.any(token[:, None] == eos[None, :], axis=1)
             logits, cache, key_mask = step(base, stacked, token, t, cache, key_mask,
                                            key_positions, P)  # fmt: skip
-            token = _pick(logits, greedy, temperature, jax.random.fold_in(key, t + 1))
+            token = _pick(logits, greedy, temperature, top_p, jax.random.fold_in(key, t + 1))
             return t + 1, token, done, out, cache, key_mask
 
         state = (jnp.int32(0), token, done, out, cache, key_mask)

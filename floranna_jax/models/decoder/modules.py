@@ -1,12 +1,17 @@
-"""The LLaMA/Mistral decoder as pure functions over a parameter tree, layers under one scan.
+"""The decoder layer as pure functions over a parameter tree, layers under one scan.
 
-Numerically this follows Hugging Face ``LlamaForCausalLM`` (pre-RMSNorm blocks, rotary
-embeddings in the ``rotate_half`` layout, grouped-query attention, SwiGLU MLP), so
-checkpoints load unchanged; tests check parity with the PyTorch implementation.
+Numerically this follows Hugging Face's ``*ForCausalLM`` of each family (pre-RMSNorm
+blocks, rotary embeddings in the ``rotate_half`` layout, grouped-query attention, gated
+MLP), so checkpoints load unchanged; tests check parity with the PyTorch implementations.
+What differs between families is chosen by the fields of :class:`DecoderConfig` that the
+family's record (:mod:`.families`) sets: q/k/v and o biases, per-head q/k norms, Gemma's
+norm offset, embedding scale, post-attention/post-MLP norms, GeGLU, query scale and
+soft-caps, per-layer sliding windows and a local rotary table, Phi-3's fused projections.
 
 The base tree (:func:`param_shapes`) stacks the ``N`` layers along axis 0 under
 ``"layers"`` (``layers/attn/q_proj/kernel: [N, d, H*hd]``), and :func:`run_layers` runs
-them under one ``jax.lax.scan``, so compiling costs one layer whatever the depth.
+them under one ``jax.lax.scan``, so compiling costs one layer whatever the depth; what
+varies per layer (window, rotary table) is scanned along with the weights.
 Adapters arrive per layer (``"layers_3/attn/q_proj" -> {"A": [r, d_in], "B": [d_out,
 r]}``, what the server sees) and :func:`stack_adapters` stacks them for the scan.
 
@@ -16,7 +21,6 @@ RMSNorm, rotary embeddings and softmax run in float32.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -25,21 +29,32 @@ import numpy as np
 
 from floranna_jax import lora
 from floranna_jax.models.architecture import Params, split_stacked
-from floranna_jax.models.decoder.config import ATTENTION_TARGETS, TARGETS, DecoderConfig
+from floranna_jax.models.decoder import rotary as rotary_lib
+from floranna_jax.models.decoder.config import ATTENTION_PROJECTIONS, DecoderConfig
 
 _NEG = float(jnp.finfo(jnp.float32).min)  # additive mask: finite, so an all-masked row stays finite
+_NO_WINDOW = np.iinfo(np.int32).max  # the window of a full-attention layer in the scan
 
 
-def _block_of(target: str) -> str:
-    return "attn" if target in ATTENTION_TARGETS else "mlp"
+def block_of(target: str) -> str:
+    """``"attn"`` or ``"mlp"``: the subtree of a layer that holds projection ``target``."""
+    return "attn" if target in ATTENTION_PROJECTIONS else "mlp"
 
 
 def target_dims(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
     """``target -> (d_in, d_out)`` of every projection of one layer."""
     d, q, kv, i = (cfg.hidden_size, cfg.num_heads * cfg.head_dim,
                    cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size)  # fmt: skip
-    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}  # fmt: skip
+    dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "qkv_proj": (d, q + 2 * kv),
+            "o_proj": (q, d), "gate_proj": (d, i), "up_proj": (d, i), "gate_up_proj": (d, 2 * i),
+            "down_proj": (i, d)}  # fmt: skip
+    return {t: dims[t] for t in cfg.projections}
+
+
+def _has_bias(cfg: DecoderConfig, target: str) -> bool:
+    return (cfg.qkv_bias and target in ("q_proj", "k_proj", "v_proj")) or (
+        cfg.o_bias and target == "o_proj"
+    )
 
 
 def param_shapes(cfg: DecoderConfig) -> Params:
@@ -49,11 +64,15 @@ def param_shapes(cfg: DecoderConfig) -> Params:
     def leaf(*shape):
         return jax.ShapeDtypeStruct(shape, jnp.float32)
 
-    dims = target_dims(cfg)
     layers = {"attn": {}, "mlp": {}}
-    for t in TARGETS:
-        layers[_block_of(t)][t] = {"kernel": leaf(N, *dims[t])}
-    layers |= {"input_norm": {"scale": leaf(N, d)}, "post_attn_norm": {"scale": leaf(N, d)}}
+    for t, (d_in, d_out) in target_dims(cfg).items():
+        layers[block_of(t)][t] = {"kernel": leaf(N, d_in, d_out)}
+        if _has_bias(cfg, t):
+            layers[block_of(t)][t]["bias"] = leaf(N, d_out)
+    for norm in cfg.norms:  # "attn/q_norm" norms one head: [hd]; the others the residual
+        block, _, name = norm.rpartition("/")
+        width = cfg.head_dim if block else d
+        (layers[block] if block else layers)[name] = {"scale": leaf(N, width)}
     base = {
         "embed_tokens": {"embedding": leaf(cfg.vocab_size, d)},
         "layers": layers,
@@ -76,7 +95,7 @@ def stack_adapters(cfg: DecoderConfig, adapters: dict) -> dict:
         parts = split_stacked(name)
         stack, i, rest = parts if parts else ("", -1, "")
         target = rest.rpartition("/")[2]
-        known = target in TARGETS and rest == f"{_block_of(target)}/{target}"
+        known = target in cfg.projections and rest == f"{block_of(target)}/{target}"
         if stack != "layers" or not 0 <= i < cfg.num_layers or not known:
             bad.append(name)
         else:
@@ -92,22 +111,22 @@ def stack_adapters(cfg: DecoderConfig, adapters: dict) -> dict:
     return stacked
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """``scale * x / sqrt(mean(x^2) + eps)`` in float32, as ``LlamaRMSNorm``."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """``(scale + offset) * x / sqrt(mean(x^2) + eps)`` in float32 (Gemma: offset 1)."""
     x = x.astype(jnp.float32)
+    scale = scale + offset if offset else scale
     return scale * (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps))
 
 
-@functools.lru_cache(maxsize=16)
-def inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """``[hd / 2]`` rotary frequencies ``theta ** (-2k / hd)``, float32 as transformers."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+def _norm(cfg: DecoderConfig, x: jax.Array, node: Params) -> jax.Array:
+    return rms_norm(x, node["scale"], cfg.rms_norm_eps, cfg.norm_offset)
 
 
-def rotary(cfg: DecoderConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(cos, sin)``: ``[..., hd]`` float32 for integer ``positions [...]``."""
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq(cfg.head_dim, cfg.rope_theta)
+def rotary(cfg: DecoderConfig, positions: jax.Array, rope: rotary_lib.Rope | None = None):
+    """``(cos, sin)``: ``[..., hd]`` float32 for integer ``positions [...]`` (default:
+    the config's main table ``cfg.rope``)."""
+    freq = rotary_lib.inv_freq(cfg.head_dim, cfg.rope if rope is None else rope)
+    freqs = positions[..., None].astype(jnp.float32) * freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -122,11 +141,14 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Context(NamedTuple):
-    """What every layer of one forward pass shares.
+    """What every layer of one forward pass shares (build it with :func:`context`).
 
     cos, sin: ``[R, T, hd]`` rotary tables of the queries (and new keys); allowed:
-    ``[R, T, S]`` bool, which of the ``S`` keys each query sees; dtype: compute dtype;
-    scale: the LoRA scale; dropout: ``(lora rate, attention rate)`` or None (deterministic).
+    ``[R, T, S]`` bool, which of the ``S`` keys each query sees before any sliding window;
+    dtype: compute dtype; scale: the LoRA scale; dropout: ``(lora rate, attention rate)``
+    or None (deterministic); local: ``(cos, sin)`` of the windowed layers when they use
+    their own table (Gemma 3), else None; positions ``[R, T]`` and key_positions ``[R,
+    S]``: what the sliding windows measure distances in.
     """
 
     cos: jax.Array
@@ -135,6 +157,17 @@ class Context(NamedTuple):
     dtype: Any
     scale: float
     dropout: tuple[float, float] | None = None
+    local: tuple[jax.Array, jax.Array] | None = None
+    positions: jax.Array | None = None
+    key_positions: jax.Array | None = None
+
+
+def context(cfg, positions, key_positions, allowed, dtype, scale, dropout=None) -> Context:
+    """The :class:`Context` of queries at ``positions [R, T]`` over keys at
+    ``key_positions [R, S]`` with visibility ``allowed [R, T, S]``."""
+    local = None if cfg.local_rope is None else rotary(cfg, positions, cfg.local_rope)
+    return Context(*rotary(cfg, positions), allowed, dtype, scale, dropout, local, positions,
+                   key_positions)  # fmt: skip
 
 
 def _uniform(key, shape) -> jax.Array:
@@ -151,7 +184,7 @@ def lora_dropout_masks(cfg: DecoderConfig, ctx: Context, adapters, key, R: int, 
     """``target -> [R, T, d_in]`` scaled keep masks of the adapted projections of one layer,
     one independent mask each, drawn in ONE random call (each call is a threefry program
     XLA compiles separately, seconds apiece on a CPU); ``{}`` without LoRA dropout."""
-    targets = [t for t in TARGETS if f"{_block_of(t)}/{t}" in adapters]
+    targets = [t for t in cfg.projections if f"{block_of(t)}/{t}" in adapters]
     if key is None or ctx.dropout is None or ctx.dropout[0] == 0.0 or not targets:
         return {}
     rate, dims = ctx.dropout[0], target_dims(cfg)
@@ -162,28 +195,59 @@ def lora_dropout_masks(cfg: DecoderConfig, ctx: Context, adapters, key, R: int, 
             for t, u_t in zip(targets, parts, strict=True)}  # fmt: skip
 
 
-def _dense(ctx: Context, x, kernel, adapter, keep):
-    """``x @ W0^T + s B A (keep * x)`` in ``ctx.dtype``: LoRA dropout (``keep``, a scaled
-    mask or None) drops the adapter's input only, as PEFT's ``lora_dropout``."""
+def _dense(ctx: Context, x, node, adapter, keep):
+    """``x @ W0^T (+ b) + s B A (keep * x)`` in ``ctx.dtype``: LoRA dropout (``keep``, a
+    scaled mask or None) drops the adapter's input only, as PEFT's ``lora_dropout``."""
     x = x.astype(ctx.dtype)
+    kernel = node["kernel"]
     if adapter is None or keep is None:
-        return lora.apply(x, kernel, adapter, ctx.scale)
-    low = (x * keep) @ adapter["A"].astype(ctx.dtype).T
-    return lora.apply(x, kernel, None, ctx.scale) + ctx.scale * (
-        low @ adapter["B"].astype(ctx.dtype).T
-    )
+        y = lora.apply(x, kernel, adapter, ctx.scale)
+    else:
+        low = (x * keep) @ adapter["A"].astype(ctx.dtype).T
+        y = lora.apply(x, kernel, None, ctx.scale) + ctx.scale * (
+            low @ adapter["B"].astype(ctx.dtype).T
+        )
+    return y + node["bias"].astype(ctx.dtype) if "bias" in node else y
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's soft-capping); ``x`` itself when ``cap`` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def attend(cfg: DecoderConfig, ctx: Context, q, k, v, key) -> jax.Array:
     """Grouped-query attention: ``q [R, T, KV, G, hd]``, ``k, v [R, S, KV, hd]`` ->
-    ``[R, T, H * hd]``; query head ``j * G + g`` reads key/value head ``j``."""
+    ``[R, T, H * hd]``; query head ``j * G + g`` reads key/value head ``j``. Scores are
+    scaled by ``cfg.query_scale`` and soft-capped (Gemma 2) before the mask."""
     scores = jnp.einsum("rtkgd,rskd->rkgts", q, k).astype(jnp.float32)
-    scores = scores * (cfg.head_dim**-0.5) + jnp.where(ctx.allowed, 0.0, _NEG)[:, None, None]
+    scores = soft_cap(scores * cfg.query_scale, cfg.attn_softcap)
+    scores = scores + jnp.where(ctx.allowed, 0.0, _NEG)[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1)
     if ctx.dropout is not None and ctx.dropout[1] > 0.0:
         probs = _dropout(key, probs, ctx.dropout[1])
     out = jnp.einsum("rkgts,rskd->rtkgd", probs.astype(ctx.dtype), v)
     return out.reshape(*out.shape[:2], -1)
+
+
+def _qkv(cfg: DecoderConfig, proj, h):
+    """Queries, keys, values ``[R, T, H*hd]``, ``[R, T, KV*hd]`` x2: Phi-3 slices one
+    fused projection in that order."""
+    if "qkv_proj" not in cfg.projections:
+        return proj("q_proj", h), proj("k_proj", h), proj("v_proj", h)
+    q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    qkv = proj("qkv_proj", h)
+    return (qkv[..., :q_width], qkv[..., q_width : q_width + kv_width],
+            qkv[..., q_width + kv_width :])  # fmt: skip
+
+
+def _gated(cfg: DecoderConfig, proj, h):
+    """``act(gate) * up``: SwiGLU or tanh-GeGLU; Phi-3's fused projection is gate then up."""
+    if "gate_up_proj" in cfg.projections:
+        gate, up = jnp.split(proj("gate_up_proj", h), 2, axis=-1)
+    else:
+        gate, up = proj("gate_proj", h), proj("up_proj", h)
+    act = jax.nn.silu if cfg.activation == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
+    return act(gate) * up
 
 
 def block(cfg: DecoderConfig, ctx: Context, x, p, adapters, key, cache=None):
@@ -199,25 +263,50 @@ def block(cfg: DecoderConfig, ctx: Context, x, p, adapters, key, cache=None):
     keep = lora_dropout_masks(cfg, ctx, adapters, k_lora, R, T)
 
     def proj(target, h):
-        block, kernel = _block_of(target), p[_block_of(target)][target]["kernel"]
-        return _dense(ctx, h, kernel, adapters.get(f"{block}/{target}"), keep.get(target))
+        block = block_of(target)
+        return _dense(ctx, h, p[block][target], adapters.get(f"{block}/{target}"),
+                      keep.get(target))  # fmt: skip
 
-    h = rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps)
     kv, group, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    q = _rotate(proj("q_proj", h).reshape(R, T, kv, group, hd), ctx.cos, ctx.sin)
-    k = _rotate(proj("k_proj", h).reshape(R, T, kv, hd), ctx.cos, ctx.sin).astype(ctx.dtype)
-    v = proj("v_proj", h).reshape(R, T, kv, hd)
+    q, k, v = _qkv(cfg, proj, _norm(cfg, x, p["input_norm"]))
+    q, k, v = q.reshape(R, T, kv, group, hd), k.reshape(R, T, kv, hd), v.reshape(R, T, kv, hd)
+    if "attn/q_norm" in cfg.norms:  # Qwen3, Gemma 3: RMSNorm of each head, before rotary
+        q, k = _norm(cfg, q, p["attn"]["q_norm"]), _norm(cfg, k, p["attn"]["k_norm"])
+    q = _rotate(q, ctx.cos, ctx.sin)
+    k = _rotate(k, ctx.cos, ctx.sin).astype(ctx.dtype)
     k_all, v_all = k, v
     if cache is not None:
         k_cache, v_cache, index = cache
         k_all = jax.lax.dynamic_update_slice(k_cache, k, (0, index, 0, 0))
         v_all = jax.lax.dynamic_update_slice(v_cache, v, (0, index, 0, 0))
     context = attend(cfg, ctx, q.astype(ctx.dtype), k_all, v_all, k_attn)
-    x = x + proj("o_proj", context).astype(jnp.float32)
-    h = rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps)
-    gated = jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)
-    x = x + proj("down_proj", gated).astype(jnp.float32)
+    out = proj("o_proj", context).astype(jnp.float32)
+    x = x + (_norm(cfg, out, p["attn_out_norm"]) if "attn_out_norm" in cfg.norms else out)
+    out = proj("down_proj", _gated(cfg, proj, _norm(cfg, x, p["post_attn_norm"])))
+    out = out.astype(jnp.float32)
+    x = x + (_norm(cfg, out, p["mlp_out_norm"]) if "mlp_out_norm" in cfg.norms else out)
     return x, (k, v)
+
+
+def _per_layer(cfg: DecoderConfig):
+    """``(window [N] int32, local [N] bool)``: each layer's sliding window (a huge one for
+    full attention) and whether it uses the local rotary table."""
+    windows = [_NO_WINDOW if w is None else w for w in cfg.layer_windows]
+    local = [w is not None for w in cfg.layer_windows]
+    return jnp.asarray(windows, jnp.int32), jnp.asarray(local)
+
+
+def _layer_view(cfg: DecoderConfig, ctx: Context, window, local) -> Context:
+    """The context of one layer: its rotary table and its window applied to ``allowed``."""
+    if cfg.local_rope is not None:
+        (cos_l, sin_l) = ctx.local
+        ctx = ctx._replace(
+            cos=jnp.where(local, cos_l, ctx.cos), sin=jnp.where(local, sin_l, ctx.sin)
+        )
+    if any(w is not None for w in cfg.layer_windows):
+        distance = ctx.positions[:, :, None] - ctx.key_positions[:, None, :]
+        ctx = ctx._replace(allowed=ctx.allowed & (distance < window))
+    return ctx
 
 
 def run_layers(cfg, ctx, layers, adapters, x, *, key=None, cache=None, remat=False,
@@ -231,12 +320,13 @@ def run_layers(cfg, ctx, layers, adapters, x, *, key=None, cache=None, remat=Fal
     n = cfg.num_layers
     keys = None if key is None else jax.random.split(key, n)
     caches = None if cache is None else (cache[0], cache[1])
-    shared = (ctx.cos, ctx.sin, ctx.allowed, None if cache is None else cache[2])
+    arrays = ("cos", "sin", "allowed", "local", "positions", "key_positions")
+    shared = (tuple(getattr(ctx, f) for f in arrays), None if cache is None else cache[2])
     keep_kv = collect_kv or cache is not None
 
-    def layer(x, p, a, k, c, shared):  # every array an argument: jax.checkpoint needs it
-        cos, sin, allowed, index = shared
-        here = ctx._replace(cos=cos, sin=sin, allowed=allowed)
+    def layer(x, p, a, k, c, info, shared):  # every array an argument: jax.checkpoint needs it
+        values, index = shared
+        here = _layer_view(cfg, ctx._replace(**dict(zip(arrays, values, strict=True))), *info)
         x, kv = block(cfg, here, x, p, a, k, None if c is None else (*c, index))
         return x, (kv if keep_kv else None)
 
@@ -246,12 +336,13 @@ def run_layers(cfg, ctx, layers, adapters, x, *, key=None, cache=None, remat=Fal
     def body(x, xs):
         return layer(x, *xs, shared)
 
-    return jax.lax.scan(body, x, (layers, adapters, keys, caches), length=n)
+    return jax.lax.scan(body, x, (layers, adapters, keys, caches, _per_layer(cfg)), length=n)
 
 
-def embed(base: Params, ids: jax.Array) -> jax.Array:
-    """``[R, T]`` token ids -> float32 ``[R, T, d]``."""
-    return jnp.take(base["embed_tokens"]["embedding"], ids, axis=0).astype(jnp.float32)
+def embed(cfg: DecoderConfig, base: Params, ids: jax.Array) -> jax.Array:
+    """``[R, T]`` token ids -> float32 ``[R, T, d]`` (times ``sqrt(d)`` for Gemma)."""
+    x = jnp.take(base["embed_tokens"]["embedding"], ids, axis=0).astype(jnp.float32)
+    return x * np.float32(cfg.embed_scale) if cfg.embed_scale != 1.0 else x
 
 
 def head_kernel(cfg: DecoderConfig, base: Params) -> jax.Array:
@@ -263,18 +354,22 @@ def head_kernel(cfg: DecoderConfig, base: Params) -> jax.Array:
 
 def final_hidden(cfg: DecoderConfig, base: Params, x: jax.Array) -> jax.Array:
     """The last RMSNorm: float32 ``[..., d]``."""
-    return rms_norm(x, base["norm"]["scale"], cfg.rms_norm_eps)
+    return _norm(cfg, x, base["norm"])
 
 
-def attention_allowed(cfg, positions, key_positions, key_ok, causal) -> jax.Array:
+def output_logits(cfg: DecoderConfig, base: Params, x: jax.Array, dtype) -> jax.Array:
+    """Residual ``x [..., d]`` -> float32 next-token logits ``[..., vocab]`` (final norm,
+    head in ``dtype``, Gemma 2's soft-cap). Materializes every logit: not for training."""
+    h = final_hidden(cfg, base, x).astype(dtype)
+    kernel = head_kernel(cfg, base).astype(dtype)
+    return soft_cap(jnp.matmul(h, kernel, preferred_element_type=jnp.float32), cfg.final_softcap)
+
+
+def attention_allowed(key_ok, causal) -> jax.Array:
     """``[R, T, S]`` bool: key ``s`` visible to query ``t`` when ``key_ok [R, S]`` (or
-    ``[R, T, S]``), ``causal [T, S]``, and (Mistral) within the sliding window."""
+    ``[R, T, S]``) and ``causal [T, S]``; sliding windows are applied per layer."""
     ok = key_ok if key_ok.ndim == 3 else key_ok[:, None, :]
-    ok = ok & causal[None]
-    if cfg.sliding_window is not None:
-        distance = positions[:, :, None] - key_positions[:, None, :]
-        ok = ok & (distance < cfg.sliding_window)
-    return ok
+    return ok & causal[None]
 
 
 def causal(T: int, S: int | None = None) -> jax.Array:
