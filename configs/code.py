@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = module.get_config(arg)
     c.data.task = "code"
     c.eval.max_new_tokens = 384  # a whole function in a fenced block
+    c.eval.stop = ()  # none: the fenced block is cut by code.extract_code (PROGRAM_STOPS)
     if arg == "smoke":
         c.data.max_length = 192  # the problem statement shows its asserts
         c.eval.max_new_tokens = 32

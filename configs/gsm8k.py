@@ -5,9 +5,10 @@ r"""Federated LoRA fine-tuning of a decoder on GSM8K math, scored by exact match
 runs 2 rounds (3 of 4 clients each) of FLoRA-NA on a tiny random LLaMA with the built-in
 byte tokenizer and synthetic GSM8K-format rows ("What is 3 + 4?" -> "3 + 4 = 7\n#### 7"): no
 files, no network, well under a minute on a 2-core CPU. It prints the summary table
-(global and local exact_match_flexible, which a random model leaves at 0, and in
-metrics.jsonl also exact_match_strict and answer_loss, the teacher-forced loss on the
-held-out answers, which falls).
+(global and local exact_match_flexible, which a random model leaves at 0, and answer_loss,
+the teacher-forced loss on the held-out answers, which falls; metrics.jsonl also holds
+exact_match_strict) and writes each evaluation's first generations to
+generations/round_<k>.jsonl.
 
     python launch.py --config=configs/gsm8k.py --workdir=./runs/gsm8k_floranna
 
@@ -132,6 +133,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_local_examples=32,  # held-out rows per client in the local evaluation (0 = all)
         max_examples=0,  # test problems in the global evaluation, the first ones (0 = all)
         max_new_tokens=256,  # greedy tokens generated per prompt (fixed: compiles once)
+        # A row also ends at these strings; the scorer sees the text before them. This is
+        # lm-evaluation-harness's gsm8k `until`: "Question:" starts an invented next problem
+        # (the plain prompt's own cue), "</s>" and "<|im_end|>" are Llama-2's and ChatML's
+        # end tokens, for a model that writes them as text or ends a turn before its eos.
+        stop=("Question:", "</s>", "<|im_end|>"),
+        log_generations=16,  # the first this many global problems' generations, each eval
         code_timeout_s=10.0,  # code task: CPU seconds per sandboxed program (wall: 3x)
         code_allow_weak_sandbox=False,  # code task: run generated code even where the kernel
         # refuses namespaces (programs then see the host's files: floranna_jax/sandbox.py)

@@ -149,7 +149,10 @@ def _select(keep_new: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 
 
 def make_local_update(
-    loss_fn: LossFn, opt: optax.GradientTransformation, frozen: Frozen = None
+    loss_fn: LossFn,
+    opt: optax.GradientTransformation,
+    frozen: Frozen = None,
+    on_step: Callable[..., None] | None = None,
 ) -> LocalUpdate:
     """Build ``local_update`` for ONE client: ``S`` masked optimizer steps in a ``lax.scan``.
 
@@ -160,6 +163,10 @@ def make_local_update(
       frozen: leaves that never train (FFA-LoRA: ``lambda path, _: path[-1] == "A"``);
         their gradient is zeroed before ``opt.update``, their update after it, and
         their optimizer state is kept as it was, so they stay bit-identical.
+      on_step: a host function called (``jax.debug.callback``, no result) once per step
+        of the scan, with the step index; vmapped clients share one call per step (the
+        index is the same for all). A progress bar (:mod:`floranna_jax.progress`); it
+        reads no parameter, so the numbers are the same with or without it.
 
     Returns:
       ``local_update(base, trainable, opt_state, batches, step_mask, key)`` ->
@@ -177,6 +184,8 @@ def make_local_update(
         def step(carry, xs):
             params, state = carry
             batch, real, t = xs
+            if on_step is not None:
+                jax.debug.callback(on_step, t)
             loss, grads = grad_fn(base, params, batch, jax.random.fold_in(key, t))
             grads = jax.tree.map(lambda g, m: jnp.zeros_like(g) if m else g, grads, mask)
             updates, new_state = opt.update(grads, state, params)
@@ -311,6 +320,15 @@ def make_runner(
     if mesh is not None and mesh.is_multi_process:
         return _from_processes(mapped, mesh)
     return jax.jit(mapped if mesh is None else _sharded(mapped, mesh))
+
+
+def sequential_passes(U: int, mode: str, chunk: int) -> int:
+    """How many times a runner of ``mode``/``chunk`` (:func:`make_runner`) runs the ``S``
+    local steps one after another for ``U`` clients: each client (``"loop"``), each chunk,
+    or once (vmapped or sharded: a step of every client at once)."""
+    if mode == "loop":
+        return U
+    return -(-U // chunk) if chunk else 1
 
 
 def _chunked(local_update: LocalUpdate, chunk: int) -> Callable:

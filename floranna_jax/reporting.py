@@ -15,7 +15,9 @@ Keys of a row: ``train/loss``, ``server/rho``, ``server/rho_rel``, ``server/rho_
 (wall seconds per phase, the only fields that differ between identical runs), and on
 evaluation rounds ``eval/global/<metric>``, ``eval/local/<metric>`` and
 ``eval/gap/<metric>`` (local minus global). With ``eval.at_start`` a first row of
-``"round": 0`` holds the global evaluation of the model before training.
+``"round": 0`` holds the global evaluation of the model before training. A task that
+generates text also leaves ``generations/round_<k>.jsonl``: the first generations of the
+global evaluation after round ``k`` (:meth:`Reporter.write_generations`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.md"
+GENERATIONS_DIR = "generations"
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -84,11 +87,13 @@ class Reporter:
 
     def __init__(
         self, workdir: str, *, start_round: int, num_rounds: int, main_metric: str,
-        primary: bool = True,
+        primary: bool = True, loss_metric: str = "",
     ):  # fmt: skip
         """``primary=False``: a process of a multi-process run other than process 0, which
-        writes nothing and keeps its rows for :meth:`finish`'s table."""
+        writes nothing and keeps its rows for :meth:`finish`'s table. ``loss_metric``: the
+        task's continuous metric, also in the table (``Task.loss_metric``)."""
         self.workdir, self.main_metric, self.primary = workdir, main_metric, primary
+        self.loss_metric = loss_metric
         self.path = os.path.join(workdir, METRICS_FILE)
         if not primary:
             self.kept = [r for r in read_rows(self.path) if r["round"] <= start_round]
@@ -128,14 +133,24 @@ class Reporter:
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None})
         self.bar.update(1 if row["round"] else 0)  # round 0: the evaluation before training
 
+    def write_generations(self, round_: int, records: list[dict[str, Any]]) -> None:
+        """``generations/round_<round_>.jsonl``: one JSON object a record (the evaluation
+        of that round's global model); rewritten when a resumed run evaluates it again."""
+        if not self.primary:
+            return
+        folder = os.path.join(self.workdir, GENERATIONS_DIR)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"round_{round_}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
     def finish(self, title: str) -> str:
         """Write summary.md and the plots; return the summary table."""
         if not self.primary:
-            return summary_table(self.rows, self.main_metric, title)
+            return summary_table(self.rows, self.main_metric, title, self.loss_metric)
         self.bar.close()
         self.writer.close()
         rows = read_rows(self.path)
-        text = summary_table(rows, self.main_metric, title)
+        text = summary_table(rows, self.main_metric, title, self.loss_metric)
         with open(os.path.join(self.workdir, SUMMARY_FILE), "w") as f:
             f.write(text + "\n")
         plot_rows(rows, self.main_metric, self.workdir)
@@ -158,24 +173,35 @@ def format_value(value: float | None, kind: str = "g") -> str:
     return f"{value:.4g}"
 
 
-def summary_table(rows: list[dict[str, Any]], main_metric: str, title: str) -> str:
-    """A markdown table of the run's final figures (metric, gap, rho, bytes, time)."""
-    m = main_metric
+def _metric_lines(rows: list[dict[str, Any]], m: str) -> list[tuple[str, str]]:
+    """Global (and before round 1, with ``eval.at_start``), local and gap of metric ``m``."""
+    lines = [
+        (f"global {m}", format_value(_last(rows, f"eval/global/{m}"))),
+        (f"local {m} (mean over clients)", format_value(_last(rows, f"eval/local/{m}"))),
+        (f"gap local - global {m}", format_value(_last(rows, f"eval/gap/{m}"))),
+    ]  # fmt: skip
+    before = [r[f"eval/global/{m}"] for r in rows if r["round"] == 0 and f"eval/global/{m}" in r]
+    if before:  # eval.at_start: the global model before training
+        lines.insert(0, (f"global {m} before round 1", format_value(before[0])))
+    return lines
+
+
+def summary_table(
+    rows: list[dict[str, Any]], main_metric: str, title: str, loss_metric: str = ""
+) -> str:
+    """A markdown table of the run's final figures (metric, gap, rho, bytes, time), and
+    those of the task's ``loss_metric`` (``Task.loss_metric``) when it has one."""
     rho_rel = [r["server/rho_rel"] for r in rows if "server/rho_rel" in r]
     last_rho, mean_rho = (rho_rel[-1], float(np.mean(rho_rel))) if rho_rel else (None, None)
     lines = [
         ("rounds", str(_last(rows, "round") or 0)),
-        (f"global {m}", format_value(_last(rows, f"eval/global/{m}"))),
-        (f"local {m} (mean over clients)", format_value(_last(rows, f"eval/local/{m}"))),
-        (f"gap local - global {m}", format_value(_last(rows, f"eval/gap/{m}"))),
+        *_metric_lines(rows, main_metric),
+        *(_metric_lines(rows, loss_metric) if loss_metric else []),
         ("train loss (last round)", format_value(_last(rows, "train/loss"))),
         ("rho_rel (last / mean)", f"{format_value(last_rho)} / {format_value(mean_rho)}"),
         ("bytes up (total)", format_value(_last(rows, "comm/bytes_up_total"), "bytes")),
         ("bytes down (total)", format_value(_last(rows, "comm/bytes_down_total"), "bytes")),
     ]  # fmt: skip
-    before = [r[f"eval/global/{m}"] for r in rows if r["round"] == 0 and f"eval/global/{m}" in r]
-    if before:  # eval.at_start: the global model before training
-        lines.insert(1, (f"global {m} before round 1", format_value(before[0])))
     for phase in ("clients", "server", "eval"):
         total = sum(r.get(f"time/{phase}_s", 0.0) for r in rows)
         lines.append((f"time {phase} (s, all rounds)", f"{total:.2f}"))

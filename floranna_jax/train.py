@@ -37,6 +37,7 @@ from floranna_jax import (
     experiment,
     keys,
     partition,
+    progress,
     reporting,
     rounds,
     server,
@@ -63,30 +64,47 @@ class Run(NamedTuple):
     loss_fn: Any
 
 
-def make_local_update(config, loss_fn, method: server.Method):
-    """``(local_update, opt)``: one client's update (``clients.make_local_update``) with the
-    optimizer of the config's ``client`` section and the method's frozen factors."""
+def make_local_update(config, loss_fn, method: server.Method, on_step=None):
+    """``(local_update, opt)``: one client's update (``clients.make_local_update``, calling
+    ``on_step`` once per step) with the optimizer of the config's ``client`` section and
+    the method's frozen factors."""
     c = config.client
     opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
-    return clients.make_local_update(loss_fn, opt, lambda path, _: method.frozen(path)), opt
+    frozen = lambda path, _: method.frozen(path)  # noqa: E731
+    return clients.make_local_update(loss_fn, opt, frozen, on_step=on_step), opt
+
+
+def make_client_runner(config, local_update, one_client: bool = False):
+    """``(runner, mode, chunk)``: the jitted runner of ``local_update`` as the config's
+    ``train`` section says (``clients.make_runner``; what a plan compiles), or, with
+    ``one_client``, the ``"loop"`` runner."""
+    t = config.train
+    # Several processes always shard: each feeds its own clients to the global mesh.
+    multi = jax.process_count() > 1
+    shard = not one_client and (multi or (t.shard_clients and jax.device_count() > 1))
+    mode, chunk = ("loop", 0) if one_client else (t.client_mode, t.clients_per_chunk)
+    runner = clients.make_runner(
+        local_update, mode=mode, mesh=clients.make_mesh() if shard else None, chunk=chunk,
+    )  # fmt: skip
+    return runner, mode, chunk
 
 
 def make_runner(config, loss_fn, method: server.Method, one_client: bool = False):
     """``(runner, opt)``: the clients' optimizer and the runner of their ``local_update``
-    (``clients.make_runner``) as the config's ``client`` and ``train`` sections say, or,
-    with ``one_client``, the ``"loop"`` runner (a process that trains one client)."""
-    t = config.train
-    local_update, opt = make_local_update(config, loss_fn, method)
-    # Several processes always shard: each feeds its own clients to the global mesh.
-    multi = jax.process_count() > 1
-    shard = not one_client and (multi or (t.shard_clients and jax.device_count() > 1))
-    runner = clients.make_runner(
-        local_update,
-        mode="loop" if one_client else t.client_mode,
-        mesh=clients.make_mesh() if shard else None,
-        chunk=0 if one_client else t.clients_per_chunk,
-    )
-    return runner, opt
+    (:func:`make_client_runner`) as the config's ``client`` and ``train`` sections say, or,
+    with ``one_client``, the ``"loop"`` runner (a process that trains one client). While
+    it runs, a ``clients`` bar counts the local steps (:mod:`floranna_jax.progress`)."""
+    ticker = progress.Ticker()
+    local_update, opt = make_local_update(config, loss_fn, method, on_step=ticker.tick)
+    runner, mode, chunk = make_client_runner(config, local_update, one_client)
+
+    def shown(base, trainable, opt_state, batches, step_mask, keys):
+        U, S = step_mask.shape
+        with ticker.show("clients", S * clients.sequential_passes(U, mode, chunk), "step"):
+            return jax.block_until_ready(runner(base, trainable, opt_state, batches,
+                                                step_mask, keys))  # fmt: skip
+
+    return shown, opt
 
 
 def initial_state(config, model, method: server.Method, abstract: bool = False):
@@ -152,25 +170,24 @@ def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
     return Run(round_fn, state, evaluator, exp, server_, base_of, loss_fn)
 
 
-def _global_eval(run: Run, state) -> dict[str, float]:
-    return run.evaluator.global_eval(run.base_of(state), {"lora": state.lora, "head": state.head})
+def _eval_row(run: Run, config, state, out, record) -> dict[str, float]:
+    """Global model on validation, sampled clients on their holdout, and their gap;
+    ``record``: receives the global evaluation's generations (``global_eval``)."""
+    return _scores(run, config, state, out.base, out.trainable, out.client_ids, record)
 
 
-def _eval_row(run: Run, config, state, out) -> dict[str, float]:
-    """Global model on validation, sampled clients on their holdout, and their gap."""
-    return _scores(run, config, state, out.base, out.trainable, out.client_ids)
-
-
-def _start_row(run: Run, config, state) -> dict[str, float]:
+def _start_row(run: Run, config, state, record) -> dict[str, float]:
     """``eval.at_start``: the global model before round 1 on validation and, as every
     client's model then, on every client's holdout."""
     ids = np.arange(config.partition.num_clients)
     trainable = clients.broadcast({"lora": state.lora, "head": state.head}, len(ids))
-    return _scores(run, config, state, run.base_of(state), trainable, ids)
+    return _scores(run, config, state, run.base_of(state), trainable, ids, record)
 
 
-def _scores(run: Run, config, state, base, trainable, client_ids) -> dict[str, float]:
-    glob = _global_eval(run, state)
+def _scores(run: Run, config, state, base, trainable, client_ids, record) -> dict[str, float]:
+    glob = run.evaluator.global_eval(
+        run.base_of(state), {"lora": state.lora, "head": state.head}, record=record
+    )
     row = {f"eval/global/{k}": v for k, v in glob.items()}
     if config.eval.local:
         local = run.evaluator.local_eval(base, trainable, client_ids)
@@ -271,20 +288,26 @@ def run(config, workdir: str) -> str:
     reporter = reporting.Reporter(
         workdir, start_round=start, num_rounds=num_rounds,
         main_metric=run_.exp.task.main_metric, primary=primary,
+        loss_metric=run_.exp.task.loss_metric,
     )  # fmt: skip
     if config.eval.at_start and start == 0 and not reporter.kept:
-        t0 = time.perf_counter()
-        row = {"round": 0, **_start_row(run_, config, state)}
+        t0, samples = time.perf_counter(), []
+        row = {"round": 0, **_start_row(run_, config, state, samples.extend)}
         reporter.write(row | {"time/eval_s": time.perf_counter() - t0})
+        if samples:
+            reporter.write_generations(0, samples)
     while int(state.round) < num_rounds:
         state, out = run_.round_fn(state)
         r = int(state.round)
         row = {"round": r, **out.metrics}
+        samples = []  # the generations of this round's global evaluation, if any
         if r % config.eval.every_rounds == 0 or r == num_rounds:
             t0 = time.perf_counter()
-            row |= _eval_row(run_, config, state, out)
+            row |= _eval_row(run_, config, state, out, samples.extend)
             row["time/eval_s"] = time.perf_counter() - t0
         reporter.write(row)
+        if samples:
+            reporter.write_generations(r, samples)
         if ckpt is not None:
             ckpt.save(state)
     if ckpt is not None:

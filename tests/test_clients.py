@@ -241,6 +241,26 @@ class RunnerTest(parameterized.TestCase):
         off = run(0.0, keys)[0]  # without dropout, identical data gives identical clients
         chex.assert_trees_all_equal(slice_client(off, 0), slice_client(off, 1))
 
+    @parameterized.parameters(("vmap", 0), ("vmap", 2), ("loop", 0))
+    def test_step_callback_counts_steps_and_changes_no_number(self, mode, chunk):
+        U, S = 3, 4
+        base, trainable, batches = make_problem(U, S)
+        opt = clients.make_optimizer("adamw", learning_rate=5e-2)
+        state = clients.broadcast(clients.init_opt_state(opt, trainable), U)
+        keys = jax.random.split(jax.random.key(2), U)
+        args = (base, clients.broadcast(trainable, U), state, batches, jnp.ones((U, S)), keys)
+        steps = []
+        outs = []
+        for on_step in (None, steps.append):
+            local_update = clients.make_local_update(make_loss(0.2), opt, on_step=on_step)
+            runner = clients.make_runner(local_update, mode=mode, chunk=chunk)
+            outs.append(jax.block_until_ready(runner(*args)))
+        chex.assert_trees_all_equal(*outs)  # bit-identical: the callback reads no parameter
+        passes = clients.sequential_passes(U, mode, chunk)
+        self.assertEqual(passes, {"vmap": 2 if chunk else 1, "loop": U}[mode])
+        self.assertEqual(len(steps), S * passes)
+        self.assertEqual(sorted(int(t) for t in steps), sorted(list(range(S)) * passes))
+
     @parameterized.parameters("vmap", "loop")
     def test_runner_traces_once(self, mode):
         base, trainable, batches = make_problem(U=2, S=2)

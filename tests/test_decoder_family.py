@@ -331,6 +331,25 @@ class GenerateTest(chex.TestCase):
             self.assertTrue(np.all(np.asarray(stopped[row, end:]) == 511))
         self.assertEqual(int(stopped[0, 3]), 511)
 
+    def test_rows_stop_after_a_stop_sequence(self):
+        model = tiny_model()
+        ids, mask = self._prompts()
+        free = np.asarray(decoder.generate(model, model.base, {}, ids, mask, max_new_tokens=8,
+                                           eos_ids=()))  # fmt: skip
+        stop = [int(t) for t in free[0, 1:3]]  # row 0 ends with it at step 2 (maybe others too)
+        never = [600, 601, 602]  # ids past the vocabulary: a longer sequence that never matches
+        stopped = np.asarray(decoder.generate(model, model.base, {}, ids, mask, max_new_tokens=8,
+                                              eos_ids=(), stop_ids=[never, stop],
+                                              pad_id=511))  # fmt: skip
+        for row in range(3):
+            ends = [t + 1 for t in range(1, 8) if list(free[row, t - 1 : t + 1]) == stop]
+            end = ends[0] if ends else 8
+            np.testing.assert_array_equal(stopped[row, :end], free[row, :end])
+            self.assertTrue(np.all(stopped[row, end:] == 511))
+        self.assertTrue(np.all(stopped[0, 3:] == 511))
+        with self.assertRaisesRegex(ValueError, "at least one token"):
+            decoder.generate(model, model.base, {}, ids, mask, max_new_tokens=2, stop_ids=[[]])
+
     def test_sampling(self):
         model = tiny_model()
         ids, mask = self._prompts()

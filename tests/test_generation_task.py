@@ -4,6 +4,7 @@ metrics, a resumed smoke run is bit-exact, prompts and loss masks are built righ
 MBPP rows (with SmolLM2's chat template where its GGUF is at hand), the evaluator's exact
 match is the hand-scored one of per-prompt greedy generations, and bad inputs are one line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -62,7 +63,31 @@ def test_gsm8k_smoke_reports_generation_metrics(gsm8k_run):
         for metric in ("exact_match_strict", "exact_match_flexible", "answer_loss"):
             assert np.isfinite(rows[-1][f"eval/{where}/{metric}"]), (where, metric)
     assert 0.0 < rows[-1]["eval/global/answer_loss"] < rows[0]["eval/global/answer_loss"] + 1.0
-    assert "gsm8k" in (gsm8k_run / reporting.SUMMARY_FILE).read_text()
+    summary = (gsm8k_run / reporting.SUMMARY_FILE).read_text()
+    assert "gsm8k" in summary
+    loss = rows[-1]["eval/global/answer_loss"]
+    assert "| global answer_loss" in summary and reporting.format_value(loss) in summary
+
+
+def test_smoke_run_writes_generations(gsm8k_run):
+    config = config_file("gsm8k.py")
+    problems = [i.problem for i in generation.corpus("gsm8k", config, {}).tests[""]]
+    keep = min(config.eval.log_generations, len(problems))
+    for r in (1, 2):
+        lines = (gsm8k_run / "generations" / f"round_{r}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert len(records) == keep == 8  # all 8 synthetic test problems (fewer than 16)
+        for k, rec in enumerate(records):
+            assert rec["set"] == "gsm8k" and rec["index"] == k
+            assert problems[k].question in rec["prompt"]
+            assert rec["gold"] == gsm8k.reference(problems[k].answer)
+            assert rec["extracted"] == gsm8k.extract_flexible(rec["output"])
+            assert rec["correct"] == (rec["extracted"] == rec["gold"])
+            assert "Question:" not in rec["output"]  # cut at the stop string
+        row = _rows(gsm8k_run)[r - 1]  # all problems logged: their mean is the metric
+        assert (
+            np.mean([rec["correct"] for rec in records]) == row["eval/global/exact_match_flexible"]
+        )
 
 
 def test_code_smoke_reports_pass_at_1_on_both_test_sets(tmp_path):
@@ -170,6 +195,82 @@ def test_chat_without_a_template_is_an_error():
 # ----------------------------------------------------------------------------- evaluation
 
 
+def test_stop_strings_cut_generation_and_scoring(monkeypatch):
+    config = config_file("gsm8k.py", **{"data.num_eval_examples": 2})
+    task = tasks.get("gsm8k")
+    train_arrays, validation = task.load(config)
+    corpus = generation.corpus("gsm8k", config, {})
+    codec, answers = corpus.codec, [gsm8k.reference(i.problem.answer) for i in corpus.tests[""]]
+    # Each row answers right, then invents a next problem with another answer, as base
+    # models do; unstopped, the flexible (last-number) match would score the invented one.
+    texts = [f"so #### {a}\n\nQuestion: What is 1 + 1?\nAnswer: #### 2" for a in answers]
+    calls = []
+
+    def fake_generate(model, base, adapters, ids, mask, *, stop_ids, **kw):
+        calls.append(stop_ids)
+        out = np.full((len(ids), 64), codec.pad_id, np.int32)
+        for row, text in enumerate(texts):
+            out[row, : len(text)] = codec.encode(text)
+        return out
+
+    monkeypatch.setattr(decoder, "generate", fake_generate)
+    spec = models.LoraSpec(rank=4, alpha=8.0)
+    model = models.build_random(models.tiny_config("llama"), 0, spec, keys.model_key(0))
+    evaluator = task.make_evaluator(model, train_arrays, validation, [], config)
+    records = []
+    got = evaluator.global_eval(model.base, model.trainable, record=records.extend)
+    assert calls == [completion.stop_sequences(codec, config.eval.stop)]
+    assert codec.encode("Question:") in calls[0]
+    assert got["exact_match_flexible"] == got["exact_match_strict"] == 1.0
+    assert [r["output"] for r in records] == [f"so #### {a}\n\n" for a in answers]
+    config.eval.stop = ()  # without stops the invented answer is scored
+    evaluator = task.make_evaluator(model, train_arrays, validation, [], config)
+    assert evaluator.global_eval(model.base, model.trainable)["exact_match_flexible"] == 0.0
+
+
+def test_stop_sequences_match_mid_text():
+    codec = completion.byte_codec()
+    assert completion.stop_sequences(codec, ["Q:"]) == [codec.encode("Q:")]
+    assert completion.cut_at("a Q: b Q:", ["b", "Q:"]) == "a "
+    assert completion.cut_at("no stop", ["Q:"]) == "no stop"
+
+
+def test_stop_sequences_with_the_smollm2_tokenizer(smollm2_tokenizer):
+    codec = completion.hf_codec(smollm2_tokenizer)
+    stops = completion.stop_sequences(codec, ["Question:"])
+    for text in ("#### 7\n\nQuestion: x", "#### 7 Question: x", "#### 7\nQuestion: x"):
+        ids = codec.encode(text)
+        end = next(n for n in range(len(ids) + 1) if "Question:" in codec.decode(ids[:n]))
+        # The decoder stops right after the token that completes "Question:".
+        assert any(ids[end - len(s) : end] == s for s in stops), (text, ids, stops)
+
+
+def test_short_batches_are_padded_to_a_power_of_two(monkeypatch):
+    assert [generation.bucket(n, 16) for n in (1, 2, 3, 5, 9, 16, 40)] == [1, 2, 4, 8, 16, 16, 16]
+    assert generation.calls(21, 8) == [(0, 8), (8, 8), (16, 8)]
+    assert generation.calls(19, 8) == [(0, 8), (8, 8), (16, 4)]
+    config = config_file("gsm8k.py", **{"eval.batch_size": 16, "eval.max_local_examples": 2,
+                                        "data.num_eval_examples": 5})  # fmt: skip
+    rows = []
+
+    def fake_generate(model, base, adapters, ids, mask, **kw):
+        rows.append(len(ids))
+        return np.full((len(ids), kw["max_new_tokens"]), kw["pad_id"], np.int32)
+
+    monkeypatch.setattr(decoder, "generate", fake_generate)
+    task = tasks.get("gsm8k")
+    train_arrays, validation = task.load(config)
+    spec = models.LoraSpec(rank=4, alpha=8.0)
+    model = models.build_random(models.tiny_config("llama"), 0, spec, keys.model_key(0))
+    holdout = [np.arange(4), np.arange(4, 9)]
+    evaluator = task.make_evaluator(model, train_arrays, validation, holdout, config)
+    evaluator.global_eval(model.base, model.trainable)
+    assert rows == [8]  # 5 test problems
+    trainable = jax.tree.map(lambda x: np.stack([x, x]), model.trainable)
+    evaluator.local_eval(model.base, trainable, np.array([0, 1]))
+    assert rows == [8, 2, 2]  # 2 held-out rows per client, not 16
+
+
 def test_global_exact_match_is_the_hand_scored_one(monkeypatch):
     config = config_file("gsm8k.py", **{"eval.batch_size": 3, "data.num_eval_examples": 5})
     task = tasks.get("gsm8k")
@@ -181,8 +282,8 @@ def test_global_exact_match_is_the_hand_scored_one(monkeypatch):
                         model.trainable["lora"])  # fmt: skip
     trainable = {"lora": lora, "head": {}}
     seen = []
-    score = generation.score
-    monkeypatch.setattr(generation, "score", lambda t, p, c, s: seen.append(c) or score(t, p, c, s))
+    judge = generation.judge
+    monkeypatch.setattr(generation, "judge", lambda t, p, c, s: seen.append(c) or judge(t, p, c, s))
     evaluator = task.make_evaluator(model, train_arrays, validation, [], config)
     got = evaluator.global_eval(model.base, trainable)
 
@@ -203,8 +304,9 @@ def test_global_exact_match_is_the_hand_scored_one(monkeypatch):
 
 def test_generation_scores_count_right_answers():
     problems = [gsm8k.Problem("q", "#### 7"), gsm8k.Problem("q", "#### 12")]
-    got = generation.score("gsm8k", problems, ["so #### 7", "it is 12"], 1.0)
-    assert got == {"exact_match_strict": 0.5, "exact_match_flexible": 1.0}
+    got = generation.judge("gsm8k", problems, ["so #### 7", "it is 12"], 1.0)
+    assert got.metrics == {"exact_match_strict": 0.5, "exact_match_flexible": 1.0}
+    assert got.extracted == ["7", "12"] and got.gold == ["7", "12"] and got.correct == [True] * 2
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -218,6 +320,10 @@ BAD = [
     ("configs/gsm8k.py:smoke", ["--config.data.source=local", "--config.data.dir=/nowhere/data"],
      ["data.dir", "/nowhere/data"]),
     ("configs/code.py:smoke", ["--config.data.source=local"], ["data.dir", "is empty"]),
+    ("configs/gsm8k.py:smoke", ["--config.eval.stop=('Question:', '')"],
+     ["eval.stop", "non-empty strings"]),
+    ("configs/gsm8k.py:smoke", ["--config.eval.log_generations=-1"],
+     ["eval.log_generations", "-1"]),
 ]  # fmt: skip
 
 

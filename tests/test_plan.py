@@ -66,17 +66,18 @@ def test_flops_count_scan_lengths_and_remat():
 def test_client_figures_are_the_real_programs(monkeypatch):
     """The plan's client step (abstract base, round 1's shapes) has exactly the argument
     bytes of the arrays a real round 1 passes its runner, and the outputs and temporaries
-    of that runner compiled on them."""
+    of the runner's program compiled on those arrays."""
     config = _gsm8k_smoke()
     abstract_run = train.build(config, abstract=True)
-    planned = report.measure(programs.programs(config, abstract_run).round[0])
+    program = programs.programs(config, abstract_run).round[0]
+    planned = report.measure(program)
 
     recorded = []
     real_train_clients = rounds.train_clients
 
     def spy(runner, *args):
         def recording(*inputs):
-            recorded.append((runner, inputs))
+            recorded.append(inputs)
             return runner(*inputs)
 
         return real_train_clients(recording, *args)
@@ -84,7 +85,7 @@ def test_client_figures_are_the_real_programs(monkeypatch):
     monkeypatch.setattr(rounds, "train_clients", spy)
     run = train.build(config)
     run.round_fn(run.state)
-    runner, inputs = recorded[0]
+    inputs = recorded[0]
     real_base = sum(_nbytes(x) for x in jax.tree.leaves(run.exp.model.base))
     assert programs.nbytes(abstract_run.exp.model.base) == real_base
     # XLA drops arguments a program never reads: a decoder reads no "starts" (where an
@@ -93,7 +94,7 @@ def test_client_figures_are_the_real_programs(monkeypatch):
     read = (base, trainable, opt_state, {k: v for k, v in batches.items() if k != "starts"},
             step_mask, keys)  # fmt: skip
     assert planned.arguments == sum(_nbytes(x) for x in jax.tree.leaves(read))
-    memory = runner.lower(*inputs).compile().memory_analysis()
+    memory = program.fn.lower(*inputs).compile().memory_analysis()
     assert planned.arguments == memory.argument_size_in_bytes
     assert planned.temporaries == memory.temp_size_in_bytes
     assert planned.outputs == memory.output_size_in_bytes - memory.alias_size_in_bytes

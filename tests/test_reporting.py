@@ -1,5 +1,6 @@
 """Tests of run reporting (floranna_jax/reporting.py): a row torn by a kill, a corrupt row,
-and a killed then resumed run whose TensorBoard events hold each round once."""
+a killed then resumed run whose TensorBoard events hold each round once, the task's
+continuous metric in the summary, and the generations files."""
 
 import collections
 import json
@@ -91,3 +92,31 @@ def test_resumed_run_writes_each_round_once_to_tensorboard(tmp_path):
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
     for tag, step, value in events:
         assert value == pytest.approx(rows[step][tag], rel=1e-6), (tag, step)  # float32 events
+
+
+def test_summary_shows_the_loss_metric_before_and_after():
+    rows = [
+        {"round": 0, "eval/global/accuracy": 0.1, "eval/global/answer_loss": 2.5},
+        {"round": 1, "eval/global/accuracy": 0.2, "eval/global/answer_loss": 1.25,
+         "eval/local/answer_loss": 1.5, "eval/gap/answer_loss": 0.25},
+    ]  # fmt: skip
+    lines = reporting.summary_table(rows, "accuracy", "t", loss_metric="answer_loss")
+    lines = [line.replace(" ", "") for line in lines.splitlines()]
+    for want in ("|globalanswer_lossbeforeround1|2.5|", "|globalanswer_loss|1.25|",
+                 "|localanswer_loss(meanoverclients)|1.5|", "|globalaccuracy|0.2|"):  # fmt: skip
+        assert want in lines, want
+    plain = reporting.summary_table(rows, "accuracy", "t")
+    assert "answer_loss" not in plain
+
+
+def test_generations_are_written_per_round_and_rewritten_on_resume(tmp_path):
+    reporter = _reporter(tmp_path, start_round=0)
+    reporter.write_generations(1, [{"output": "a"}, {"output": "b"}])
+    reporter.write_generations(1, [{"output": "c"}])  # the resumed run's evaluation of round 1
+    path = tmp_path / reporting.GENERATIONS_DIR / "round_1.jsonl"
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"output": "c"}]
+    _kill(reporter)
+    quiet = reporting.Reporter(str(tmp_path / "other"), start_round=0, num_rounds=1,
+                               main_metric="accuracy", primary=False)  # fmt: skip
+    quiet.write_generations(1, [{"output": "a"}])
+    assert not (tmp_path / "other").exists()  # only process 0 writes

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from floranna_jax import sandbox
-from floranna_jax.data import jsonl, sources
+from floranna_jax.data import completion, jsonl, sources
 
 MBPP_SPLITS = {
     "prompt": (1, 10),
@@ -159,9 +159,7 @@ def extract_code(text: str, *, stops: Sequence[str] = ()) -> str:
     answer has one (an unclosed block runs to the end), else the answer itself; then cut
     at the earliest of `stops` (COMPLETION_STOPS or PROGRAM_STOPS)."""
     blocks = [code for tag, code in _FENCE.findall(text) if tag.lower() in _PYTHON_TAGS]
-    code = blocks[0] if blocks else text
-    cuts = [i for i in (code.find(s) for s in stops) if i >= 0]
-    return code[: min(cuts)] if cuts else code
+    return completion.cut_at(blocks[0] if blocks else text, stops)
 
 
 def pass_at_k(n: np.ndarray | int, c: np.ndarray | int, k: int) -> np.ndarray:

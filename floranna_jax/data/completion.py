@@ -5,6 +5,7 @@
     target = completion.target_ids(codec, "3 + 4 = 7\\n#### 7")   # ends in eos
     arrays = completion.arrays([prompt], [target], max_length=64)
     ids, mask = completion.left_pad([prompt], length=32, pad_id=codec.pad_id)
+    completion.cut_at("7\n#### 7\n\nQuestion: what", ("Question:",))   # "7\n#### 7\n\n"
 
 A :class:`Codec` hides which tokenizer a run uses: a Hugging Face tokenizer of the model
 folder (:func:`hf_codec`), or the built-in byte-level one (:func:`byte_codec`: ids 0-255 are
@@ -22,6 +23,9 @@ Truncation: a row longer than ``max_length`` keeps its first ``max_length`` toke
 prompt whole when it fits, the target cut at its end, losing its eos); a prompt that fills
 the row alone leaves no loss token (the loss counts tokens, so the row adds nothing).
 ``L`` is the longest row after truncation, rounded up to 16 tokens.
+
+Stop strings end a generation (:func:`stop_sequences`, the token sequences the decoder
+stops at; :func:`cut_at`, the text a scorer sees: everything before the first stop).
 """
 
 from __future__ import annotations
@@ -149,3 +153,30 @@ def until_eos(ids: Sequence[int], eos_id: int) -> list[int]:
     """The generated ids before the first eos."""
     ids = [int(i) for i in ids]
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+# Text a stop string may follow mid-generation. A tokenizer spells a word differently
+# after a space (BPE folds the space into the word's token) or at a line start.
+_STOP_CONTEXTS = ("", " ", "\n")
+
+
+def stop_sequences(codec: Codec, stops: Sequence[str]) -> list[list[int]]:
+    """The token sequences whose emission ends a generation at one of ``stops``: each
+    string as ``codec`` encodes it alone, after a space and after a newline (without the
+    context's own tokens when they stay separate), duplicates dropped. Every sequence
+    decodes to text ending in its stop string, so it never ends a generation early; a
+    spelling missed here only costs decoding time (:func:`cut_at` still cuts the text)."""
+    out: list[list[int]] = []
+    for stop in stops:
+        for context in _STOP_CONTEXTS:
+            ids, lead = codec.encode(context + stop), codec.encode(context)
+            ids = ids[len(lead) :] if ids[: len(lead)] == lead else ids
+            if ids and ids not in out:
+                out.append(ids)
+    return out
+
+
+def cut_at(text: str, stops: Sequence[str]) -> str:
+    """``text`` before the earliest occurrence of any of ``stops`` (all of it if none)."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(cuts)] if cuts else text

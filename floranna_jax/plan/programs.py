@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floranna_jax import keys, packing, rounds, server, train
+from floranna_jax import keys, packing, progress, rounds, server, train
 from floranna_jax.tasks import Program
 
 MERGE = "merge into base"
@@ -84,14 +84,15 @@ def _client_args(config, run, opt):
 
 
 def _client_program(config, run, args) -> Program:
-    """The runner as configured; in ``"loop"`` mode the one-client program, ``U`` calls."""
+    """The runner as configured; in ``"loop"`` mode the one-client program, ``U`` calls.
+    Its local update reports each step to a progress ticker, as a run's does."""
+    local_update, _ = train.make_local_update(config, run.loss_fn, run.server_.method,
+                                              on_step=progress.Ticker().tick)  # fmt: skip
     if config.train.client_mode == "loop":
-        local_update, _ = train.make_local_update(config, run.loss_fn, run.server_.method)
         one = (args[0], *jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
                                       args[1:]))  # fmt: skip
         return Program("client step (1 client)", jax.jit(local_update), one, len(args[4]))
-    runner, _ = train.make_runner(config, run.loss_fn, run.server_.method)
-    chunk = config.train.clients_per_chunk
+    runner, _, chunk = train.make_client_runner(config, local_update)
     what = f"{chunk} at a time" if chunk else "all at once"
     return Program(f"client step ({len(args[4])} clients, {what})", runner, args, 1)
 

@@ -212,7 +212,7 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
                                train_layout)  # fmt: skip
         return take, real, {k: v.reshape(U, n, *v.shape[1:]) for k, v in flat.items()}
 
-    def global_eval(base, trainable) -> dict[str, float]:
+    def global_eval(base, trainable, record=None) -> dict[str, float]:  # record: no text here
         take, real, batches = global_batches()
         logits = [
             np.asarray(predict(base, trainable, {k: v[i] for k, v in batches.items()}))

@@ -21,14 +21,19 @@ Evaluation (global: the global model on each test set, at most ``eval.max_exampl
 problems; local: each sampled client's own model on its held-out training rows, at most
 ``eval.max_local_examples``): greedy generation of ``eval.max_new_tokens`` tokens after
 prompts LEFT-padded to one length for the run (the longest prompt rounded up to 16), in
-batches of ``eval.batch_size``, so decoding compiles once. Scores: GSM8K
+batches of ``eval.batch_size``; a set's last, shorter batch is padded only to the next power
+of two (:func:`bucket`), so decoding compiles for a few sizes and does little padding work.
+A row ends at eos or at one of the stop strings ``eval.stop`` (GSM8K: lm-evaluation-harness's
+``until``, configs/gsm8k.py), and the scorer sees only the text before the stop. Scores: GSM8K
 ``exact_match_strict`` and ``exact_match_flexible``; code ``pass@1`` (programs run in
 :mod:`floranna_jax.sandbox`, ``eval.code_timeout_s`` CPU seconds each; where the kernel
 refuses the sandbox's namespaces the task refuses to start unless
 ``eval.code_allow_weak_sandbox``), and for the global model also
 ``humaneval_pass@1``. Every set also reports ``answer_loss`` (``humaneval_answer_loss``):
 the teacher-forced NLL per token of the reference answers, which moves before exact match
-does.
+does. The global evaluation hands the first ``eval.log_generations`` generations of each
+test set to its ``record`` callback (the run writes them to
+``generations/round_<k>.jsonl``). Evaluation shows a progress bar of its batches.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from floranna_jax import sandbox
+from floranna_jax import progress, sandbox
 from floranna_jax.data import code, completion, glue, gsm8k, synthetic_text
 from floranna_jax.errors import BadValue, ConfigError, first_line
 from floranna_jax.models import decoder
@@ -73,7 +78,8 @@ def make(name: str) -> Task:
     def make_evaluator(model, train, validation, holdout_index, config) -> Evaluator:
         return evaluator(task, model, corpus(task, config, cache), holdout_index, config)
 
-    return Task(task, MAIN_METRIC[task], 0, load, loss_fn, make_evaluator, check)
+    return Task(task, MAIN_METRIC[task], 0, load, loss_fn, make_evaluator, check,
+                loss_metric="answer_loss")  # fmt: skip
 
 
 def check(config) -> None:
@@ -89,9 +95,12 @@ def check(config) -> None:
                               ("data.num_eval_examples", d.num_eval_examples, 1),
                               ("data.max_train_examples", d.max_train_examples, 0),
                               ("eval.max_examples", e.max_examples, 0),
-                              ("eval.max_new_tokens", e.max_new_tokens, 1)):  # fmt: skip
+                              ("eval.max_new_tokens", e.max_new_tokens, 1),
+                              ("eval.log_generations", e.log_generations, 0)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise BadValue(field, f"must be an integer >= {low}, got {value!r}")
+    if not isinstance(e.stop, list | tuple) or not all(isinstance(x, str) and x for x in e.stop):
+        raise BadValue("eval.stop", f"must be a list of non-empty strings, got {e.stop!r}")
     if not (isinstance(e.code_timeout_s, int | float) and e.code_timeout_s > 0):
         raise BadValue("eval.code_timeout_s", f"must be a number > 0, got {e.code_timeout_s!r}")
     if ALIASES[d.task.lower()] == "code":
@@ -264,12 +273,41 @@ def loss_fn(model):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def score(task: str, problems: list, completions: list[str], timeout_s: float) -> dict[str, float]:
+class Judged(NamedTuple):
+    """The scores of completions, and per completion the answer the scorer extracted, the
+    reference answer and whether the completion counts as right (GSM8K: the flexible exact
+    match, the main metric; code: the extracted program passed its tests)."""
+
+    metrics: dict[str, float]
+    extracted: list
+    gold: list
+    correct: list[bool]
+
+
+def judge(task: str, problems: list, completions: list[str], timeout_s: float) -> Judged:
     """The task's generation scores of ``completions`` (decoded text, one per problem)."""
     if task == "gsm8k":
-        return gsm8k.score(completions, [p.answer for p in problems])
-    answers = [[code.extract_code(c, stops=code.PROGRAM_STOPS)] for c in completions]
-    return code.evaluate(problems, answers, ks=(1,), timeout_s=timeout_s).metrics
+        answers = [p.answer for p in problems]
+        right = gsm8k.exact_match(completions, answers)["flexible"]
+        return Judged(gsm8k.score(completions, answers),
+                      [gsm8k.extract_flexible(c) for c in completions],
+                      [gsm8k.reference(a) for a in answers], [bool(r) for r in right])  # fmt: skip
+    programs = [code.extract_code(c, stops=code.PROGRAM_STOPS) for c in completions]
+    result = code.evaluate(problems, [[p] for p in programs], ks=(1,), timeout_s=timeout_s)
+    return Judged(result.metrics, programs, [p.solution for p in problems],
+                  [bool(r) for r in result.passed[:, 0]])  # fmt: skip
+
+
+def bucket(n: int, batch_size: int) -> int:
+    """Rows of the call that serves the last ``n`` rows of a set: the next power of two,
+    at most ``batch_size``, so a short batch does little padding work and a run compiles
+    at most ``log2(batch_size) + 1`` sizes."""
+    return min(batch_size, 1 << max(n - 1, 0).bit_length())
+
+
+def calls(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(first row, rows of the call)`` of each batched call over ``n`` rows."""
+    return [(s, bucket(min(batch_size, n - s), batch_size)) for s in range(0, n, batch_size)]
 
 
 def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray],
@@ -285,53 +323,76 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             f"{max_new} new ones exceed the model's {positions} positions"
         )
     forward = jax.jit(lambda base, trainable, batch: model.apply(base, trainable, batch))
+    cap, stops = e.max_local_examples, tuple(e.stop)
+    stop_ids = completion.stop_sequences(codec, stops)
     decode = functools.partial(decoder.generate, model, max_new_tokens=max_new,
-                               eos_ids=(codec.eos_id,), pad_id=codec.pad_id)  # fmt: skip
-    cap = e.max_local_examples
+                               eos_ids=(codec.eos_id,), stop_ids=stop_ids,
+                               pad_id=codec.pad_id)  # fmt: skip
     holdout_index = [h[:cap] if cap else h for h in holdout_index]
 
-    def generate(base, adapters, items: list[Item]) -> list[str]:
+    def generate(base, adapters, items: list[Item], tick) -> list[str]:
+        """The completions of ``items``, each cut at its eos and its first stop string."""
         out = []
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            prompts = [i.prompt for i in chunk] + [[codec.pad_id]] * (batch_size - len(chunk))
+        for start, rows in calls(len(items), batch_size):
+            chunk = items[start : start + rows]
+            prompts = [i.prompt for i in chunk] + [[codec.pad_id]] * (rows - len(chunk))
             ids, mask = completion.left_pad(prompts, P, codec.pad_id)
             new = np.asarray(decode(base, adapters, ids, mask))
-            out += [codec.decode(completion.until_eos(r, codec.eos_id)) for r in new[: len(chunk)]]
+            texts_ = [codec.decode(completion.until_eos(r, codec.eos_id)) for r in new]
+            out += [completion.cut_at(t, stops) for t in texts_[: len(chunk)]]
+            tick()
         return out
 
     def answer_loss(base, trainable, items: list[Item]) -> float:
         arrays = item_arrays(items, corpus_.length, config.data.max_length)
         nll = tokens = 0.0
-        for start in range(0, len(items), batch_size):
-            take = np.arange(start, start + batch_size) % len(items)
-            batch = {k: v[take] for k, v in arrays.items()}
-            n, t = forward(base, trainable, batch)
-            real = np.arange(start, start + batch_size) < len(items)
+        for start, rows in calls(len(items), batch_size):
+            take = np.arange(start, start + rows) % len(items)
+            n, t = forward(base, trainable, {k: v[take] for k, v in arrays.items()})
+            real = np.arange(start, start + rows) < len(items)
             nll += float(np.sum(np.asarray(n)[real]))
             tokens += float(np.sum(np.asarray(t)[real]))
         return nll / max(tokens, 1.0)
 
-    def evaluate(base, trainable, items: list[Item], prefix: str) -> dict[str, float]:
+    def evaluate(base, trainable, items: list[Item], prefix: str, tick, keep: int = 0):
+        """(``{prefix + metric: value}``, the records of the first ``keep`` items)."""
         if not items:
-            return {}
-        completions = generate(base, trainable["lora"], items)
-        out = score(task, [i.problem for i in items], completions, e.code_timeout_s)
-        out["answer_loss"] = answer_loss(base, trainable, items)
-        return {prefix + k: v for k, v in out.items()}
+            return {}, []
+        completions = generate(base, trainable["lora"], items, tick)
+        judged = judge(task, [i.problem for i in items], completions, e.code_timeout_s)
+        out = judged.metrics | {"answer_loss": answer_loss(base, trainable, items)}
+        records = [
+            {"set": getattr(item.problem, "benchmark", task), "index": k,
+             "prompt": codec.decode(item.prompt), "output": completions[k],
+             "extracted": judged.extracted[k], "gold": judged.gold[k],
+             "correct": judged.correct[k]}
+            for k, item in enumerate(items[:keep])
+        ]  # fmt: skip
+        return {prefix + k: v for k, v in out.items()}, records
 
-    def global_eval(base, trainable) -> dict[str, float]:
+    def global_eval(base, trainable, record=None) -> dict[str, float]:
+        """The scores on every test set; ``record(records)``, if given, receives each set's
+        first ``eval.log_generations`` generations (dicts: set, index, prompt, output,
+        extracted, gold, correct)."""
         out = {}
-        for prefix, items in corpus_.tests.items():
-            out |= evaluate(base, trainable, items, prefix)
+        total = sum(len(calls(len(items), batch_size)) for items in corpus_.tests.values())
+        with progress.bar("eval global", total, "batch") as tick:
+            for prefix, items in corpus_.tests.items():
+                scores, records = evaluate(base, trainable, items, prefix, tick,
+                                           e.log_generations)  # fmt: skip
+                out |= scores
+                if record is not None and records:
+                    record(records)
         return out
 
     def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
+        held_out = [[corpus_.train[j] for j in holdout_index[int(u)]] for u in client_ids]
+        total = sum(len(calls(len(items), batch_size)) for items in held_out)
         scores = []
-        for i, u in enumerate(client_ids):
-            items = [corpus_.train[j] for j in holdout_index[int(u)]]
-            trainable = jax.tree.map(lambda x, i=i: x[i], trainable_U)
-            scores.append(evaluate(base, trainable, items, ""))
+        with progress.bar("eval local", total, "batch") as tick:
+            for i, items in enumerate(held_out):
+                trainable = jax.tree.map(lambda x, i=i: x[i], trainable_U)
+                scores.append(evaluate(base, trainable, items, "", tick)[0])
         scores = [s for s in scores if s]
         if not scores:
             return {}
@@ -340,19 +401,19 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
     def programs(base, trainable_U) -> list[Program]:
         """Greedy decoding ``[batch_size, P]`` and the answer-loss forward ``[batch_size,
         L]``, each run once per batch of every test set and of the sampled clients'
-        held-out rows."""
+        held-out rows (a set's last, bucketed batch counted at the full size)."""
         trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
                                  trainable_U)  # fmt: skip
         sizes = [len(items) for items in corpus_.tests.values()]
         if e.local:
             sizes += [len(h) for h in holdout_index[: config.train.clients_per_round]]
-        calls = sum(-(-n // batch_size) for n in sizes)
+        runs = sum(len(calls(n, batch_size)) for n in sizes)
         prompt = jax.ShapeDtypeStruct((batch_size, P), jnp.int32)
         rows = item_arrays(corpus_.train[:1], corpus_.length, config.data.max_length)
         batch = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype)
                  for k, v in rows.items()}  # fmt: skip
         return [Program("generate", jax.jit(decode), (base, trainable["lora"], prompt, prompt),
-                        calls, loop_trips=max_new - 1),
-                Program("answer loss", forward, (base, trainable, batch), calls)]  # fmt: skip
+                        runs, loop_trips=max_new - 1),
+                Program("answer loss", forward, (base, trainable, batch), runs)]  # fmt: skip
 
     return Evaluator(global_eval, local_eval, programs)

@@ -8,7 +8,7 @@ serves) and ``make(name) -> Task``, plus one entry in :data:`KINDS`.
     train, validation = task.load(config)          # numpy arrays {key: [N, ...]}
     loss_fn = task.make_loss(model)                # (base, trainable, batch, key) -> scalar
     evaluator = task.make_evaluator(model, train, validation, holdout_index, config)
-    evaluator.global_eval(base, trainable)              -> {metric: float}
+    evaluator.global_eval(base, trainable, record=None) -> {metric: float}
     evaluator.local_eval(base, trainable_U, client_ids) -> {metric: mean over clients}
 """
 
@@ -36,7 +36,9 @@ class Program(NamedTuple):
 
 
 class Evaluator(NamedTuple):
-    """``global_eval(base, trainable) -> {metric: float}`` on the validation split;
+    """``global_eval(base, trainable, record=None) -> {metric: float}`` on the validation
+    split (a task that generates text passes ``record`` a list of dicts, its first
+    generations, when given one; others ignore it);
     ``local_eval(base, trainable_U, client_ids) -> {metric: mean over clients}`` of each
     sampled client's own model on its held-out rows; ``programs(base, trainable_U) ->
     [Program]``: the evaluation's compiled steps at the shapes they run with (one
@@ -63,6 +65,8 @@ class Task(NamedTuple):
     check: ``config -> None``: raises ``errors.BadValue`` whose ``param`` is the
       ``section.field`` of the first bad field the task reads (its data source, its own
       ``data.*`` and ``eval.*`` fields); ``config_check`` calls it before anything is built.
+    loss_metric: a continuous metric of the evaluator that moves before ``main_metric`` does
+      at small scale (generation: ``answer_loss``), shown beside it in the summary; "": none.
     """
 
     name: str
@@ -72,3 +76,4 @@ class Task(NamedTuple):
     make_loss: Callable[[Any], Callable[..., Any]]
     make_evaluator: Callable[..., Evaluator]
     check: Callable[[Any], None] = lambda config: None
+    loss_metric: str = ""

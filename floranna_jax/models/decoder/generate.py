@@ -1,13 +1,18 @@
 """Batched decoding with a key/value cache: greedy, or sampling at a temperature (top-p).
 
     tokens = decoder.generate(model, base, adapters, prompt_ids, prompt_mask,
-                              max_new_tokens=64, eos_ids=(2,))       # [b, 64] int32
+                              max_new_tokens=64, eos_ids=(2,),
+                              stop_ids=[encode("Question:")])        # [b, 64] int32
 
 Prompts are LEFT-padded (``prompt_mask [b, P]`` 0 on the padding), so every row's next
 token goes to the same cache slot. One program per ``(b, P, max_new_tokens)`` (and per
 greedy/sampling): the prompt fills the cache ``[N, b, P + max_new_tokens, KV, hd]`` in one
 pass, then a ``while_loop`` adds one token per step until every row has emitted one of
-``eos_ids`` or ``max_new_tokens`` are out. A finished row emits ``pad_id`` from then on.
+``eos_ids`` (or ended with one of the token sequences ``stop_ids``) or ``max_new_tokens``
+are out. A finished row emits ``pad_id`` from then on. Stop sequences are matched on the
+device against a window of each row's last tokens (``[b, M]``, ``M`` the longest sequence),
+so a stop costs no host round trip; the caller still cuts the decoded text at its stop
+strings, since a tokenizer may spell a string with other tokens than the sequences given.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from floranna_jax.models.decoder.family import padded_positions
 
 
 def generate(model, base, adapters, prompt_ids, prompt_mask, *, max_new_tokens: int,
-             eos_ids=None, temperature: float = 0.0, top_p: float = 1.0,
+             eos_ids=None, stop_ids=(), temperature: float = 0.0, top_p: float = 1.0,
              key: jax.Array | None = None,
              pad_id: int | None = None, lora_scale: float | None = None,
              compute_dtype=jnp.float32) -> jax.Array:  # fmt: skip
@@ -35,6 +40,8 @@ def generate(model, base, adapters, prompt_ids, prompt_mask, *, max_new_tokens: 
         a Hugging Face config dict (then ``lora_scale`` defaults to 1).
       base, adapters: the frozen weights and the per-layer adapters (``{}``: none).
       eos_ids: the ids that end a row (default: the config's ``eos_token_id``).
+      stop_ids: token sequences that end a row once it has emitted one (they stay in
+        the output); ``()``: none.
       temperature: 0 decodes greedily; above 0 samples ``softmax(logits / temperature)``
         with ``key`` (step ``t`` uses ``fold_in(key, t)``).
       top_p: when sampling, only from the most likely tokens whose probabilities sum to
@@ -64,8 +71,25 @@ def generate(model, base, adapters, prompt_ids, prompt_mask, *, max_new_tokens: 
                    greedy)  # fmt: skip
     key = jax.random.key(0) if key is None else key
     return run(base, adapters or {}, ids, mask, jnp.asarray(eos, jnp.int32).reshape(-1),
-               jnp.int32(pad_id), jnp.float32(max(float(temperature), 1e-6)),
-               jnp.float32(top_p), key)  # fmt: skip
+               stop_table(stop_ids), jnp.int32(pad_id),
+               jnp.float32(max(float(temperature), 1e-6)), jnp.float32(top_p), key)  # fmt: skip
+
+
+def stop_table(stop_ids) -> jax.Array:
+    """``[n, M]`` int32: the stop sequences right-aligned, ``-1`` before the shorter ones
+    (``M``: the longest; ``[0, 1]`` for none). Raises ``ValueError`` for an empty sequence."""
+    seqs = [[int(i) for i in s] for s in stop_ids]
+    if any(not s for s in seqs):
+        raise ValueError("stop_ids: every stop sequence needs at least one token")
+    width = max([1, *map(len, seqs)])
+    return jnp.asarray([[-1] * (width - len(s)) + s for s in seqs], jnp.int32).reshape(-1, width)
+
+
+def _stopped(window: jax.Array, stops: jax.Array) -> jax.Array:
+    """``[b]`` bool: the row's last tokens ``window [b, M]`` end with a sequence of
+    ``stops [n, M]`` (``-1``: any token)."""
+    same = (window[:, None, :] == stops[None]) | (stops[None] < 0)
+    return jnp.any(jnp.all(same, axis=-1), axis=-1)
 
 
 def _pick(logits, greedy, temperature, top_p, key):
@@ -119,7 +143,7 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         return head(base, x[:, 0]), cache, key_mask
 
     @jax.jit
-    def run(base, adapters, ids, mask, eos, pad, temperature, top_p, key):
+    def run(base, adapters, ids, mask, eos, stops, pad, temperature, top_p, key):
         b, P = ids.shape
         stacked = modules.stack_adapters(cfg, adapters)
         logits, cache = prefill(base, stacked, ids, mask)
@@ -131,21 +155,23 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         token = _pick(logits, greedy, temperature, top_p, jax.random.fold_in(key, 0))
         out = jnp.full((b, max_new), pad, jnp.int32)
         done = jnp.zeros((b,), bool)
+        window = jnp.full((b, stops.shape[1]), -1, jnp.int32)  # the last M tokens of a row
 
         def cond(state):
             t, _, done, *_ = state
             return (t < max_new) & ~jnp.all(done)
 
         def body(state):
-            t, token, done, out, cache, key_mask = state
+            t, token, done, out, cache, key_mask, window = state
             out = out.at[:, t].set(jnp.where(done, pad, token))
-            done = done | jnp.any(token[:, None] == eos[None, :], axis=1)
+            window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
+            done = done | jnp.any(token[:, None] == eos[None, :], axis=1) | _stopped(window, stops)
             logits, cache, key_mask = step(base, stacked, token, t, cache, key_mask,
                                            key_positions, P)  # fmt: skip
             token = _pick(logits, greedy, temperature, top_p, jax.random.fold_in(key, t + 1))
-            return t + 1, token, done, out, cache, key_mask
+            return t + 1, token, done, out, cache, key_mask, window
 
-        state = (jnp.int32(0), token, done, out, cache, key_mask)
+        state = (jnp.int32(0), token, done, out, cache, key_mask, window)
         return jax.lax.while_loop(cond, body, state)[3]
 
     return run
