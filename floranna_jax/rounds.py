@@ -70,19 +70,25 @@ class RoundOutput(NamedTuple):
 
 
 def init_state(
-    seed: int, trainable: PyTree, method: server.Method, num_clients: int, opt=None
-) -> RoundState:
+    seed: int, trainable: PyTree, method: server.Method, num_clients: int, opt=None,
+    abstract: bool = False,
+) -> RoundState:  # fmt: skip
     """Round-0 state from the freshly built model's trainable tree ``{"lora", "head"}``.
 
     ``opt``: the client optimizer when optimizer states persist across rounds, else None.
+    ``abstract``: the method's state and the optimizer states as ``jax.ShapeDtypeStruct``
+    (a plan: FLoRA's dense merges of a 70B model are never allocated).
     """
-    opt_state = {} if opt is None else clients.broadcast(opt.init(trainable), num_clients)
+    make = jax.eval_shape if abstract else (lambda f, x: f(x))
+    opt_state = {}
+    if opt is not None:
+        opt_state = make(lambda t: clients.broadcast(opt.init(t), num_clients), trainable)
     return RoundState(
         round=np.asarray(0, np.int64),
         key=np.asarray(jax.random.key_data(keys.root(seed))),
         lora=trainable["lora"],
         head=trainable["head"],
-        method=method.init(trainable["lora"], num_clients),
+        method=make(lambda lora: method.init(lora, num_clients), trainable["lora"]),
         opt_state=opt_state,
         bytes_up=np.asarray(0, np.int64),
         bytes_down=np.asarray(0, np.int64),
@@ -191,13 +197,18 @@ def check_aggregate(round_number: int, agg: server.Aggregate, method_state: PyTr
             raise RoundError(f"round {round_number}: server metric {k} is {v}")
 
 
+def make_merge(model) -> Callable:
+    """The jitted ``merge(base, delta) -> base + s * delta`` (``models.merge_into_base``)."""
+    s = float(model.lora_scale)
+    return jax.jit(lambda base, delta: models.merge_into_base(base, delta, s))
+
+
 def make_effective_base(model) -> Callable:
     """``(base, delta) -> base + s * delta`` (jitted; identity when there is no delta).
 
     ``delta``: ``{layer: [d_out, d_in]}`` in ``B @ A`` units, a method's ``base_delta``.
     """
-    s = float(model.lora_scale)
-    merge = jax.jit(lambda base, delta: models.merge_into_base(base, delta, s))
+    merge = make_merge(model)
     return lambda base, delta: merge(base, delta) if delta else base
 
 
