@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import socket
 import tempfile
 import time
 
@@ -60,10 +59,7 @@ def in_process(config) -> list[float]:
 
 def through_flower(config, workdir: pathlib.Path) -> list[dict]:
     paths = shards.write(config, str(workdir / "data"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with local.federation(workdir, paths, port, None) as fed:
+    with local.federation(workdir, paths, None, None) as fed:
         run_config = local.run_config(config, workdir / "run", **{"round-timeout-s": 3600.0})
         run = local.submit(fed, run_config, fed.logs / "run.log")
         if run.wait() != 0:

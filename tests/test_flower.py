@@ -11,6 +11,7 @@ suite's plain ``pytest -q`` (CI) spends about 30 s here."""
 
 import json
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -344,10 +345,34 @@ def test_too_few_accepted_uploads_stop_the_run(tmp_path):
 # ----------------------------------------------------------------------------- deployment
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_free_ports_are_distinct_and_bindable():
+    ports = local.free_ports(4)
+    assert len(set(ports)) == 4
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stop_all_kills_children_that_ignore_sigterm(tmp_path):
+    """A leader whose child ignores SIGTERM: after the grace both are gone."""
+    pid_file = tmp_path / "child.pid"
+    script = f"trap '' TERM; sleep 60 & echo $! > {pid_file}; wait"
+    leader = local._spawn(["bash", "-c", script], tmp_path / "log", os.environ.copy())
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    t0 = time.monotonic()
+    local.stop_all([leader], grace_s=0.5)
+    assert time.monotonic() - t0 < 3
+    assert leader.poll() is not None and not _alive(child)
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +381,7 @@ def deployed(tmp_path_factory):
     node with its own client's data file."""
     workdir = tmp_path_factory.mktemp("federation")
     paths = shards.write(_config(), str(workdir / "data"))
-    with local.federation(workdir, paths, _free_port(), None, XLA_CACHE) as fed:
+    with local.federation(workdir, paths, None, None, XLA_CACHE) as fed:
         yield fed, workdir
 
 
