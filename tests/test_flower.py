@@ -162,12 +162,14 @@ class FakeGrid:
         }  # fmt: skip
         self.faults = faults or {}
         self.uploads = {}  # client -> the values of its last upload as sent
+        self.replies = []  # replies not pulled yet
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Every node answers at once; :meth:`pull_messages` hands the replies out."""
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's push does
             node = msg.metadata.dst_node_id
@@ -182,8 +184,14 @@ class FakeGrid:
                 reply = Message(RecordDict(content), reply_to=msg)
             if "update" in reply.content:
                 self.uploads[node - 100] = wire.from_record(reply.content["update"])
-            replies.append(reply)
-        return replies
+            self.replies.append(reply)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        out = [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
+        self.replies = [r for r in self.replies if r not in out]
+        return out
 
 
 def _run_config(config, workdir, **options):
@@ -312,6 +320,38 @@ def _rank_up(values):
     return values | {key: np.concatenate([values[key], values[key][:1]])}
 
 
+class SlowGrid:
+    """Replies to messages ``0..n-1``: reply ``i`` is there ``delays[i]`` s after the push
+    (``None``: never)."""
+
+    def __init__(self, delays):
+        self.delays, self.t0 = delays, None
+
+    def push_messages(self, messages):
+        self.t0 = time.monotonic()
+        return [str(i) for i in range(len(list(messages)))]
+
+    def pull_messages(self, ids):
+        now = time.monotonic() - self.t0
+        ready = [i for i in ids if (d := self.delays[int(i)]) is not None and d <= now]
+        return [Message(RecordDict({}), reply_to=_stamped(i)) for i in ready]
+
+
+def _stamped(message_id: str) -> Message:
+    msg = Message(RecordDict({}), dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_message_id"] = message_id
+    return msg
+
+
+def test_exchange_returns_once_every_reply_is_there_and_stops_at_the_timeout():
+    t0 = time.monotonic()
+    assert len(server_app.exchange(SlowGrid([0.0, 0.3]), [None, None], 60.0)) == 2
+    assert time.monotonic() - t0 < 0.3 + 5 * server_app.POLL_S
+    t0 = time.monotonic()
+    assert len(server_app.exchange(SlowGrid([0.0, None]), [None, None], 0.5)) == 1
+    assert 0.5 <= time.monotonic() - t0 < 1.5
+
+
 def test_faults_leave_the_round_to_the_clients_that_answered(tmp_path, caplog):
     """Of four clients one uploads NaN, one another rank, one never answers: the round
     aggregates the fourth alone (its weight renormalized to 1) and logs why."""
@@ -319,7 +359,7 @@ def test_faults_leave_the_round_to_the_clients_that_answered(tmp_path, caplog):
                              "train.clients_per_round": 4, "ckpt.every_rounds": 1})  # fmt: skip
     faults = {1: _nan_B, 2: _rank_up, 3: "dead"}
     with caplog.at_level("INFO", logger="flwr"):
-        grid = _serve(config, tmp_path, faults, retries=1)
+        grid = _serve(config, tmp_path, faults, retries=1, **{"round-timeout-s": 1.0})
     log = caplog.text
     assert re.search(r"round 1: client 1 rejected: lora\|.*\|B has non-finite values", log)
     assert re.search(r"round 1: client 2 rejected: .*\(rank 5, expected 4\)", log)
@@ -339,7 +379,8 @@ def test_too_few_accepted_uploads_stop_the_run(tmp_path):
     config = smoke_config(**{"server.name": "fedit", "train.num_rounds": 1,
                              "train.clients_per_round": 4})  # fmt: skip
     with pytest.raises(ValueError, match=r"^round 1: 1 accepted uploads .*min-replies=2$"):
-        _serve(config, tmp_path, {u: "dead" for u in (1, 2, 3)}, **{"min-replies": 2})
+        _serve(config, tmp_path, {u: "dead" for u in (1, 2, 3)},
+               **{"min-replies": 2, "round-timeout-s": 1.0})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- deployment

@@ -54,6 +54,7 @@ class Federation(NamedTuple):
 
     superlink: subprocess.Popen
     nodes: list[subprocess.Popen]
+    executors: list[subprocess.Popen]  # warm_node processes, one per SuperNode (warm=True)
     runs: list[subprocess.Popen]  # the ``flwr run`` processes of :func:`submit`
     env: dict[str, str]
     logs: pathlib.Path
@@ -141,10 +142,13 @@ def federation(
     port: int | None,
     certs: pathlib.Path | None,
     xla_cache: pathlib.Path | None = None,
+    warm: bool = True,
 ) -> Iterator[Federation]:
     """A SuperLink on ``port`` (``None``: a free one) and one SuperNode per data file, all
     stopped on exit (:func:`stop_all`); every process compiles into ``xla_cache`` (default
-    ``workdir/xla_cache``). SuperNodes take the ports after ``port``, or free ones."""
+    ``workdir/xla_cache``). SuperNodes take the ports after ``port``, or free ones. ``warm``:
+    each node's ClientApp messages run in one long-lived process (:mod:`warm_node`), else
+    Flower's default, a new process per message."""
     home, logs = workdir / "flwr_home", workdir / "logs"
     home.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
@@ -168,17 +172,22 @@ def federation(
                         "--disable-runtime-dependency-installation"],
                        logs / "superlink.log", env)  # fmt: skip
     nodes: list[subprocess.Popen] = []
-    fed = Federation(superlink, nodes, [], env, logs)
+    fed = Federation(superlink, nodes, [], [], env, logs)
+    isolation = ["--isolation", "process"] if warm else []
     try:
         _wait_for_port(port, superlink)
         for i, path in enumerate(data_paths):
             node_config = f'data-path="{os.path.abspath(path)}"'
-            nodes.append(_spawn(["flower-supernode", *node_tls, "--superlink", address,
+            nodes.append(_spawn(["flower-supernode", *node_tls, *isolation, "--superlink", address,
                                  "--port", str(node_ports[i]), "--node-config", node_config],
                                 logs / f"node_{i}.log", env))  # fmt: skip
+            if warm:
+                runtime = f"127.0.0.1:{node_ports[i]}"
+                fed.executors.append(_spawn([sys.executable, "-m", "floranna_jax.flower.warm_node",
+                                             runtime], logs / f"warm_{i}.log", env))  # fmt: skip
         yield fed
     finally:
-        stop_all([*fed.runs, *nodes, superlink])
+        stop_all([*fed.runs, *fed.executors, *nodes, superlink])
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
@@ -245,13 +254,20 @@ def define_flags() -> SimpleNamespace:
         config=config_flags.DEFINE_config_file("config", None, "configs/<task>.py[:arg]"),
         workdir=flags.DEFINE_string("workdir", None, "folder for data, logs and results"),
         nodes=flags.DEFINE_integer("nodes", None, "SuperNodes, one per client (num_clients)"),
-        port=flags.DEFINE_integer("port", None, "SuperLink port (default: a free one); "
-                                  "SuperNodes use the next ones"),
+        port=flags.DEFINE_integer(
+            "port", None, "SuperLink port (default: a free one); SuperNodes use the next ones"
+        ),
         certs=flags.DEFINE_string("certs", None, "TLS folder: ca.crt, server.pem, server.key"),
         insecure=flags.DEFINE_bool("insecure", False, "no TLS (tests on localhost only)"),
         timeout=flags.DEFINE_float("round_timeout_s", 600.0, "seconds to wait for replies"),
         retries=flags.DEFINE_integer("retries", 0, "times a silent client is asked again"),
         min_replies=flags.DEFINE_integer("min_replies", 1, "fewer accepted uploads stop the run"),
+        warm=flags.DEFINE_bool(
+            "warm",
+            True,
+            "one long-lived ClientApp process per node "
+            "(warm_node.py); --nowarm: Flower's new process per message",
+        ),
     )
 
 
@@ -285,7 +301,7 @@ def main(argv, cli: SimpleNamespace) -> None:
     options = {"round-timeout-s": cli.timeout.value, "retries": cli.retries.value,
                "min-replies": cli.min_replies.value}  # fmt: skip
     try:
-        with federation(workdir, paths, cli.port.value, certs) as fed:
+        with federation(workdir, paths, cli.port.value, certs, warm=cli.warm.value) as fed:
             run = submit(fed, run_config(config, workdir / "run", **options), fed.logs / "run.log")
             run.wait()
             status = run_status(fed, fed.logs / "run.log")
