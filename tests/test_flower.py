@@ -9,12 +9,15 @@ FedIT and FLoRA-NA equal to the in-process run (about 4 min) and a SuperNode kil
 mid-round (about 2 min). The slow ones run only when asked for (``-m slow``), so the
 suite's plain ``pytest -q`` (CI) spends about 30 s here."""
 
+import contextlib
 import json
 import os
 import pathlib
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import chex
@@ -468,3 +471,41 @@ def test_a_killed_supernode_leaves_the_round_to_the_others(deployed):
     text = log.read_text()
     assert "round 1: aggregating clients [0, 1] of [0, 1, 2], weights renormalized" in text
     assert "round 2: aggregating clients [0, 1] of [0, 1, 2], weights renormalized" in text
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_within_5_s_with_one_line(tmp_path):
+    """``flower.local`` mid-run gets SIGINT (Ctrl-C): within 5 s every process it started
+    (SuperLink, SuperNodes, warm executors, ``flwr run`` and their children) is gone, and
+    it says so in one line, without a traceback."""
+    psutil = pytest.importorskip("psutil")
+    args = [sys.executable, "-m", "floranna_jax.flower.local", "--config=configs/glue.py:smoke",
+            f"--workdir={tmp_path}", "--insecure", "--config.partition.num_clients=2",
+            "--config.train.clients_per_round=2", "--config.train.num_rounds=50"]  # fmt: skip
+    with open(tmp_path / "stderr", "w") as err:  # a file: a full pipe would block it
+        launcher = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 300
+    while "Receiving: train message" not in _read(tmp_path / "logs" / "node_0.log"):
+        assert time.monotonic() < deadline and launcher.poll() is None, _read(tmp_path / "stderr")
+        time.sleep(0.5)
+    children = psutil.Process(launcher.pid).children(recursive=True)
+    assert len(children) >= 6  # SuperLink, 2 SuperNodes, 2 executors, flwr run
+    t0 = time.monotonic()
+    launcher.send_signal(signal.SIGINT)
+    while any(_alive(c.pid) for c in children) or launcher.poll() is None:
+        assert time.monotonic() - t0 < 5, [_cmdline(c) for c in children if _alive(c.pid)]
+        time.sleep(0.05)
+    print(f"Ctrl-C: every process gone in {time.monotonic() - t0:.2f} s")
+    err = _read(tmp_path / "stderr")
+    assert launcher.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: stopped the SuperLink")
+
+
+def _cmdline(process) -> str:
+    with contextlib.suppress(Exception):
+        return " ".join(process.cmdline())
+    return str(process.pid)
+
+
+def _read(path: pathlib.Path) -> str:
+    return path.read_text() if path.exists() else ""

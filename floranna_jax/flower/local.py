@@ -195,22 +195,34 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
 
 
-def stop_all(processes: list[subprocess.Popen], grace_s: float = 3.0) -> None:
-    """SIGTERM the sessions of ``processes`` (each with its children: SuperExec, ClientApps)
-    at once, and SIGKILL every session still alive after ``grace_s``; waits for them all.
-    The grace is short because nothing here holds state worth a clean exit: the server's
-    checkpoints are written when saved, and a SuperNode's graceful exit waits on its
-    connection to the SuperLink (about 30 s when the SuperLink stops first)."""
+def stop_all(processes: list[subprocess.Popen], grace_s: float = 1.5) -> None:
+    """SIGTERM ``processes`` with their sessions and every descendant (Flower starts some,
+    such as the SuperLink's ``flwr-serverapp``, in sessions of their own) at once, and
+    SIGKILL whatever is alive after ``grace_s``; waits for them. The grace is short because
+    nothing here needs a clean exit: the server's checkpoints are written when saved, and a
+    SuperNode's graceful exit waits on its connection to a SuperLink that is stopping."""
+    import psutil  # an orbax-checkpoint dependency
+
+    descendants = []
     for p in processes:
-        if p.poll() is None:
-            _signal_group(p, signal.SIGTERM)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            descendants += psutil.Process(p.pid).children(recursive=True)
+    for p in processes:
+        _signal_group(p, signal.SIGTERM)
+    for d in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            d.terminate()
     deadline = time.monotonic() + grace_s
     for p in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    _, alive = psutil.wait_procs(descendants, timeout=max(0.0, deadline - time.monotonic()))
     for p in processes:
         _signal_group(p, signal.SIGKILL)  # also the children of a leader that already exited
         p.wait()
+    for d in alive:  # not waited for: a child of another parent is reaped by that parent
+        with contextlib.suppress(psutil.NoSuchProcess):
+            d.kill()
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
