@@ -1,21 +1,23 @@
 r"""A whole Flower federation on this machine: one SuperLink, N SuperNodes, one run.
 
     python -m floranna_jax.flower.local --config=configs/glue.py:smoke \
-        --workdir=/tmp/floranna_flower --certs=/tmp/floranna_certs
+        --workdir=runs/flower --certs=runs/flower_certs
 
 writes each client's data to ``WORKDIR/data/client_<u>.npz`` (:mod:`shards`), starts
-``flower-superlink`` and one ``flower-supernode`` per client as separate processes (each
-node's ``data-path`` points at its own file), submits the app in ``flower_app/`` with
-``flwr run`` and streams its log, then stops every process it started. The server writes
+``flower-superlink`` (on a free port unless ``--port``) and one ``flower-supernode`` per
+client as separate processes (each node's ``data-path`` points at its own file), each with
+a warm ClientApp process (:mod:`warm_node`; ``--nowarm``: Flower's process per message),
+submits the app in ``flower_app/`` with ``flwr run`` and streams its log, then stops every
+process it started (on Ctrl-C too, within seconds, with one line). The server writes
 ``WORKDIR/run/metrics.jsonl`` (one row per round) and its checkpoints there. TLS is the
 default: ``--certs`` names a folder with ``ca.crt``, ``server.pem`` and ``server.key``
 (a localhost CA is created there when it is empty); ``--insecure`` is for tests on
 localhost only. Overrides work as in ``launch.py``: ``--config.server.name=fedit``.
 
-Processes and logs: ``WORKDIR/logs/{superlink,node_<u>,run}.log``; Flower's own state
+Processes and logs: ``WORKDIR/logs/{superlink,node_<u>,warm_<u>,run}.log``; Flower's own state
 (installed app bundles, its CLI config) in ``WORKDIR/flwr_home``; all processes share one
-XLA compilation cache (``WORKDIR/xla_cache``), since every round starts a new ClientApp
-process on each SuperNode.
+XLA compilation cache (``WORKDIR/xla_cache``), so a step one node compiled is loaded by the
+others.
 """
 
 from __future__ import annotations
