@@ -1,20 +1,25 @@
-"""Benchmark: round time of U=10 clients through Flower on localhost against in-process.
+"""Benchmark: round time of U clients through Flower on localhost against in-process.
 
-    python -m benchmarks.flower [--model PATH] [--glue FOLDER] [--rounds 2]
+    python -m benchmarks.flower [--model PATH] [--glue FOLDER] [--rounds 2] [--clients 10]
+                                [--cold]
 
-One invocation, the same config and data both ways: ``configs/glue.py`` with U=10 clients
-all sampled every round (SST-2 from ``--glue`` and all-MiniLM-L6-v2 from ``--model`` when
-both exist, else the smoke config's tiny random encoder on synthetic tokens), first
-``--rounds`` rounds in this process (``train.build(...).round_fn``, clients as the config
-runs them), then the same rounds through a SuperLink and 10 SuperNodes started as separate
-processes (``floranna_jax.flower.local``, insecure on localhost). Prints, per round, the
-seconds of each (Flower: the server's own clock from sending the round's messages to the
-aggregate, ``time/clients_s + time/server_s``), their ratio (the transport overhead: the
-messages, one ClientApp process per client and round, which imports JAX, builds the model
-and loads its compiled step from the shared XLA cache) and the bytes per client measured
-on the messages beside the ``comm_bytes`` formula; writes them to ``--out``.
+One invocation, the same config and data both ways: ``configs/glue.py`` with U clients
+(``--clients``, default 10) all sampled every round (SST-2 from ``--glue`` and
+all-MiniLM-L6-v2 from ``--model`` when both exist, else the smoke config's tiny random
+encoder on synthetic tokens), first ``--rounds`` rounds in this process
+(``train.build(...).round_fn``, clients as the config runs them), then the same rounds
+through a SuperLink and U SuperNodes started as separate processes
+(``floranna_jax.flower.local``, insecure on localhost), each with its warm ClientApp process
+(``warm_node.py``; ``--cold``: Flower's new process per message, which imports JAX and
+builds the model every round). Prints, per round, the seconds of each (Flower: the server's
+own clock from sending the round's messages to the aggregate, ``time/clients_s +
+time/server_s``), their ratio (the transport overhead) and the bytes per client measured on
+the messages beside the ``comm_bytes`` formula; writes them and the load average to
+``--out``.
 
-Asserts nothing about time. Round 1 includes compilation on both sides.
+Asserts nothing about time. Round 1 includes compilation on both sides; with packing, a
+client compiles again the first time its batches take another of ``packing.MAX_SHAPES``
+row counts.
 """
 
 from __future__ import annotations
