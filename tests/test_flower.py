@@ -5,9 +5,10 @@ Fast tests (about 30 s on a 2-core CPU) route Flower ``Message``s through the re
 ServerApp and ClientApp in one process (:class:`FakeGrid`, Flower's ``Grid`` interface).
 Slow ones: every other method through the same (about 60 s), and a SuperLink with three
 SuperNodes as separate processes on Flower's deployment runtime (insecure, localhost):
-FedIT and FLoRA-NA equal to the in-process run (about 4 min) and a SuperNode killed
-mid-round (about 2 min). The slow ones run only when asked for (``-m slow``), so the
-suite's plain ``pytest -q`` (CI) spends about 30 s here."""
+FedIT and FLoRA-NA equal to the in-process run (about 4 min), a SuperNode killed
+mid-round (about 2 min; every node with its warm ClientApp process, warm_node.py), and
+Ctrl-C on ``flower.local`` (about 1 min). The slow ones run only when asked for
+(``-m slow``), so the suite's plain ``pytest -q`` (CI) spends about 30 s here."""
 
 import contextlib
 import json
