@@ -36,6 +36,7 @@ from floranna_jax import (
     distributed,
     experiment,
     keys,
+    models,
     partition,
     progress,
     reporting,
@@ -206,16 +207,39 @@ def _scores(run: Run, config, state, base, trainable, client_ids, record) -> dic
     return row
 
 
+# Fields added after runs were saved, each with a test of a new value that runs as the
+# saved runs did (their config.json lacks the field): such a run resumes, and a committed
+# study cell still counts, under the new defaults.
+ADDED_FIELDS = {
+    "model.base_dtype": lambda v: models.resolve_base_dtype(v) == np.float32,
+    "model.remat": lambda v: True,  # memory against time only: the numbers are the same
+    "client.micro_batch_size": lambda v: v == 0,
+    "lora.init_from": lambda v: not v,
+}
+
+
 def _comparable(config_dict: dict) -> dict:
     out = {k: dict(v) for k, v in config_dict.items() if k not in ("eval", "ckpt", "dist")}
     out.get("train", {}).pop("num_rounds", None)
     return out
 
 
+def _fill_added(old: dict, new: dict) -> None:
+    """Gives ``old`` each :data:`ADDED_FIELDS` field it lacks, as ``new`` has it, where
+    ``new``'s value runs as the old run did."""
+    for path, same_as_before in ADDED_FIELDS.items():
+        section, field = path.split(".")
+        value = new.get(section, {}).get(field)
+        if section in old and field not in old[section] and field in new.get(section, {}):
+            if same_as_before(value):
+                old[section][field] = value
+
+
 def changed_fields(old: dict, new: dict) -> list[str]:
     """The ``section.field`` paths, sorted, where two configs (as config.json holds them)
     differ beyond :data:`RESUMABLE_CHANGES`: empty when ``new`` may resume a run of ``old``."""
     old, new = _comparable(old), _comparable(new)
+    _fill_added(old, new)
     return sorted(
         f"{s}.{k}" for s in set(old) | set(new)
         for k in set(old.get(s, {})) | set(new.get(s, {}))
