@@ -39,10 +39,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks import machine, real_data
 from floranna_jax import clients, keys, models
+from floranna_jax.tasks import classification
 
 DEFAULT_MODEL = pathlib.Path.home() / ".cache" / "floranna" / "models" / "all-MiniLM-L6-v2"
 
@@ -83,15 +83,6 @@ def make_batches(vocab: int, U: int, S: int, b: int, L: int, seed: int = 0) -> d
     }
 
 
-def make_loss(model):
-    def loss_fn(base, trainable, batch, dropout_key):
-        logits = model.apply(base, trainable, batch, deterministic=False, dropout_key=dropout_key)
-        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return jnp.sum(per_example * batch["mask"]) / jnp.maximum(jnp.sum(batch["mask"]), 1.0)
-
-    return loss_fn
-
-
 def round_args(model, opt, U: int, S: int, b: int, L: int) -> tuple:
     """``(base, trainable_U, opt_state_U, batches_U, step_mask_U, keys_U)`` for one round."""
     trainable = model.trainable
@@ -109,7 +100,7 @@ def step_flops(loss_fn, args: tuple) -> float:
     """XLA-counted FLOPs of one vmapped gradient step over all clients (no scan)."""
     base, trainable, _, batches, _, keys = args
     first = jax.tree.map(lambda x: x[:, 0], batches)
-    grad = jax.vmap(jax.value_and_grad(loss_fn, argnums=1), in_axes=(None, 0, 0, 0))
+    grad = jax.vmap(jax.value_and_grad(loss_fn, argnums=1, has_aux=True), in_axes=(None, 0, 0, 0))
     return _flops(jax.jit(grad).lower(base, trainable, first, keys).compile())
 
 
@@ -199,7 +190,7 @@ def main(argv=None) -> dict:
     spec = models.LoraSpec(rank=16, alpha=16.0, targets=("query", "value"))
     model = models.load_pretrained(a.model, num_labels=2, lora=spec, key=jax.random.key(0))
     opt = clients.make_optimizer("adamw", learning_rate=2e-2, weight_decay=0.0)
-    loss_fn = make_loss(model)
+    loss_fn = classification.loss_fn(model, is_regression=False)
     local_update = clients.make_local_update(loss_fn, opt)
     args = round_args(model, opt, U, S, b, L)
     examples = U * S * b

@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         path="FacebookAI/roberta-base",  # hub id or local HF folder
         model_type="bert",  # architecture of the random model when source="random"
         compute_dtype="float32",  # activations dtype: float32 or bfloat16
+        # Frozen base dtype: float32, bfloat16, or "auto" (bfloat16 on GPU/TPU, float32 on
+        # CPU). Adapters, head and optimizer states stay float32.
+        base_dtype="auto",
     )
     c.lora = dict(
         rank=16,  # r, adapter rank
@@ -78,8 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         optimizer="adamw",  # local optimizer name (clients.make_optimizer)
         learning_rate=2e-2,  # local learning rate
         weight_decay=0.0,  # decoupled weight decay
-        local_steps=10,  # optimizer steps per client per round (S)
+        # Optimizer steps per client per round (S). A client holding fewer than S * b
+        # examples goes on with a fresh shuffle of its data (epochs): no masked steps.
+        local_steps=10,
         batch_size=128,  # examples per local step (b)
+        micro_batch_size=0,  # examples per micro-batch, a divisor of b (0: the whole batch)
         persistent_opt_state=False,  # keep each client's optimizer state across rounds
     )
     c.server = dict(

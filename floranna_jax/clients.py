@@ -20,7 +20,8 @@ multiple of the global device count; the caller pads with do-nothing clients), t
 one global array (``jax.make_array_from_process_local_data``), the base is replicated, and
 every process gets all rows of the outputs back as numpy (an all-gather of the uploads).
 
-Shapes: ``U`` clients, ``S`` local steps (padded), ``b`` examples per step. Unequal
+Shapes: ``U`` clients, ``S`` local steps (padded), ``b`` examples per step, as one batch
+or as ``M`` micro-batches of ``b/M`` whose gradients make the step's one update. Unequal
 clients are padded to ``S`` steps with ``step_mask`` (1 real, 0 padded); a padded
 step leaves parameters and optimizer state bit-identical, and a padded client is a
 client whose ``step_mask`` is all zero.
@@ -148,17 +149,46 @@ def _select(keep_new: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
 
 
+def _micro_grads(grad_fn, base, params, batches, key) -> tuple[jax.Array, PyTree]:
+    """``(loss, grads)`` of one step whose batch comes as ``M`` micro-batches ``[M, b/M,
+    ...]``, one after another in a ``lax.scan`` (activations of one micro-batch at a time).
+
+    With ``(loss_k, w_k)`` the mean loss of micro-batch ``k`` and its weight (examples or
+    tokens), the step's mean is ``sum_k w_k loss_k / sum_k w_k``, so its gradient is
+    ``sum_k w_k grad loss_k / sum_k w_k``: the whole batch's gradient, summed in float32.
+    Micro-batch ``k`` draws its dropout from ``fold_in(key, k)``.
+    """
+
+    def micro(acc, xs):
+        batch, k = xs
+        (loss, weight), grads = grad_fn(base, params, batch, jax.random.fold_in(key, k))
+        total, grad_sum, weights = acc
+        grad_sum = jax.tree.map(lambda s, g: s + weight * g, grad_sum, grads)
+        return (total + weight * loss, grad_sum, weights + weight), None
+
+    M = jax.tree.leaves(batches)[0].shape[0]
+    zero = jnp.zeros((), jnp.float32)
+    start = (zero, jax.tree.map(jnp.zeros_like, params), zero)
+    (total, grad_sum, weights), _ = jax.lax.scan(
+        micro, start, (batches, jnp.arange(M, dtype=jnp.int32))
+    )
+    weights = jnp.maximum(weights, 1.0)  # as the losses do: an all-padding batch is 0
+    return total / weights, jax.tree.map(lambda g: g / weights, grad_sum)
+
+
 def make_local_update(
     loss_fn: LossFn,
     opt: optax.GradientTransformation,
     frozen: Frozen = None,
     on_step: Callable[..., None] | None = None,
+    micro_batched: bool = False,
 ) -> LocalUpdate:
     """Build ``local_update`` for ONE client: ``S`` masked optimizer steps in a ``lax.scan``.
 
     Args:
-      loss_fn: ``(base, trainable, batch, dropout_key) -> scalar`` mean loss over the
-        batch; the batch carries ``"mask": [b]`` for padded examples.
+      loss_fn: ``(base, trainable, batch, dropout_key) -> (loss, weight)``: the mean loss
+        over the batch and what it averages over (real examples or tokens); the batch
+        carries ``"mask": [b]`` for padded examples.
       opt: the client optimizer (:func:`make_optimizer`).
       frozen: leaves that never train (FFA-LoRA: ``lambda path, _: path[-1] == "A"``);
         their gradient is zeroed before ``opt.update``, their update after it, and
@@ -167,15 +197,24 @@ def make_local_update(
         of the scan, with the step index; vmapped clients share one call per step (the
         index is the same for all). A progress bar (:mod:`floranna_jax.progress`); it
         reads no parameter, so the numbers are the same with or without it.
+      micro_batched: each step's batch comes as ``M`` micro-batches whose gradients are
+        summed, weighted, before the step's one optimizer update (:func:`_micro_grads`).
 
     Returns:
       ``local_update(base, trainable, opt_state, batches, step_mask, key)`` ->
-      ``(trainable, opt_state, metrics)`` with ``batches`` a tree of ``[S, b, ...]``,
-      ``step_mask: [S]`` float32 and ``key`` the client's typed PRNG key. ``metrics``:
-      ``"loss"`` the mean pre-update loss over real steps (0 if none; NaN/inf if any
-      real step was non-finite) and ``"steps"`` the number of real steps (int32).
+      ``(trainable, opt_state, metrics)`` with ``batches`` a tree of ``[S, b, ...]``
+      (micro-batched: ``[S, M, b/M, ...]``), ``step_mask: [S]`` float32 and ``key`` the
+      client's typed PRNG key. ``metrics``: ``"loss"`` the mean pre-update loss over real
+      steps (0 if none; NaN/inf if any real step was non-finite) and ``"steps"`` the
+      number of real steps (int32).
     """
-    grad_fn = jax.value_and_grad(loss_fn, argnums=1)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+
+    def step_grads(base, params, batch, key):
+        if micro_batched:
+            return _micro_grads(grad_fn, base, params, batch, key)
+        (loss, _), grads = grad_fn(base, params, batch, key)
+        return loss, grads
 
     def local_update(base, trainable, opt_state, batches, step_mask, key):
         mask = frozen_mask(frozen, trainable)
@@ -186,7 +225,7 @@ def make_local_update(
             batch, real, t = xs
             if on_step is not None:
                 jax.debug.callback(on_step, t)
-            loss, grads = grad_fn(base, params, batch, jax.random.fold_in(key, t))
+            loss, grads = step_grads(base, params, batch, jax.random.fold_in(key, t))
             grads = jax.tree.map(lambda g, m: jnp.zeros_like(g) if m else g, grads, mask)
             updates, new_state = opt.update(grads, state, params)
             updates = jax.tree.map(lambda u, m: jnp.zeros_like(u) if m else u, updates, mask)

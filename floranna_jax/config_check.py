@@ -128,6 +128,9 @@ def validate(config) -> dict[str, Any]:
     _choice(config, "model.source", MODEL_SOURCES)
     _choice(config, "model.model_type", tuple(models.FAMILIES))
     _choice(config, "model.compute_dtype", COMPUTE_DTYPES)
+    _choice(config, "model.base_dtype", models.BASE_DTYPES)
+    if "remat" in config.model:  # decoder configs only
+        _choice(config, "model.remat", (True, False))
     _lora(config)
     try:
         task = tasks.get(config.data.task)
@@ -149,6 +152,13 @@ def validate(config) -> dict[str, Any]:
     _owned("client", lambda: clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay))
     _int(config, "client.local_steps")
     _int(config, "client.batch_size")
+    _int(config, "client.micro_batch_size", 0)
+    if c.micro_batch_size and c.batch_size % c.micro_batch_size:
+        _fail(
+            "client.micro_batch_size",
+            f"{c.micro_batch_size} does not divide client.batch_size={c.batch_size}; "
+            "use a divisor, or 0 for the whole batch",
+        )
     _choice(config, "server.name", tuple(server.ESTIMATORS))
     hparams = server_hparams(config)
     _owned("server", lambda: server.make(config.server.name, **hparams))

@@ -14,9 +14,10 @@ method's pure functions (:mod:`floranna_jax.server.method`); what the loss is li
 the runner the caller built from the task. Every key comes from :mod:`floranna_jax.keys`.
 
 Batches: a client shuffles its training indices and takes the first ``S * b`` of them
-(``S`` local steps, ``b`` examples each). A client with fewer examples gets fewer real
-steps: padded steps are masked by ``step_mask`` ``[U, S]`` (they change nothing) and the
-last partial batch by the per-example ``"mask"`` ``[U, S, b]``. Tokens are packed (the
+(``S`` local steps, ``b`` examples each); a client with fewer examples goes on with a
+fresh shuffle (epochs), so every step of a client with data is a full, real step and
+no compute is spent on masked steps. Only a client without data (and the padding of the
+clients axis) has ``step_mask`` ``[U, S]`` zero, which changes nothing. Tokens are packed (the
 ``b`` examples of a step share ``R`` rows, :mod:`floranna_jax.packing`) or padded. The
 trainable head is averaged with weights ``p_u = n_u / sum n`` (client training sizes)
 for every method.
@@ -69,19 +70,25 @@ class RoundOutput(NamedTuple):
 
 
 def init_state(
-    seed: int, trainable: PyTree, method: server.Method, num_clients: int, opt=None
-) -> RoundState:
+    seed: int, trainable: PyTree, method: server.Method, num_clients: int, opt=None,
+    abstract: bool = False,
+) -> RoundState:  # fmt: skip
     """Round-0 state from the freshly built model's trainable tree ``{"lora", "head"}``.
 
     ``opt``: the client optimizer when optimizer states persist across rounds, else None.
+    ``abstract``: the method's state and the optimizer states as ``jax.ShapeDtypeStruct``
+    (a plan: FLoRA's dense merges of a 70B model are never allocated).
     """
-    opt_state = {} if opt is None else clients.broadcast(opt.init(trainable), num_clients)
+    make = jax.eval_shape if abstract else (lambda f, x: f(x))
+    opt_state = {}
+    if opt is not None:
+        opt_state = make(lambda t: clients.broadcast(opt.init(t), num_clients), trainable)
     return RoundState(
         round=np.asarray(0, np.int64),
         key=np.asarray(jax.random.key_data(keys.root(seed))),
         lora=trainable["lora"],
         head=trainable["head"],
-        method=method.init(trainable["lora"], num_clients),
+        method=make(lambda lora: method.init(lora, num_clients), trainable["lora"]),
         opt_state=opt_state,
         bytes_up=np.asarray(0, np.int64),
         bytes_down=np.asarray(0, np.int64),
@@ -97,14 +104,18 @@ def sample_clients(rkey: jax.Array, num_clients: int, clients_per_round: int) ->
 def client_order(
     index: np.ndarray, data_key: jax.Array, steps: int, batch: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One client's examples ``take [S, b]`` and ``real [S, b]`` (False: padding, row 0): the
-    first ``S * b`` of a permutation of ``index`` drawn from ``data_key``."""
+    """One client's examples ``take [S, b]`` and ``real [S, b]`` (False only for a client
+    without data: row 0, padding). The examples come in epochs: a permutation of ``index``
+    drawn from ``data_key``, then a fresh one, and so on until ``S * b`` are taken, so a
+    client with any data never runs a masked step (each epoch sees every example once)."""
     rng = np.random.default_rng(np.asarray(jax.random.key_data(data_key)).tolist())
-    order = rng.permutation(np.asarray(index, np.int64))[: steps * batch]
-    real = np.arange(steps * batch) < len(order)
-    take = np.zeros(steps * batch, np.int64)
-    take[: len(order)] = order
-    return take.reshape(steps, batch), real.reshape(steps, batch)
+    index = np.asarray(index, np.int64)
+    need = steps * batch
+    if len(index) == 0:
+        return np.zeros((steps, batch), np.int64), np.zeros((steps, batch), bool)
+    epochs = [rng.permutation(index) for _ in range(-(-need // len(index)))]
+    take = np.concatenate(epochs)[:need]
+    return take.reshape(steps, batch), np.ones((steps, batch), bool)
 
 
 def client_batches(
@@ -115,21 +126,26 @@ def client_batches(
     steps: int,
     batch: int,
     packed: tuple[np.ndarray, int] | None = None,
+    micro: int = 1,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Batches ``[U, S, ...]`` and ``step_mask [U, S]`` of the sampled clients, each
     client's examples drawn by :func:`client_order` from its data key; padded, or with
     ``packed = (token lengths, T)`` packed in rows of ``T`` tokens, one row count for the
-    whole round (:func:`packing.batches`)."""
+    whole round (:func:`packing.batches`). ``micro > 1``: each step's ``b`` examples as
+    ``micro`` micro-batches ``[U, S, micro, b / micro, ...]``, each packed on its own, so
+    an example never spans two micro-batches."""
     orders = [
         client_order(train_index[u], keys.data_key(keys.client_key(rkey, u)), steps, batch)
         for u in ids
     ]
     take, real = (np.concatenate([o[i] for o in orders]) for i in (0, 1))  # [U * S, b]
+    lead = (len(ids), steps) if micro == 1 else (len(ids), steps, micro)
+    take, real = take.reshape(-1, batch // micro), real.reshape(-1, batch // micro)
     flat = packing.batches(arrays, take, real, packed)
     if packed is not None:  # each process packs its own clients: all take the most rows
         flat = packing.pad_rows(flat, distributed.max_over_processes(packing.rows(flat)))
-    out = {k: v.reshape(len(ids), steps, *v.shape[1:]) for k, v in flat.items()}
-    return out, out["mask"].max(axis=2)
+    out = {k: v.reshape(*lead, *v.shape[1:]) for k, v in flat.items()}
+    return out, out["mask"].reshape(len(ids), steps, -1).max(axis=2)
 
 
 def first_nonfinite(tree: PyTree, stacked: bool = True) -> tuple[int, str] | None:
@@ -181,13 +197,18 @@ def check_aggregate(round_number: int, agg: server.Aggregate, method_state: PyTr
             raise RoundError(f"round {round_number}: server metric {k} is {v}")
 
 
+def make_merge(model) -> Callable:
+    """The jitted ``merge(base, delta) -> base + s * delta`` (``models.merge_into_base``)."""
+    s = float(model.lora_scale)
+    return jax.jit(lambda base, delta: models.merge_into_base(base, delta, s))
+
+
 def make_effective_base(model) -> Callable:
     """``(base, delta) -> base + s * delta`` (jitted; identity when there is no delta).
 
     ``delta``: ``{layer: [d_out, d_in]}`` in ``B @ A`` units, a method's ``base_delta``.
     """
-    s = float(model.lora_scale)
-    merge = jax.jit(lambda base, delta: models.merge_into_base(base, delta, s))
+    merge = make_merge(model)
     return lambda base, delta: merge(base, delta) if delta else base
 
 
@@ -223,16 +244,20 @@ class Trained(NamedTuple):
 
 
 def train_clients(
-    runner, base, trainable, opt_state, rkey, ids, arrays, train_index, steps, batch, layout
-) -> Trained:
+    runner, base, trainable, opt_state, rkey, ids, arrays, train_index, steps, batch, layout,
+    micro: int = 1,
+) -> Trained:  # fmt: skip
     """Clients ``ids`` train from ``trainable`` ``[U, ...]`` on their batches of the round
-    ``rkey`` (:func:`client_batches`; ``train_index[u]``: client ``u``'s rows of ``arrays``)."""
+    ``rkey`` (:func:`client_batches`, ``micro`` micro-batches per step; ``train_index[u]``:
+    client ``u``'s rows of ``arrays``)."""
     U = len(ids)
     # This process's block of the clients axis (all of it with one process); rows past U
     # pad the axis of several processes with copies of the last client that take no step.
     rows = clients.local_rows(U)
     mine = np.minimum(rows, U - 1)
-    batches, step_mask = client_batches(rkey, ids[mine], arrays, train_index, steps, batch, layout)
+    batches, step_mask = client_batches(
+        rkey, ids[mine], arrays, train_index, steps, batch, layout, micro
+    )
     step_mask = np.where(rows[:, None] < U, step_mask, 0).astype(step_mask.dtype)
     if jax.process_count() > 1:
         trainable, opt_state = jax.tree.map(lambda x: x[mine], (trainable, opt_state))
@@ -240,8 +265,9 @@ def train_clients(
     if jax.process_count() > 1:  # every process gets every row back: drop the padding
         out = jax.tree.map(lambda x: x[:U], out)
     trained, opt_state, cm = out
-    # Real examples each client trained on (what its batches' masks sum to, on any process).
-    examples = np.minimum([len(train_index[u]) for u in ids], steps * batch).astype(np.float32)
+    # Examples each client trained on, repeats of a later epoch included (what its batches'
+    # masks sum to, on any process): S * b for a client with data, 0 without.
+    examples = np.asarray([len(train_index[u]) > 0 for u in ids], np.float32) * steps * batch
     return Trained(trained, opt_state, np.asarray(cm["loss"]), np.asarray(cm["steps"]), examples)
 
 
@@ -301,6 +327,7 @@ def make_round(
     persistent_opt_state: bool = False,
     compare: Callable | None = None,
     packed: bool = False,
+    micro_batches: int = 1,
 ) -> Callable[[RoundState], tuple[RoundState, RoundOutput]]:
     """Build ``round_fn(state) -> (state, RoundOutput)`` for one run.
 
@@ -310,6 +337,8 @@ def make_round(
     uploads is logged as ``compare/<label>/rho_rel`` (the run itself still uses its method).
     ``packed``: each step's examples share rows of the longest training example's length
     (rounded up to 16 tokens; :mod:`floranna_jax.packing`), else each is padded to ``L``.
+    ``micro_batches``: a step's ``batch_size`` examples run as this many micro-batches
+    (the runner's ``local_update`` built with ``micro_batched`` when more than 1).
     """
     num_clients = len(train_index)
     layout = packing.layout(arrays) if packed else None
@@ -324,7 +353,7 @@ def make_round(
         base = effective_base(model.base, method.base_delta(state.method))
         out = train_clients(
             runner, base, trainable, opt_state, rkey, ids, arrays, train_index,
-            local_steps, batch_size, layout,
+            local_steps, batch_size, layout, micro_batches,
         )  # fmt: skip
         check_uploads(number, ids, out.loss, out.trainable)
         t1 = time.perf_counter()

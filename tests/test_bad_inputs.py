@@ -41,6 +41,8 @@ CONFIG_CASES = [
     (["--config.trian.seed=3"], ["trian.seed", "did you mean train.seed"]),
     (["--config.train.num_rounds=abc"], ["train.num_rounds", "abc"]),
     (["--config.client.local_steps=2.5"], ["client.local_steps", "2.5"]),
+    (["--config.client.micro_batch_size=5"], ["client.micro_batch_size", "5", "divide"]),
+    (["--config.model.base_dtype=float16"], ["model.base_dtype", "float16", "bfloat16"]),
     (["--config.server.stepz=3"], ["server.stepz", "did you mean server.steps"]),
     (["--config.server.name=fedit", "--config.server.steps=3"],
      ["server.steps", "'fedit'", "floranna"]),

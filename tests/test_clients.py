@@ -35,7 +35,7 @@ def make_loss(dropout_rate: float = 0.0):
         logits = h @ trainable["head"]["w"] + trainable["head"]["c"]
         per_ex = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
         mask = batch["mask"]
-        return jnp.sum(per_ex * mask) / jnp.sum(mask)
+        return jnp.sum(per_ex * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
 
     return loss_fn
 
@@ -95,7 +95,9 @@ class LocalUpdateTest(chex.TestCase):
 
         step_key = jax.random.fold_in(key, 0)
         first = jax.tree.map(lambda x: x[0], batch)
-        loss, grads = jax.value_and_grad(loss_fn, argnums=1)(base, trainable, first, step_key)
+        (loss, _), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+            base, trainable, first, step_key
+        )
         expected = jax.tree.map(lambda p, g: p - lr * g, trainable, grads)
         # Same ops in the same order; 1e-6 only absorbs jit-vs-eager fusion rounding.
         chex.assert_trees_all_close(new, expected, atol=1e-6, rtol=1e-6)
@@ -107,7 +109,8 @@ class LocalUpdateTest(chex.TestCase):
         # Linear loss <key noise, params>: SGD(lr=1) subtracts exactly the noise of each step.
         def loss_fn(base, trainable, batch, key):
             del base, batch
-            return jnp.sum(trainable["w"] * jax.random.normal(key, trainable["w"].shape))
+            noise = jax.random.normal(key, trainable["w"].shape)
+            return jnp.sum(trainable["w"] * noise), jnp.float32(1.0)
 
         opt = clients.make_optimizer("sgd", learning_rate=1.0)
         local_update = self.variant(clients.make_local_update(loss_fn, opt))
@@ -136,6 +139,23 @@ class LocalUpdateTest(chex.TestCase):
         # Same two steps with the same keys; identical up to compilation differences.
         chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
         self.assertEqual(int(got[2]["steps"]), 2)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_micro_batches_equal_one_batch(self):
+        # 4 steps of 4 examples, whole or as 2 micro-batches of 2, some examples masked so
+        # that micro-batches weigh differently: the same AdamW steps up to float32 round-off.
+        base, trainable, batches = make_problem(U=1, S=4)
+        batches = jax.tree.map(lambda x: x[0], batches)
+        batches["mask"] = batches["mask"].at[0, 1].set(0).at[2, 2:].set(0)
+        opt = clients.make_optimizer("adamw", learning_rate=5e-2)
+        args = (base, trainable, opt.init(trainable))
+        tail = (jnp.ones((4,)), jax.random.key(1))
+        whole = self.variant(clients.make_local_update(make_loss(), opt))(*args, batches, *tail)
+        split = jax.tree.map(lambda x: x.reshape(4, 2, 2, *x.shape[2:]), batches)
+        micro = clients.make_local_update(make_loss(), opt, micro_batched=True)
+        got = self.variant(micro)(*args, split, *tail)
+        chex.assert_trees_all_close(got, whole, rtol=1e-5, atol=1e-6)
+        self.assertFalse(np.allclose(got[0]["head"]["w"], trainable["head"]["w"]))
 
     def test_frozen_A_is_bit_identical_and_B_trains(self):
         base, trainable, _ = make_problem()

@@ -17,8 +17,9 @@ from decoder_cases import (
     tiny_config,
     tiny_model,
 )
+from smoke_setup import config_file
 
-from floranna_jax import lora, models, packing
+from floranna_jax import experiment, lora, models, packing
 from floranna_jax.models import decoder
 from floranna_jax.models.architecture import split_stacked
 
@@ -172,6 +173,16 @@ class DecoderTest(chex.TestCase):
         jaxprs = [str(jax.make_jaxpr(m.apply)(m.base, trainable, batch)) for m in (plain, remat)]
         # the chunked loss is one remat region; remat=True adds the layer's
         self.assertEqual(jaxprs[1].count("remat"), jaxprs[0].count("remat") + 1)
+
+    def test_remat_reached_from_the_config(self):
+        batch = random_batch()
+        counts = []
+        for remat in (False, True):
+            config = config_file("gsm8k.py", **{"model.remat": remat})
+            model = experiment.build_model(config, 0, jax.random.key(0))
+            jaxpr = jax.make_jaxpr(model.apply)(model.base, model.trainable, batch)
+            counts.append(str(jaxpr).count("remat"))
+        self.assertEqual(counts[1], counts[0] + 1)  # the layer's remat region
 
     def test_vmap_over_stacked_trainable_equals_loop(self):
         model = tiny_model()

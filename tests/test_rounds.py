@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from smoke_setup import shared_compilation, smoke_config
+from smoke_setup import config_file, shared_compilation, smoke_config
 
-from floranna_jax import keys, packing, rounds, train
+from floranna_jax import keys, models, packing, rounds, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,15 +27,32 @@ def test_sample_clients_is_deterministic_and_distinct():
     assert len(draws) > 1  # rounds differ
 
 
-def test_client_order_masks_short_clients():
+def test_client_order_cycles_short_clients_in_fresh_epochs():
     key = jax.random.key(0)
     take, real = rounds.client_order(np.array([1, 4, 7]), key, steps=3, batch=2)
-    np.testing.assert_array_equal(real, [[1, 1], [1, 0], [0, 0]])
-    assert sorted(take[real].tolist()) == [1, 4, 7]  # every row once
+    assert real.all()  # no masked step, no padded example
+    flat = take.ravel().tolist()
+    assert sorted(flat[:3]) == sorted(flat[3:]) == [1, 4, 7]  # two whole epochs
+    epochs = {tuple(rounds.client_order(np.array([1, 4, 7]), jax.random.key(s), 2, 3)[0]
+                    .ravel()[3:].tolist()) for s in range(8)}  # fmt: skip
+    assert len(epochs) > 1  # the second epoch is shuffled afresh, not a copy of a fixed one
     again, _ = rounds.client_order(np.array([1, 4, 7]), key, steps=3, batch=2)
     np.testing.assert_array_equal(again, take)
     full, full_real = rounds.client_order(np.arange(10), key, steps=2, batch=3)
     assert full_real.all() and len(set(full.ravel().tolist())) == 6
+    _, none_real = rounds.client_order(np.array([], np.int64), key, steps=2, batch=3)
+    assert not none_real.any()  # a client without data: masked steps only
+
+
+def test_round_runs_only_real_steps_and_counts_repeats():
+    # 256 examples over 4 clients, 5 steps of 16: 80 per client, more than most hold.
+    config = smoke_config(**{"server.name": "fedit", "client.local_steps": 5})
+    run = train.build(config)
+    sizes = np.asarray([len(i) for i in run.exp.part.train])
+    assert sizes.min() > 0 and (sizes < 5 * 16).sum() >= 2  # clients that cycle
+    _, out = run.round_fn(run.state)
+    assert out.metrics["train/real_steps"] == 5
+    assert out.metrics["train/examples"] == 5 * 16 * config.train.clients_per_round
 
 
 def _padded_batches(arrays, index, data_key, steps, batch):
@@ -69,7 +86,8 @@ def test_fedit_one_client_one_step_equals_centralized_step(tmp_path):
     batch = jax.tree.map(lambda x: x[0], batches)
     loss_fn = exp.task.make_loss(model)
     dropout_key = jax.random.fold_in(keys.dropout_key(ckey), 0)  # runner: step t=0
-    grads = jax.jit(jax.grad(loss_fn, argnums=1))(model.base, model.trainable, batch, dropout_key)
+    grad_fn = jax.jit(jax.grad(loss_fn, argnums=1, has_aux=True))
+    grads, _ = grad_fn(model.base, model.trainable, batch, dropout_key)
     expected = jax.tree.map(lambda p, g: p - 0.5 * g, model.trainable, grads)
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["lora"]))
     # vmapped runner vs plain jit reorder float sums: agree to float32 round-off.
@@ -86,3 +104,26 @@ def test_round_step_compiles_once(tmp_path):
     for _ in range(3):  # a retrace would raise from inside the runner
         state, out = run.round_fn(state)
     assert int(state.round) == 3 and np.isfinite(out.metrics["train/loss"])
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("config_name", ["glue.py", "gsm8k.py"], ids=["encoder", "decoder"])
+def test_micro_batches_equal_one_batch(config_name, packing, monkeypatch):
+    # One round of 2 steps of 8 examples, whole or as 4 micro-batches of 2 (each packed on
+    # its own): the uploads agree to float32 round-off of the regrouped sums (1e-5).
+    # Without dropout: its masks are drawn per micro-batch, so they differ by design.
+    tiny = models.tiny_config
+    monkeypatch.setattr(models, "tiny_config", lambda t: {
+        **tiny(t), "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})  # fmt: skip
+    overrides = {"server.name": "fedit", "lora.dropout": 0.0, "data.packing": packing,
+                 "client.local_steps": 2, "client.batch_size": 8}  # fmt: skip
+    outs = []
+    for micro in (0, 2):
+        config = config_file(config_name, **overrides, **{"client.micro_batch_size": micro})
+        run = train.build(config)
+        _, out = run.round_fn(run.state)
+        outs.append(out)
+    whole, micro = outs
+    assert any(float(jnp.abs(b["B"]).max()) > 0 for b in whole.trainable["lora"].values())
+    chex.assert_trees_all_close(micro.trainable, whole.trainable, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(micro.metrics["train/loss"], whole.metrics["train/loss"], 1e-5)

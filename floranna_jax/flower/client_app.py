@@ -107,7 +107,7 @@ def train_round(msg: Message, context: Context) -> Message:
     out = rounds.train_clients(
         job.runner, base, start, rounds.fresh_opt_state(job.opt, start), rkey, np.asarray([u]),
         shard.train, {u: np.arange(n)}, config.client.local_steps, config.client.batch_size,
-        layout,
+        layout, train.micro_batches(config),
     )  # fmt: skip
     trained = jax.tree.map(lambda x: np.asarray(x[0]), out.trainable)
 

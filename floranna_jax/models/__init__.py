@@ -27,31 +27,37 @@ subpackage (every decoder family: logits, generation).
 """
 
 from floranna_jax.models.model import (
+    BASE_DTYPES,
     DEFAULT_TARGETS,
     FAMILIES,
     TARGETS,
     LoraSpec,
     Model,
     architecture,
+    build_abstract,
     build_random,
     check_lora,
     load_pretrained,
     merge_into_base,
+    resolve_base_dtype,
     save_pretrained,
     tiny_config,
 )
 
 __all__ = [
+    "BASE_DTYPES",
     "DEFAULT_TARGETS",
     "FAMILIES",
     "TARGETS",
     "LoraSpec",
     "Model",
     "architecture",
+    "build_abstract",
     "build_random",
     "check_lora",
     "load_pretrained",
     "merge_into_base",
+    "resolve_base_dtype",
     "save_pretrained",
     "tiny_config",
 ]

@@ -7,16 +7,22 @@ declares unused (buffers, pre-training heads); otherwise :func:`load_params` rai
 initialized and that is logged. Checkpoint names are normalized by the architecture
 (``bert.``/``roberta.`` prefixes, LayerNorm ``gamma``/``beta``), so prefixed and unprefixed
 checkpoints both load. PyTorch ``Linear`` weights ``[d_out, d_in]`` become Flax kernels
-``[d_in, d_out]`` (every leaf named ``kernel``). Parameters are float32 whatever the
-checkpoint dtype. A sharded checkpoint (``model.safetensors.index.json``) reads as one.
+``[d_in, d_out]`` (every leaf named ``kernel``). The base comes out in the dtype asked for
+(float32 or bfloat16, whatever the checkpoint's), the head in float32 (it trains). A
+sharded checkpoint (``model.safetensors.index.json``) reads as one.
 
+Host memory: tensors are read one at a time, each cast on the host and put on its devices
+(``jax.device_put`` with the target sharding) before the next is read, so loading holds
+about one tensor on the host beyond what the devices hold, never a host copy of the model.
 Stacked layers (``Architecture.stacked``): a leaf ``[N, ...]`` under ``"layers"`` is
-``N`` checkpoint tensors, those of ``"layers_0"`` ... ``"layers_{N-1}"``; each is
-checked, read and written one by one.
+``N`` checkpoint tensors, those of ``"layers_0"`` ... ``"layers_{N-1}"``; the leaf is made
+on the devices first and each layer written into it in place (a donated buffer).
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
 import pathlib
@@ -40,8 +46,9 @@ _LOCAL_HINT = (
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer
 
 
-def resolve_folder(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
-    """A local model folder, or a Hugging Face hub id fetched with ``snapshot_download``.
+def resolve_folder(path_or_hub_id: str | os.PathLike, weights: bool = True) -> pathlib.Path:
+    """A local model folder, or a Hugging Face hub id fetched with ``snapshot_download``
+    (``weights=False``: its config and tokenizer only, what a plan reads).
 
     Offline (``HF_HUB_OFFLINE=1``) or unreachable hubs raise ``FileNotFoundError`` saying
     to pass a local folder; a hub id already in the local hub cache still resolves.
@@ -57,7 +64,10 @@ def resolve_folder(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
         import huggingface_hub  # only needed for hub ids
 
         return pathlib.Path(
-            huggingface_hub.snapshot_download(repo_id=text, allow_patterns=_HUB_FILES)
+            huggingface_hub.snapshot_download(
+                repo_id=text,
+                allow_patterns=_HUB_FILES if weights else _HUB_FILES[:1] + _HUB_FILES[2:],
+            )
         )
     except Exception as e:  # offline mode, no network, unknown repo, auth: one message
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
@@ -108,13 +118,39 @@ def checkpoint_index(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, tupl
 
 
 def read_tensor(file: pathlib.Path, key: str) -> np.ndarray:
-    """One tensor as float32 numpy (bf16 goes through jax, which numpy cannot read)."""
+    """One tensor as numpy in its checkpoint dtype (bfloat16 as ``ml_dtypes.bfloat16``;
+    through jax where this safetensors' numpy reader does not know the dtype)."""
     try:
         with safe_open(file, framework="numpy") as f:
-            return np.asarray(f.get_tensor(key), np.float32)
+            return f.get_tensor(key)
     except TypeError:
         with safe_open(file, framework="flax") as f:
-            return np.asarray(f.get_tensor(key).astype(jnp.float32))
+            return np.asarray(f.get_tensor(key))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stacked: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Array:
+    """``stacked`` with ``stacked[i] = layer``, in place (the input buffer is donated)."""
+    return stacked.at[i].set(layer)
+
+
+def read_leaves(index: dict, canon: dict, names: dict, dtype, sharding) -> Params:
+    """The leaves ``names`` (:func:`_expected`) as a tree of ``dtype`` arrays on
+    ``sharding``, one checkpoint tensor at a time: read, transposed if a kernel, cast on the
+    host, put on the devices, then dropped; a stacked leaf is filled layer by layer."""
+    layers = collections.Counter(path for path, i, _ in names.values() if i is not None)
+    flat = {}
+    for name, (path, i, _) in names.items():
+        value = read_tensor(index[canon[name]][0], canon[name])
+        value = value.T if path[-1] == "kernel" else value
+        value = jax.device_put(np.asarray(value, dtype), sharding)
+        if i is None:
+            flat[path] = value
+            continue
+        if path not in flat:
+            flat[path] = jnp.zeros((layers[path], *value.shape), dtype, device=sharding)
+        flat[path] = _write_layer(flat[path], value, i)
+    return traverse_util.unflatten_dict(flat)
 
 
 def _listing(names, limit: int = 20) -> str:
@@ -160,12 +196,16 @@ def load_params(
     *,
     head_key: jax.Array,
     load_head: bool = True,
+    base_dtype=jnp.float32,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[Params, Params]:
     """``(base, head)`` from the folder's safetensors; raises ``ValueError`` on mismatch.
 
     The head is read from the checkpoint when all its tensors are there (a fine-tuned
     ``*ForSequenceClassification``) and ``load_head``; when none is there, or with
     ``load_head=False``, it is initialized from ``head_key`` and that is logged.
+    ``base_dtype``: the base's dtype; the head is float32. ``sharding``: where every leaf
+    goes, whole (default: the first device).
     """
     index = checkpoint_index(folder)
     canon = _canonical(arch, index)
@@ -197,22 +237,10 @@ def load_params(
             parts.append("the checkpoint's task head differs: load_head=False starts a fresh one")
         raise ValueError("\n  ".join(parts))
 
-    def read(names: dict) -> Params:
-        flat, layers = {}, {}
-        for name, (path, i, _) in names.items():
-            value = read_tensor(index[canon[name]][0], canon[name])
-            value = value.T if path[-1] == "kernel" else value
-            if i is None:
-                flat[path] = jnp.asarray(value)
-            else:
-                layers.setdefault(path, {})[i] = value
-        for path, values in layers.items():
-            flat[path] = jnp.asarray(np.stack([values[i] for i in range(len(values))]))
-        return traverse_util.unflatten_dict(flat)
-
-    base = read(base_want)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    base = read_leaves(index, canon, base_want, base_dtype, sharding)
     if head_found:
-        return base, read(head_want)
+        return base, read_leaves(index, canon, head_want, jnp.float32, sharding)
     if not head_want:  # a family without a task head (decoders)
         return base, arch.init_head(head_key)
     logging.warning("task head %s is not in %s: initialized fresh", _listing(head_want), folder)

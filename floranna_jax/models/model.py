@@ -8,6 +8,9 @@ fresh adapters ``{"A": [r, d_in], "B": [d_out, r]}`` with ``B = 0``;
 :func:`save_pretrained` writes base + head back; :func:`merge_into_base` folds dense
 ``[d_out, d_in]`` updates into the frozen kernels (also into a layer of stacked kernels).
 
+The frozen base is float32 or bfloat16 (``base_dtype``; :func:`resolve_base_dtype` turns a
+config's ``"auto"`` into one); adapters and the head are always float32.
+
 Family options beyond the shared ones (decoders: ``remat``, ``loss_chunk_elements``) pass
 through :func:`build_random` / :func:`load_pretrained` as keyword arguments.
 """
@@ -45,6 +48,20 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     **{name: _ENCODER_DEFAULT_TARGETS for name in encoder.MODEL_TYPES},
     **{name: f.default_targets for name, f in decoder.FAMILIES.items()},
 }
+
+
+BASE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_base_dtype(name: str) -> jnp.dtype:
+    """The frozen base's dtype for a name of :data:`BASE_DTYPES`. ``"auto"``: bfloat16 on an
+    accelerator (half the memory, full-rate matmuls), float32 on a CPU (whose XLA upcasts
+    bfloat16 matmuls: no speed to gain, and CPU runs stay bit-exact as before)."""
+    if name not in BASE_DTYPES:
+        raise BadValue("base_dtype", f"unknown {name!r}; valid: {', '.join(BASE_DTYPES)}")
+    if name == "auto":
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(name)
 
 
 class LoraSpec(NamedTuple):
@@ -175,15 +192,33 @@ def build_random(
     lora: LoraSpec = LoraSpec(),  # noqa: B008 (immutable NamedTuple)
     key: jax.Array | None = None,
     compute_dtype=jnp.float32,
+    base_dtype=jnp.float32,
     **options,
 ) -> Model:
-    """A model with a random base (no files, no network); ``key=None`` means key(0).
+    """A model with a random base (no files, no network); ``key=None`` means key(0); the
+    base drawn in float32, then cast to ``base_dtype``.
     ``options``: the family's own keyword arguments (see :func:`architecture`)."""
     arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
     k_base, k_head, k_lora = _keys(key)
-    base = arch.init_base(k_base)
+    base = jax.tree.map(lambda x: x.astype(base_dtype), arch.init_base(k_base))
     head = arch.init_head(k_head)
     return _assemble(arch, base, head, lora, k_lora, hf_config)
+
+
+def build_abstract(
+    hf_config: dict,
+    num_labels: int = 2,
+    lora: LoraSpec = LoraSpec(),  # noqa: B008 (immutable NamedTuple)
+    key: jax.Array | None = None,
+    compute_dtype=jnp.float32,
+    **options,
+) -> Model:
+    """A model whose base is ``jax.ShapeDtypeStruct`` leaves (the shapes and dtypes a
+    checkpoint would fill; nothing allocated, nothing read), with real fresh adapters and
+    head: what a plan compiles ahead of time (:mod:`floranna_jax.plan`)."""
+    arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
+    _, k_head, k_lora = _keys(key)
+    return _assemble(arch, arch.base_shapes, arch.init_head(k_head), lora, k_lora, hf_config)
 
 
 def load_pretrained(
@@ -194,19 +229,26 @@ def load_pretrained(
     compute_dtype=jnp.float32,
     *,
     load_head: bool = True,
+    base_dtype=jnp.float32,
+    sharding: jax.sharding.Sharding | None = None,
     **options,
 ) -> Model:
     """A model whose base comes from a Hugging Face folder (or hub id, when online).
 
     Checkpoint and model must agree exactly (see :mod:`loading`); the task head is read
     when the checkpoint has one of the right size and ``load_head``, else fresh (logged).
+    The base is read tensor by tensor in ``base_dtype`` straight onto ``sharding``'s
+    devices (default: the first device), never whole on the host.
     ``options``: the family's own keyword arguments (see :func:`architecture`).
     """
     folder = loading.resolve_folder(path_or_hub_id)
     hf_config = loading.read_config(folder)
     arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
     _, k_head, k_lora = _keys(key)
-    base, head = loading.load_params(arch, folder, head_key=k_head, load_head=load_head)
+    base, head = loading.load_params(
+        arch, folder, head_key=k_head, load_head=load_head, base_dtype=base_dtype,
+        sharding=sharding,
+    )  # fmt: skip
     logging.info("loaded %s model from %s", hf_config["model_type"], folder)
     return _assemble(arch, base, head, lora, k_lora, hf_config)
 

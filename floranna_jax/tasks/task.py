@@ -6,7 +6,7 @@ serves) and ``make(name) -> Task``, plus one entry in :data:`KINDS`.
 
     task = tasks.get(config.data.task)
     train, validation = task.load(config)          # numpy arrays {key: [N, ...]}
-    loss_fn = task.make_loss(model)                # (base, trainable, batch, key) -> scalar
+    loss_fn = task.make_loss(model)                # (base, trainable, batch, key) -> (loss, weight)
     evaluator = task.make_evaluator(model, train, validation, holdout_index, config)
     evaluator.global_eval(base, trainable, record=None) -> {metric: float}
     evaluator.local_eval(base, trainable_U, client_ids) -> {metric: mean over clients}
@@ -22,15 +22,31 @@ import numpy as np
 Arrays = dict[str, np.ndarray]
 
 
+class Program(NamedTuple):
+    """A compiled step of a run, as a plan sees it: ``fn`` (jitted), the arguments it runs
+    with (arrays or ``jax.ShapeDtypeStruct``: ``fn.trace(*args)`` compiles it ahead of
+    time), how many times it runs per round (or per evaluation), and how many iterations
+    its ``while`` loops take at most (decoding: the new tokens; a FLOP count needs it)."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple
+    calls: int
+    loop_trips: int = 1
+
+
 class Evaluator(NamedTuple):
     """``global_eval(base, trainable, record=None) -> {metric: float}`` on the validation
     split (a task that generates text passes ``record`` a list of dicts, its first
     generations, when given one; others ignore it);
     ``local_eval(base, trainable_U, client_ids) -> {metric: mean over clients}`` of each
-    sampled client's own model on its held-out rows."""
+    sampled client's own model on its held-out rows; ``programs(base, trainable_U) ->
+    [Program]``: the evaluation's compiled steps at the shapes they run with (one
+    evaluation, global and local; ``trainable_U``: ``[U, ...]`` stacked trees)."""
 
     global_eval: Callable[..., dict[str, float]]
     local_eval: Callable[..., dict[str, float]]
+    programs: Callable[..., list[Program]] = lambda base, trainable_U: []
 
 
 class Task(NamedTuple):
@@ -41,8 +57,10 @@ class Task(NamedTuple):
     load: ``config -> (train, validation)``, numpy arrays ``{key: [N, ...]}`` with equal
       ``N`` per split; ``train["label"]`` (if any) is what label-based partitions split on.
       Raises ``errors.ConfigError`` naming the file, line or field on bad input.
-    make_loss: ``model -> loss_fn(base, trainable, batch, dropout_key) -> scalar``, the mean
-      training loss over the real rows of ``batch`` (``batch["mask"]: [b]``).
+    make_loss: ``model -> loss_fn(base, trainable, batch, dropout_key) -> (loss, weight)``:
+      the mean training loss over the real rows of ``batch`` (``batch["mask"]: [b]``) and
+      what it averages over (real examples, or tokens), which does not depend on the
+      parameters; micro-batches (``clients.make_local_update``) weigh their means by it.
     make_evaluator: ``(model, train, validation, holdout_index, config) -> Evaluator``;
       ``holdout_index[u]``: client ``u``'s held-out rows of ``train``; ``config``: the run's
       config (section ``eval`` and ``train.clients_per_round``).

@@ -15,8 +15,9 @@ varies per layer (window, rotary table) is scanned along with the weights.
 Adapters arrive per layer (``"layers_3/attn/q_proj" -> {"A": [r, d_in], "B": [d_out,
 r]}``, what the server sees) and :func:`stack_adapters` stacks them for the scan.
 
-Mixed precision: parameters stay float32; matmuls run in ``dtype``; the residual stream,
-RMSNorm, rotary embeddings and softmax run in float32.
+Mixed precision: adapters are float32, the frozen base float32 or bfloat16 (``base_dtype``);
+matmuls run in ``dtype``; the residual stream, RMSNorm, rotary embeddings and softmax run
+in float32.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ Adapters are not parameters: they arrive as a call argument ``adapters: layer_na
 {"A": [r, d_in], "B": [d_out, r]}`` (see :mod:`floranna_jax.lora`), looked up by each
 projection under its stable ``layer_name``, e.g. ``"layer_3/mlp/mlp_up"``.
 
-Mixed precision: parameters stay float32; matmuls run in ``compute_dtype``; LayerNorm,
-residual sums and softmax run in float32; logits come back float32.
+Mixed precision: adapters and head are float32, the frozen base float32 or bfloat16
+(``base_dtype``); matmuls run in ``compute_dtype``; LayerNorm, residual sums and softmax
+run in float32; logits come back float32.
 """
 
 from __future__ import annotations
