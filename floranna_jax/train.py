@@ -215,6 +215,7 @@ ADDED_FIELDS = {
     "model.remat": lambda v: True,  # memory against time only: the numbers are the same
     "client.micro_batch_size": lambda v: v == 0,
     "lora.init_from": lambda v: not v,
+    "model.quantize": lambda v: not v,
 }
 
 
