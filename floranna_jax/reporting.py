@@ -176,6 +176,9 @@ def summary_table(rows: list[dict[str, Any]], main_metric: str, title: str) -> s
     before = [r[f"eval/global/{m}"] for r in rows if r["round"] == 0 and f"eval/global/{m}" in r]
     if before:  # eval.at_start: the global model before training
         lines.insert(1, (f"global {m} before round 1", format_value(before[0])))
+    eps = _last(rows, "privacy/epsilon")
+    if eps is not None:  # a DP-FedAvg run (floranna_jax.privacy)
+        lines.append((f"epsilon at delta={_last(rows, 'privacy/delta'):g}", format_value(eps)))
     for phase in ("clients", "server", "eval"):
         total = sum(r.get(f"time/{phase}_s", 0.0) for r in rows)
         lines.append((f"time {phase} (s, all rounds)", f"{total:.2f}"))

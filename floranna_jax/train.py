@@ -37,6 +37,7 @@ from floranna_jax import (
     experiment,
     keys,
     partition,
+    privacy,
     reporting,
     rounds,
     server,
@@ -84,7 +85,7 @@ def build(config, *, loss_wrapper=None) -> Run:
     """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss."""
     hparams = config_check.validate(config)
     seed = config.train.seed
-    server_ = server.build(config.server.name, **hparams)
+    server_ = server.serve(privacy.wrap(config, server.make(config.server.name, **hparams)))
     method = server_.method
     exp = experiment.build(config, keys.model_key(seed))
     c = config.client
@@ -243,7 +244,7 @@ def run(config, workdir: str) -> str:
     while int(state.round) < num_rounds:
         state, out = run_.round_fn(state)
         r = int(state.round)
-        row = {"round": r, **out.metrics}
+        row = {"round": r, **out.metrics, **privacy.row(config, r)}
         if r % config.eval.every_rounds == 0 or r == num_rounds:
             t0 = time.perf_counter()
             row |= _eval_row(run_, config, state, out)
