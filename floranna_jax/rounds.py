@@ -19,7 +19,8 @@ steps: padded steps are masked by ``step_mask`` ``[U, S]`` (they change nothing)
 last partial batch by the per-example ``"mask"`` ``[U, S, b]``. Tokens are packed (the
 ``b`` examples of a step share ``R`` rows, :mod:`floranna_jax.packing`) or padded. The
 trainable head is averaged with weights ``p_u = n_u / sum n`` (client training sizes)
-for every method.
+by every method (``Method.aggregate_head``; DP-FedAvg, ``server.dp``, weighs clients
+equally and adds noise). What leaves the clients is ``Method.upload`` of what they trained.
 """
 
 from __future__ import annotations
