@@ -50,7 +50,7 @@ evaluation).
 import ml_collections
 from ml_collections import config_dict
 
-from floranna_jax import distributed
+from floranna_jax import distributed, privacy
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -132,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         clients_per_chunk=1,  # vmap: clients trained at once (0 = all); a 7B client is big
     )
     c.dist = distributed.section()  # processes of the run: one, or a pod / cluster (BUILD.md)
+    c.privacy = privacy.section()  # clipping and DP-FedAvg noise (floranna_jax/privacy.py); off
     c.ckpt = dict(
         every_rounds=10,  # save the round state every this many rounds (0 = never)
         keep=2,  # checkpoints kept

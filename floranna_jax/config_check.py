@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from floranna_jax import clients, distributed, models, partition, server, tasks
+from floranna_jax import clients, distributed, models, partition, privacy, server, tasks
 from floranna_jax.errors import BadValue, ConfigError
 from floranna_jax.models import quant
 from floranna_jax.server.method import no_base_delta
@@ -176,6 +176,7 @@ def validate(config) -> dict[str, Any]:
         _fail("train.clients_per_round", f"{t.clients_per_round} exceeds "
               f"partition.num_clients={p.num_clients}")  # fmt: skip
     _owned("dist", lambda: distributed.check(**config.dist))
+    _owned("privacy", lambda: privacy.check(config))
     several = config.dist.mode != "off"  # several processes always shard the clients
     _owned("train", lambda: clients.check_runner(t.client_mode, t.clients_per_chunk,
                                                  t.shard_clients or several),

@@ -2,6 +2,7 @@
 
     root        = key(train.seed)
     model init  = fold_in(root, MODEL_TAG)
+    DP noise    = fold_in(root, NOISE_TAG)               round 1's; the method state advances it
     round r     = fold_in(root, r)                       r = rounds completed, 0-based
     sampling    = fold_in(round, SAMPLE_TAG)             which clients train
     fresh init  = fold_in(round, INIT_TAG)               methods that restart clients
@@ -23,6 +24,7 @@ import numpy as np
 SAMPLE_TAG = 2**31 - 1
 INIT_TAG = 2**31 - 2
 MODEL_TAG = 2**31 - 3
+NOISE_TAG = 2**31 - 4
 DROPOUT_TAG = 0
 DATA_TAG = 1
 
@@ -33,6 +35,11 @@ def root(seed: int) -> jax.Array:
 
 def model_key(seed: int) -> jax.Array:
     return jax.random.fold_in(root(seed), MODEL_TAG)
+
+
+def noise_key(seed: int) -> jax.Array:
+    """The first round's key of the server's DP noise (``server.dp``)."""
+    return jax.random.fold_in(root(seed), NOISE_TAG)
 
 
 def round_key(root_data: np.ndarray | jax.Array, round_index: int) -> jax.Array:

@@ -202,6 +202,9 @@ def summary_table(
         ("bytes up (total)", format_value(_last(rows, "comm/bytes_up_total"), "bytes")),
         ("bytes down (total)", format_value(_last(rows, "comm/bytes_down_total"), "bytes")),
     ]  # fmt: skip
+    eps = _last(rows, "privacy/epsilon")
+    if eps is not None:  # a DP-FedAvg run (floranna_jax.privacy)
+        lines.append((f"epsilon at delta={_last(rows, 'privacy/delta'):g}", format_value(eps)))
     for phase in ("clients", "server", "eval"):
         total = sum(r.get(f"time/{phase}_s", 0.0) for r in rows)
         lines.append((f"time {phase} (s, all rounds)", f"{total:.2f}"))

@@ -20,7 +20,8 @@ no compute is spent on masked steps. Only a client without data (and the padding
 clients axis) has ``step_mask`` ``[U, S]`` zero, which changes nothing. Tokens are packed (the
 ``b`` examples of a step share ``R`` rows, :mod:`floranna_jax.packing`) or padded. The
 trainable head is averaged with weights ``p_u = n_u / sum n`` (client training sizes)
-for every method.
+by every method (``Method.aggregate_head``; DP-FedAvg, ``server.dp``, weighs clients
+equally and adds noise). What leaves the clients is ``Method.upload`` of what they trained.
 """
 
 from __future__ import annotations
@@ -290,12 +291,10 @@ def server_step(
 
 
 def _next_state(state, method, ids, p, trained, opt_state, agg) -> RoundState:
-    """The state after the round: the method's next adapter and state, the p-weighted
-    head, optimizer states and bytes."""
+    """The state after the round: the method's next adapter, state and head, optimizer
+    states and bytes."""
     lora_, method_state = method.apply(state.method, agg, ids, trained["lora"])
-    head = jax.tree.map(
-        lambda h: jnp.tensordot(p, h.astype(jnp.float32), 1).astype(h.dtype), trained["head"]
-    )
+    head = method.aggregate_head(state.method, trained["head"], p)
     opts = state.opt_state
     if opts:  # persistent optimizer states
         opts = jax.tree.map(lambda all_, new: all_.at[ids].set(new), opts, opt_state)
@@ -355,11 +354,12 @@ def make_round(
             runner, base, trainable, opt_state, rkey, ids, arrays, train_index,
             local_steps, batch_size, layout, micro_batches,
         )  # fmt: skip
-        check_uploads(number, ids, out.loss, out.trainable)
+        uploads = method.upload(trainable, out.trainable)  # what leaves the clients
+        check_uploads(number, ids, out.loss, uploads)
         t1 = time.perf_counter()
 
         p = client_weights(sizes[ids])
-        new_state, agg = server_step(number, state, server_, ids, p, out.trainable, out.opt_state)
+        new_state, agg = server_step(number, state, server_, ids, p, uploads, out.opt_state)
         metrics = {
             **train_metrics(out.loss, out.steps, out.examples),
             **server_metrics(agg.metrics),
@@ -369,7 +369,7 @@ def make_round(
             "time/server_s": time.perf_counter() - t1,
         }
         if compare is not None:
-            for label, rho_rel in compare(out.trainable["lora"], p).items():
+            for label, rho_rel in compare(uploads["lora"], p).items():
                 metrics[f"compare/{label}/rho_rel"] = rho_rel
         return new_state, RoundOutput(ids, out.trainable, base, metrics)
 

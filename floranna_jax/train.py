@@ -38,6 +38,7 @@ from floranna_jax import (
     keys,
     models,
     partition,
+    privacy,
     progress,
     reporting,
     rounds,
@@ -150,7 +151,7 @@ def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
     are ``jax.ShapeDtypeStruct`` trees; no weight is read (:mod:`floranna_jax.plan`)."""
     hparams = config_check.validate(config)
     seed = config.train.seed
-    server_ = server.build(config.server.name, **hparams)
+    server_ = server.serve(privacy.wrap(config, server.make(config.server.name, **hparams)))
     method = server_.method
     exp = experiment.build(config, keys.model_key(seed), abstract)
     c = config.client
@@ -215,6 +216,9 @@ ADDED_FIELDS = {
     "model.remat": lambda v: True,  # memory against time only: the numbers are the same
     "client.micro_batch_size": lambda v: v == 0,
     "lora.init_from": lambda v: not v,
+    "privacy.clip_norm": lambda v: v == 0,
+    "privacy.noise_multiplier": lambda v: v == 0,
+    "privacy.delta": lambda v: True,  # only names the reported epsilon; none without noise
     "model.quantize": lambda v: not v,
 }
 
@@ -231,9 +235,9 @@ def _fill_added(old: dict, new: dict) -> None:
     for path, same_as_before in ADDED_FIELDS.items():
         section, field = path.split(".")
         value = new.get(section, {}).get(field)
-        if section in old and field not in old[section] and field in new.get(section, {}):
+        if field not in old.get(section, {}) and field in new.get(section, {}):
             if same_as_before(value):
-                old[section][field] = value
+                old.setdefault(section, {})[field] = value
 
 
 def changed_fields(old: dict, new: dict) -> list[str]:
@@ -334,7 +338,7 @@ def run(config, workdir: str) -> str:
     while int(state.round) < num_rounds:
         state, out = run_.round_fn(state)
         r = int(state.round)
-        row = {"round": r, **out.metrics}
+        row = {"round": r, **out.metrics, **privacy.row(config, r)}
         samples = []  # the generations of this round's global evaluation, if any
         if r % config.eval.every_rounds == 0 or r == num_rounds:
             t0 = time.perf_counter()

@@ -63,9 +63,17 @@ def _final_state(config, workdir):
     return state
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    # FedSA with persistent optimizer states exercises every part of the round state.
-    fields = {"server.name": "fedsa", "client.persistent_opt_state": True, "ckpt.every_rounds": 2}
+# FedSA with persistent optimizer states exercises every part of the round state; FedIT
+# under DP-FedAvg (server.dp) a wrapped method whose noise key lives in the method state.
+RESUMED = {
+    "fedsa": {"server.name": "fedsa", "client.persistent_opt_state": True},
+    "fedit_dp": {"server.name": "fedit", "privacy.clip_norm": 0.5, "privacy.noise_multiplier": 1.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMED))
+def test_resumed_run_equals_uninterrupted_run(tmp_path, name):
+    fields = {**RESUMED[name], "ckpt.every_rounds": 2}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.run(smoke_config(**fields, **{"train.num_rounds": 4}), str(straight))
     train.run(smoke_config(**fields, **{"train.num_rounds": 2}), str(resumed))
@@ -78,6 +86,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     _assert_states_equal(a, b)
     assert _rows(straight) == _rows(resumed)
     assert [r["round"] for r in _rows(resumed)] == [1, 2, 3, 4]
+    if name == "fedit_dp":  # the noise really ran, and epsilon grows with the rounds
+        eps = [r["privacy/epsilon"] for r in _rows(resumed)]
+        assert all(r["server/dp_noise_std"] == pytest.approx(0.5 / 3) for r in _rows(resumed))
+        assert eps == sorted(eps) and eps[0] < eps[-1]
 
 
 def test_resume_refuses_another_experiment(tmp_path):

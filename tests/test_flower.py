@@ -287,10 +287,17 @@ def _serve(config, workdir, faults=None, **options) -> FakeGrid:
     return grid
 
 
-def test_two_rounds_through_flower_messages_equal_the_in_process_run(tmp_path, capsys):
-    config = _config(**{"server.name": "fedit", "train.client_mode": "loop"})
+# DP-FedAvg (server.dp): each client clips its own upload, the server adds the noise.
+DP = {"privacy.clip_norm": 0.05, "privacy.noise_multiplier": 1.0}
+
+
+@pytest.mark.parametrize("label, fields", [("fedit", {}), ("fedit with DP", DP)])
+def test_two_rounds_through_flower_messages_equal_the_in_process_run(
+    tmp_path, capsys, label, fields
+):
+    config = _config(**{"server.name": "fedit", "train.client_mode": "loop", **fields})
     _serve(config, tmp_path)
-    _compare("fedit (one process)", config, tmp_path / "run", capsys)
+    _compare(f"{label} (one process)", config, tmp_path / "run", capsys)
 
 
 @pytest.mark.slow

@@ -19,7 +19,11 @@ from smoke_setup import REPO
 from floranna_jax.data import completion
 
 # Modules that may import an extra's packages, and the extra that declares them.
-EXTRA_OF = {"floranna_jax/flower/": "flower", "floranna_jax/convert_gguf.py": "convert"}
+EXTRA_OF = {
+    "floranna_jax/flower/": "flower",
+    "floranna_jax/convert_gguf.py": "convert",
+    "floranna_jax/privacy.py": "privacy",
+}
 
 
 def _name(requirement: str) -> str:

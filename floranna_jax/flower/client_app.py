@@ -33,6 +33,7 @@ from floranna_jax import (
     experiment,
     keys,
     packing,
+    privacy,
     rounds,
     server,
     tasks,
@@ -77,7 +78,9 @@ def build_job(experiment_json: str) -> Job:
     """The client's :class:`Job`, built once per process and experiment (a runtime that
     keeps the process, like Flower's simulation, compiles ``local_update`` once)."""
     config = runconfig.parse_experiment(experiment_json)
-    method = server.make(config.server.name, **config_check.server_hparams(config))
+    method = privacy.wrap(
+        config, server.make(config.server.name, **config_check.server_hparams(config))
+    )
     task = tasks.get(config.data.task)
     model = experiment.build_model(config, task.num_labels, keys.model_key(config.train.seed))
     runner, opt = train.make_runner(config, task.make_loss(model), method, one_client=True)
@@ -109,7 +112,8 @@ def train_round(msg: Message, context: Context) -> Message:
         shard.train, {u: np.arange(n)}, config.client.local_steps, config.client.batch_size,
         layout, train.micro_batches(config),
     )  # fmt: skip
-    trained = jax.tree.map(lambda x: np.asarray(x[0]), out.trainable)
+    # What leaves this client: the method's upload transform (server.dp clips it here).
+    trained = jax.tree.map(lambda x: np.asarray(x[0]), method.upload(start, out.trainable))
 
     context.state["private"] = wire.to_record(trained, method.private)
     metrics = {"loss": float(out.loss[0]), "steps": int(out.steps[0]),

@@ -41,6 +41,7 @@ from floranna_jax import (
     config_check,
     experiment,
     keys,
+    privacy,
     reporting,
     rounds,
     server,
@@ -60,7 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     hparams = config_check.validate(config)
     if config.client.persistent_opt_state:
         raise ConfigError("config field client.persistent_opt_state: not supported over Flower")
-    server_ = server.build(config.server.name, **hparams)
+    server_ = server.serve(privacy.wrap(config, server.make(config.server.name, **hparams)))
     seed, num_clients = config.train.seed, config.partition.num_clients
     task = tasks.get(config.data.task)
     model = experiment.build_model(config, task.num_labels, keys.model_key(seed))
@@ -75,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
     nodes = connect(grid, num_clients, opts.connect_timeout_s)
     while int(state.round) < config.train.num_rounds:
         state, row = run_round(grid, nodes, server_, state, config, opts)
-        reporter.write(row)
+        reporter.write(row | privacy.row(config, int(state.round)))
         ckpt.save(state)
     ckpt.save(state, force=True)
     ckpt.close()

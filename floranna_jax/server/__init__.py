@@ -31,6 +31,7 @@ from floranna_jax.server.registry import (
     check_comparisons,
     make,
     make_compare,
+    serve,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "check_comparisons",
     "make",
     "make_compare",
+    "serve",
 ]

@@ -8,8 +8,10 @@ built by ``make_<name>(**hparams)`` (one module each in this package). The round
     start = method.client_start(lora, state, ids, key)      # [U, ...] what clients train from
     method.frozen(path)                                     # leaves clients never train
     method.private(path)                                    # leaves that never leave a client
+    upload = method.upload(start, trained)                  # [U, ...] what leaves the clients
     lora, merge, metrics = method.aggregate(uploads, p, state)       # jittable
     lora, state = method.apply(state, aggregate, ids, uploads)       # the next global adapter
+    head = method.aggregate_head(state, heads, p)           # the next global head
     method.base_delta(state)                                # folded into the frozen base
 
 Shapes (METHOD.md notation): ``lora`` is ``layer -> {"A": [r, d_in], "B": [d_out, r]}``;
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from floranna_jax.clients import broadcast
 from floranna_jax.server import common
@@ -55,6 +58,13 @@ class Method(NamedTuple):
                   scale), what the clients' frozen base has gained; ``{}`` for most methods.
     comm_bytes:   ``(shapes, U) -> (bytes_up, bytes_down)`` per client per round, summed
                   over layers, float32, following METHOD.md's table. Plain Python ints.
+    upload:       ``(start, trained) -> upload``: what leaves the clients, from the trees
+                  ``{"lora", "head"}`` ``[U, ...]`` they started from and trained; run on the
+                  client in a real federation. Its ``private`` leaves must come back as
+                  trained. Identity for every method; wrappers (``server.dp``) transform it.
+    aggregate_head: ``(state, heads, weights) -> head``: the next global head from the
+                  uploaded heads ``[U, ...]`` and the round's weights ``p`` ``[U]``
+                  (normalized); the p-weighted mean for every method.
     """
 
     init: Callable[[common.Lora, int], MethodState]
@@ -65,6 +75,8 @@ class Method(NamedTuple):
     apply: Callable[..., tuple[common.Lora, MethodState]]
     base_delta: Callable[[MethodState], dict[str, jax.Array]]
     comm_bytes: Callable[[common.Shapes, int], tuple[int, int]]
+    upload: Callable[[Any, Any], Any]
+    aggregate_head: Callable[[MethodState, Any, jax.Array], Any]
 
 
 def stateless(lora: common.Lora, num_clients: int) -> MethodState:
@@ -99,6 +111,20 @@ def no_base_delta(state) -> dict[str, jax.Array]:
     return {}
 
 
+def send_trained(start, trained):
+    """What a client trained is what it sends."""
+    del start
+    return trained
+
+
+def weighted_head(state, heads, weights: jax.Array):
+    """``sum_u p_u head_u``, each leaf in its own dtype (summed in float32)."""
+    del state
+    return jax.tree.map(
+        lambda h: jnp.tensordot(weights, h.astype(jnp.float32), 1).astype(h.dtype), heads
+    )
+
+
 def make_method(
     aggregate: Callable[..., Any],
     comm_bytes: Callable[[common.Shapes, int], tuple[int, int]],
@@ -106,7 +132,7 @@ def make_method(
 ) -> Method:
     """A :class:`Method` from its estimator and byte count; ``overrides`` replace the
     stateless defaults (start from the global adapter, train everything, share
-    everything, take the aggregate, no base delta)."""
+    everything, take the aggregate, no base delta, send what was trained, weighted head)."""
     defaults = dict(
         init=stateless,
         client_start=start_from_global,
@@ -114,6 +140,8 @@ def make_method(
         private=share_everything,
         apply=take_aggregate,
         base_delta=no_base_delta,
+        upload=send_trained,
+        aggregate_head=weighted_head,
     )
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:

@@ -2,6 +2,7 @@
 
     ESTIMATORS[name](**hparams) -> Method                 # pure functions (server.method)
     server_ = build(name, **hparams)                      # once per run
+    server_ = serve(method)                               # the same, for a built (wrapped) method
     server_.aggregate(uploads, weights, state) -> Aggregate   # validated, jitted, bytes added
     aggregate(name, clients, weights, **hparams) -> Aggregate # one call, for scripts and tests
     compare(labels, uploads, weights) -> {label: rho_rel}     # COMPARISONS on the same uploads
@@ -65,7 +66,12 @@ class Server(NamedTuple):
 
 def build(name: str, **hparams: Any) -> Server:
     """The method ``name`` with its estimator jitted once; raises on bad names/hparams."""
-    method = make(name, **hparams)
+    return serve(make(name, **hparams))
+
+
+def serve(method: Method) -> Server:
+    """``method`` (a :func:`make` result, possibly wrapped: ``server.dp``) with its
+    estimator jitted once."""
     jitted = jax.jit(method.aggregate)
 
     def aggregate(uploads: Mapping, weights: Any, state: Any = None) -> common.Aggregate:
