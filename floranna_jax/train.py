@@ -41,6 +41,7 @@ from floranna_jax import (
     rounds,
     server,
     tasks,
+    workdir_lock,
 )
 from floranna_jax.errors import ConfigError, first_line
 
@@ -166,10 +167,14 @@ def _check_workdir(workdir: str) -> None:
 
 
 def check_same_run(config, workdir: str) -> None:
-    """A workdir with a checkpoint resumes only the same experiment (up to num_rounds)."""
+    """A workdir with a checkpoint resumes only the same experiment (up to num_rounds),
+    which its config.json names: without it, nothing says what the checkpoint holds."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return
+        raise ConfigError(
+            f"{path}: missing, so nothing says which run {workdir}/checkpoints holds; put "
+            "config.json back, or choose another --workdir"
+        )
     try:
         with open(path) as f:
             diff = changed_fields(json.load(f), json.loads(config.to_json()))
@@ -211,6 +216,12 @@ def run(config, workdir: str) -> str:
     """
     _check_workdir(workdir)
     config_check.start_processes(config)  # before anything touches a device
+    with workdir_lock.hold(workdir, distributed.is_primary()):
+        return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> str:
+    """:func:`run` in a workdir this process holds."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):  # checked before building anything
         check_same_run(config, workdir)
