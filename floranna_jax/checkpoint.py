@@ -9,18 +9,71 @@ With several processes every process calls save and restore (Orbax coordinates t
 state every process holds is the same, on its own devices, so it is handed to Orbax as
 host numpy arrays, which one process writes and every process reads back.
 
+A failed save or restore (a full disk, a damaged checkpoint) raises once, here: Orbax's
+worker threads' own error logs are dropped meanwhile, and so are the "Event loop is closed"
+reports its unfinished writes cause afterwards (a ``sys.unraisablehook`` filter installed
+by the first Checkpointer). Saves are synchronous, since each is waited for anyway.
+
 Restoring always passes a target (the freshly built state), because a restore without
 one loses the pytree structure (NamedTuples come back as dicts or lists).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+from floranna_jax.errors import WriteError, first_line
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Drops the records Orbax's worker threads log (with tracebacks) when a read or write
+    fails: the same failure reaches the caller as an exception, which says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _failures_raised_not_logged() -> Iterator[None]:
+    quiet = _DropOrbaxErrors()
+    absl_logging.get_absl_logger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_logging.get_absl_logger().removeFilter(quiet)
+
+
+def _drop_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that drops one harmless report and passes on the rest.
+
+    When one write of a save fails, Orbax's event loop ends while TensorStore still
+    completes the other writes; each completion then calls back into the closed loop, and
+    Python reports ``RuntimeError: Event loop is closed`` as unraisable, a traceback apiece,
+    at any time up to exit. The failure itself is raised once by :meth:`Checkpointer.save`.
+    """
+
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.floranna_closed_loop = True
+    return hook
+
+
+def reason(e: BaseException) -> str:
+    """An Orbax failure's first line, without the TensorStore spec it appends."""
+    return first_line(e).split(" [tensorstore_spec=")[0]
 
 
 def _portable(tree: Any) -> Any:
@@ -36,8 +89,14 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, every_rounds: int, keep: int):
+        if not getattr(sys.unraisablehook, "floranna_closed_loop", False):
+            sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
         self.every_rounds = every_rounds
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Synchronous: save() waits for every write anyway, and a failed write (a full disk)
+        # then raises here instead of logging tracebacks from Orbax's background threads.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        )
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def latest_round(self) -> int | None:
@@ -50,8 +109,15 @@ class Checkpointer:
         due = self.every_rounds > 0 and r % self.every_rounds == 0
         if not (due or force) or r in self.manager.all_steps():
             return False
-        self.manager.save(r, args=ocp.args.StandardSave(_portable(state._asdict())))
-        self.manager.wait_until_finished()
+        try:
+            with _failures_raised_not_logged():
+                self.manager.save(r, args=ocp.args.StandardSave(_portable(state._asdict())))
+                self.manager.wait_until_finished()
+        except Exception as e:  # Orbax wraps I/O failures (ENOSPC: RESOURCE_EXHAUSTED)
+            # The unfinished round stays a temporary folder that restoring ignores.
+            raise WriteError(
+                f"{self.manager.directory}: saving round {r} failed: {reason(e)}"
+            ) from e
         return True
 
     def restore(self, target: Any, round_: int | None = None) -> Any:
@@ -61,7 +127,8 @@ class Checkpointer:
         if step is None:
             return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _portable(target._asdict()))
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        with _failures_raised_not_logged():
+            restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         return type(target)(**restored)
 
     def close(self) -> None:
