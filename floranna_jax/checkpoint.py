@@ -9,10 +9,11 @@ With several processes every process calls save and restore (Orbax coordinates t
 state every process holds is the same, on its own devices, so it is handed to Orbax as
 host numpy arrays, which one process writes and every process reads back.
 
-A failed save or restore (a full disk, a damaged checkpoint) raises once, here: Orbax's
-worker threads' own error logs are dropped meanwhile, and so are the "Event loop is closed"
-reports its unfinished writes cause afterwards (a ``sys.unraisablehook`` filter installed
-by the first Checkpointer). Saves are synchronous, since each is waited for anyway.
+A failed save or restore (a full disk, a damaged checkpoint) raises once, here. The first
+Checkpointer installs two process-wide filters so that it is said only once: one drops the
+failure tracebacks Orbax's worker threads log (absl logger), the other the "Event loop is
+closed" reports its unfinished writes cause afterwards (``sys.unraisablehook``). Saves are
+synchronous, since each is waited for anyway.
 
 Restoring always passes a target (the freshly built state), because a restore without
 one loses the pytree structure (NamedTuples come back as dicts or lists).
@@ -20,11 +21,10 @@ one loses the pytree structure (NamedTuples come back as dicts or lists).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,22 +35,15 @@ from absl import logging as absl_logging
 from floranna_jax.errors import WriteError, first_line
 
 
-class _DropOrbaxErrors(logging.Filter):
-    """Drops the records Orbax's worker threads log (with tracebacks) when a read or write
-    fails: the same failure reaches the caller as an exception, which says it once."""
+class _DropOrbaxThreadFailures(logging.Filter):
+    """Drops the error records, with tracebacks, that Orbax's worker threads log when a
+    read or write fails. The first failure reaches the caller as an exception, which says
+    it once; the threads of the same save or restore that fail after it (a full disk fails
+    them all) would each print another traceback, up to the end of the process."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-@contextlib.contextmanager
-def _failures_raised_not_logged() -> Iterator[None]:
-    quiet = _DropOrbaxErrors()
-    absl_logging.get_absl_logger().addFilter(quiet)
-    try:
-        yield
-    finally:
-        absl_logging.get_absl_logger().removeFilter(quiet)
+        failure = record.levelno >= logging.ERROR and record.exc_info is not None
+        return not (failure and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def _drop_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -91,6 +84,9 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, every_rounds: int, keep: int):
         if not getattr(sys.unraisablehook, "floranna_closed_loop", False):
             sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+        absl = absl_logging.get_absl_logger()
+        if not any(isinstance(f, _DropOrbaxThreadFailures) for f in absl.filters):
+            absl.addFilter(_DropOrbaxThreadFailures())
         self.every_rounds = every_rounds
         # Synchronous: save() waits for every write anyway, and a failed write (a full disk)
         # then raises here instead of logging tracebacks from Orbax's background threads.
@@ -110,9 +106,8 @@ class Checkpointer:
         if not (due or force) or r in self.manager.all_steps():
             return False
         try:
-            with _failures_raised_not_logged():
-                self.manager.save(r, args=ocp.args.StandardSave(_portable(state._asdict())))
-                self.manager.wait_until_finished()
+            self.manager.save(r, args=ocp.args.StandardSave(_portable(state._asdict())))
+            self.manager.wait_until_finished()
         except Exception as e:  # Orbax wraps I/O failures (ENOSPC: RESOURCE_EXHAUSTED)
             # The unfinished round stays a temporary folder that restoring ignores.
             raise WriteError(
@@ -127,8 +122,7 @@ class Checkpointer:
         if step is None:
             return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _portable(target._asdict()))
-        with _failures_raised_not_logged():
-            restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         return type(target)(**restored)
 
     def close(self) -> None:

@@ -202,3 +202,63 @@ def test_a_truncated_safetensors_is_one_line(tmp_path, minilm_dir):
     args = ["--config.model.source=pretrained", f"--config.model.path={folder}"]
     _assert_one_line(_launch(*args, workdir=tmp_path / "run"),
                      ["model.safetensors", "truncated", "download or save it again"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_round(tmp_path_factory):
+    """A smoke workdir holding the checkpoint of round 1."""
+    workdir = tmp_path_factory.mktemp("one_round")
+    proc = _launch("--config.train.num_rounds=1", workdir=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def _flip_a_bit(default):
+    data = next(p for p in (default / "d").iterdir())
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["flipped_bit", "empty_manifest"])
+def test_a_damaged_checkpoint_is_one_line(one_round, tmp_path, damage):
+    workdir = tmp_path / "run"
+    shutil.copytree(one_round, workdir)
+    default = workdir / "checkpoints" / "1" / "default"
+    if damage == "flipped_bit":
+        _flip_a_bit(default)
+    else:
+        (default / "manifest.ocdbt").write_bytes(b"")
+    proc = _launch(workdir=workdir)
+    # No "Event loop is closed" traceback from Orbax's threads after the line.
+    _assert_one_line(proc, ["cannot resume from round 1", "DATA_LOSS", "remove checkpoints/1"])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 60 KiB tmpfs: the smoke run's first checkpoint does not fit (needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60k", "tmpfs", str(disk)],
+                           capture_output=True, text=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes(small_disk):
+    workdir = small_disk / "run"
+    proc = _launch(workdir=workdir)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # Only the progress bar and one error line: no Orbax or TensorBoard thread tracebacks.
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write"), proc.stderr[-3000:]
+    assert "No space left" in errors[0] and "run the same command again" in errors[0]
+    assert all(line.startswith(("rounds:", "error: ")) for line in lines), proc.stderr[-3000:]
+    subprocess.run(["mount", "-o", "remount,size=10m", str(small_disk)], check=True)
+    resumed = _launch(workdir=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
