@@ -88,10 +88,11 @@ class Checkpointer:
         if not any(isinstance(f, _DropOrbaxThreadFailures) for f in absl.filters):
             absl.addFilter(_DropOrbaxThreadFailures())
         self.every_rounds = every_rounds
-        # Synchronous: save() waits for every write anyway, and a failed write (a full disk)
-        # then raises here instead of logging tracebacks from Orbax's background threads.
+        # Synchronous with one process: save() waits for every write anyway, and a failed
+        # write (a full disk) then raises here instead of in Orbax's background threads.
+        # Several processes keep Orbax's asynchronous path, which coordinates them.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False
+            max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() > 1
         )
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
