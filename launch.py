@@ -5,7 +5,9 @@ run's summary table. Override any field: ``--config.server.name=fedit``. Every b
 (a misspelled or mistyped override, a bad value, a malformed data file, a workdir that is
 a file, an unusable checkpoint) is one ``error: ...`` line on stderr and exit code 2,
 before anything is compiled and with the workdir untouched. A round that produces NaN or
-Inf is one ``error: round N: ...`` line and exit code 1; its state is not checkpointed.
+Inf is one ``error: round N: ...`` line and exit code 1; its state is not checkpointed. A
+write that fails mid-run (a full disk) is one ``error: cannot write ...`` line and exit
+code 1; the same command then resumes from the last checkpoint.
 
 ``--plan=DEVICE`` (``h100-80gb``, ``8xh100-80gb``, ...; :mod:`floranna_jax.plan`) trains
 nothing: it compiles the config's programs ahead of time with an abstract base (no weight
@@ -23,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from floranna_jax import config_check, plan, train
-from floranna_jax.errors import ConfigError, RoundError
+from floranna_jax.errors import ConfigError, RoundError, WriteError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<task>.py[:arg]", lock_config=True
@@ -126,7 +128,7 @@ def main(argv):
         summary = train.run(config, workdir)
     except ConfigError as e:
         _fail(str(e))
-    except RoundError as e:
+    except (RoundError, WriteError) as e:
         _fail(str(e), code=1)
     print(summary)
     print(f"\nworkdir: {os.path.abspath(workdir)}")

@@ -9,18 +9,64 @@ With several processes every process calls save and restore (Orbax coordinates t
 state every process holds is the same, on its own devices, so it is handed to Orbax as
 host numpy arrays, which one process writes and every process reads back.
 
+A failed save or restore (a full disk, a damaged checkpoint) raises once, here. The first
+Checkpointer installs two process-wide filters so that it is said only once: one drops the
+failure tracebacks Orbax's worker threads log (absl logger), the other the "Event loop is
+closed" reports its unfinished writes cause afterwards (``sys.unraisablehook``). Saves are
+synchronous, since each is waited for anyway.
+
 Restoring always passes a target (the freshly built state), because a restore without
 one loses the pytree structure (NamedTuples come back as dicts or lists).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+from floranna_jax.errors import WriteError, first_line
+
+
+class _DropOrbaxThreadFailures(logging.Filter):
+    """Drops the error records, with tracebacks, that Orbax's worker threads log when a
+    read or write fails. The first failure reaches the caller as an exception, which says
+    it once; the threads of the same save or restore that fail after it (a full disk fails
+    them all) would each print another traceback, up to the end of the process."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.levelno >= logging.ERROR and record.exc_info is not None
+        return not (failure and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _drop_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that drops one harmless report and passes on the rest.
+
+    When one write of a save fails, Orbax's event loop ends while TensorStore still
+    completes the other writes; each completion then calls back into the closed loop, and
+    Python reports ``RuntimeError: Event loop is closed`` as unraisable, a traceback apiece,
+    at any time up to exit. The failure itself is raised once by :meth:`Checkpointer.save`.
+    """
+
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.floranna_closed_loop = True
+    return hook
+
+
+def reason(e: BaseException) -> str:
+    """An Orbax failure's first line, without the TensorStore spec it appends."""
+    return first_line(e).split(" [tensorstore_spec=")[0]
 
 
 def _portable(tree: Any) -> Any:
@@ -36,8 +82,18 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, every_rounds: int, keep: int):
+        if not getattr(sys.unraisablehook, "floranna_closed_loop", False):
+            sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+        absl = absl_logging.get_absl_logger()
+        if not any(isinstance(f, _DropOrbaxThreadFailures) for f in absl.filters):
+            absl.addFilter(_DropOrbaxThreadFailures())
         self.every_rounds = every_rounds
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Synchronous with one process: save() waits for every write anyway, and a failed
+        # write (a full disk) then raises here instead of in Orbax's background threads.
+        # Several processes keep Orbax's asynchronous path, which coordinates them.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=jax.process_count() > 1
+        )
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def latest_round(self) -> int | None:
@@ -54,8 +110,14 @@ class Checkpointer:
         due = self.every_rounds > 0 and r % self.every_rounds == 0
         if not (due or force) or r in self.manager.all_steps():
             return False
-        self.manager.save(r, args=ocp.args.StandardSave(_portable(state._asdict())))
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(r, args=ocp.args.StandardSave(_portable(state._asdict())))
+            self.manager.wait_until_finished()
+        except Exception as e:  # Orbax wraps I/O failures (ENOSPC: RESOURCE_EXHAUSTED)
+            # The unfinished round stays a temporary folder that restoring ignores.
+            raise WriteError(
+                f"{self.manager.directory}: saving round {r} failed: {reason(e)}"
+            ) from e
         return True
 
     def restore(self, target: Any, round_: int | None = None) -> Any:

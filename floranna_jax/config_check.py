@@ -27,7 +27,7 @@ from typing import Any
 
 from floranna_jax import clients, distributed, models, partition, privacy, server, tasks
 from floranna_jax.errors import BadValue, ConfigError
-from floranna_jax.models import quant
+from floranna_jax.models import decoder, quant
 from floranna_jax.server.method import no_base_delta
 
 MODEL_SOURCES = ("pretrained", "random")
@@ -71,11 +71,28 @@ def looks_local(path: str) -> bool:
     return os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~"))
 
 
+def _gguf_in(path: str) -> str | None:
+    """The GGUF file ``path`` is, or that its folder holds instead of a config.json."""
+    if os.path.isfile(path):
+        return path if path.endswith(".gguf") else None
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        return os.path.join(path, found[0]) if found else None
+    return None
+
+
 def _paths(config) -> None:
     path = config.model.path
     if config.model.source == "pretrained":
         if not path:
             _fail("model.path", "is empty; give a hub id (FacebookAI/roberta-base) or a folder")
+        gguf = _gguf_in(os.path.expanduser(path))
+        if gguf is not None:  # llama.cpp's format: only convert_gguf reads it
+            dest = os.path.dirname(os.path.abspath(gguf)) + "-hf"
+            what = "is" if os.path.isfile(os.path.expanduser(path)) else "holds no config.json but"
+            _fail("model.path", f"{path!r} {what} a GGUF file, which runs do not read; convert "
+                  f"it first: python -m floranna_jax.convert_gguf {gguf} {dest} and pass "
+                  f"--config.model.path={dest}")  # fmt: skip
         if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
             _fail("model.path", f"no such folder {path!r} (a local HF model folder or a hub id)")
 
@@ -97,6 +114,25 @@ def server_hparams(config) -> dict[str, Any]:
     """The ``config.server`` fields that ``make_<server.name>`` accepts."""
     params = inspect.signature(server.ESTIMATORS[config.server.name]).parameters
     return {k: config.server[k] for k in config.server if k not in SERVER_FIELDS and k in params}
+
+
+def _family(config, task) -> None:
+    """A generating task (no head: ``num_labels == 0``) needs a decoder; a classifying one
+    an encoder. Checked before the LoRA targets, which would only name a symptom."""
+    model_type = _model_type(config)
+    if model_type not in models.FAMILIES:
+        return
+    is_decoder = model_type in decoder.MODEL_TYPES
+    if is_decoder == (task.num_labels == 0):
+        return
+    need = "an encoder" if is_decoder else "a decoder"
+    fits = [t for t in models.FAMILIES if (t in decoder.MODEL_TYPES) != is_decoder]
+    kind = "a decoder" if is_decoder else "an encoder"
+    if config.model.source == "random":
+        _fail("model.model_type", f"{model_type!r} is {kind} and task {task.name} needs "
+              f"{need}: choose one of {', '.join(fits)}")  # fmt: skip
+    _fail("model.path", f"{config.model.path!r} holds a {model_type} model, {kind}, and task "
+          f"{task.name} needs {need}: give the folder of a {' or '.join(fits)} model")  # fmt: skip
 
 
 def _lora(config) -> None:
@@ -131,11 +167,13 @@ def validate(config) -> dict[str, Any]:
     _choice(config, "model.base_dtype", models.BASE_DTYPES)
     if "remat" in config.model:  # decoder configs only
         _choice(config, "model.remat", (True, False))
-    _lora(config)
     try:
         task = tasks.get(config.data.task)
     except ValueError as e:
         _fail("data.task", str(e))
+    _paths(config)  # model.path first: a GGUF file or a missing folder explains the rest
+    _family(config, task)
+    _lora(config)
     try:  # the task's own fields: its data sources, data.* and eval.* fields
         task.check(config)
     except BadValue as e:
@@ -186,7 +224,6 @@ def validate(config) -> dict[str, Any]:
     _int(config, "eval.every_rounds")
     _int(config, "eval.batch_size")
     _int(config, "eval.max_local_examples", 0)
-    _paths(config)
     return hparams
 
 

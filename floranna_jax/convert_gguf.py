@@ -96,8 +96,12 @@ def _open(gguf, src: pathlib.Path):
         raise ConversionError(f"{src}: not a GGUF file (starts with {magic!r}, not b'GGUF')")
     try:
         return gguf.GGUFReader(src)
-    except Exception as e:  # truncated or corrupt: the reader's own words, one line
-        raise ConversionError(f"{src}: unreadable GGUF: {first_line(e)}") from None
+    except Exception as e:  # the reader ran past the end, or met a value it cannot read
+        size = src.stat().st_size
+        raise ConversionError(
+            f"{src}: unreadable GGUF, truncated or corrupt ({size} bytes; the reader says: "
+            f"{first_line(e)}); download or export it again"
+        ) from None
 
 
 class _Meta:

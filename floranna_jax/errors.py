@@ -6,6 +6,8 @@ unusable (non-finite loss, upload or aggregate); the message names the 1-based r
 client or layer, and the round's state is never checkpointed.
 ConversionError: a model file ``convert_gguf`` cannot convert; its command line prints it
 as one ``error: ...`` line, exit 2.
+WriteError: the workdir could not be written (a full disk, a lost mount) once the run had
+started; one line (exit 1) naming the file and the cause; the workdir stays resumable.
 """
 
 
@@ -38,3 +40,8 @@ class BadValue(ValueError):
 class ConversionError(ValueError):
     """A model file that cannot be converted (``convert_gguf``): the message names the file
     and what is wrong with it."""
+
+
+class WriteError(RuntimeError):
+    """Writing the workdir failed mid-run: the message names the file, the cause and the
+    round the same command resumes from."""

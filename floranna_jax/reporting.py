@@ -22,6 +22,7 @@ global evaluation after round ``k`` (:meth:`Reporter.write_generations`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -117,6 +118,17 @@ class Reporter:
             _add_scalars(self.writer, row)
         self.writer.flush()
         self.bar = tqdm.tqdm(total=num_rounds, initial=start_round, desc="rounds", unit="round")
+
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        """After a failure: end the progress bar's line, so the error prints on its own,
+        and stop the TensorBoard writer (its lost events are rebuilt on resume)."""
+        if kind is not None and self.primary:
+            self.bar.close()
+            with contextlib.suppress(OSError):  # the disk that failed may fail it too
+                self.writer.close()
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.primary:

@@ -44,8 +44,9 @@ from floranna_jax import (
     rounds,
     server,
     tasks,
+    workdir_lock,
 )
-from floranna_jax.errors import ConfigError, first_line
+from floranna_jax.errors import ConfigError, WriteError
 
 # Fields a resumed run may change (dist: how many processes run it).
 RESUMABLE_CHANGES = ("train.num_rounds", "eval", "ckpt", "dist")
@@ -258,10 +259,14 @@ def _check_workdir(workdir: str) -> None:
 
 
 def check_same_run(config, workdir: str) -> None:
-    """A workdir with a checkpoint resumes only the same experiment (up to num_rounds)."""
+    """A workdir with a checkpoint resumes only the same experiment (up to num_rounds),
+    which its config.json names: without it, nothing says what the checkpoint holds."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return
+        raise ConfigError(
+            f"{path}: missing, so nothing says which run {workdir}/checkpoints holds; put "
+            "config.json back, or choose another --workdir"
+        )
     try:
         with open(path) as f:
             diff = changed_fields(json.load(f), json.loads(config.to_json()))
@@ -282,14 +287,20 @@ def _restore(ckpt: checkpoint.Checkpointer, state: rounds.RoundState, workdir: s
     except Exception as e:  # orbax raises many types; all mean "this checkpoint is unusable"
         raise ConfigError(
             f"{workdir}/checkpoints: cannot resume from round {ckpt.latest_round()}: "
-            f"{type(e).__name__}: {first_line(e)}"
+            f"{type(e).__name__}: {checkpoint.reason(e)}; the checkpoint is damaged: remove "
+            f"checkpoints/{ckpt.latest_round()} to resume from an earlier one, or choose another "
+            "--workdir"
         ) from e
     return state if restored is None else restored
 
 
 def _write_inputs(config, workdir: str, exp: experiment.Experiment) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    # Written aside and renamed: a full disk must not leave a torn config.json beside the
+    # checkpoints, or the next resume could not tell which run they hold.
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
         f.write(config.to_json(indent=2) + "\n")
+    os.replace(path + ".tmp", path)
     labels = experiment.split_labels(exp.train)
     logging.info("partition\n%s", partition.summary(labels, exp.part))
     partition.plot(labels, exp.part, os.path.join(workdir, "partition.png"))
@@ -303,6 +314,15 @@ def run(config, workdir: str) -> str:
     """
     _check_workdir(workdir)
     config_check.start_processes(config)  # before anything touches a device
+    # One process locks its workdir. With several, process 0 holding the lock made the
+    # two-process run of tests/test_multihost.py fail at jax.distributed's shutdown barrier
+    # (cause not found yet), so a multi-process run takes no lock.
+    with workdir_lock.hold(workdir, jax.process_count() == 1):
+        return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> str:
+    """:func:`run` in a workdir this process holds."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):  # checked before building anything
         check_same_run(config, workdir)
@@ -311,12 +331,32 @@ def run(config, workdir: str) -> str:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     run_ = build(config)
+    c, ckpt = config.ckpt, None
+    try:
+        if os.path.isdir(ckpt_dir) or c.every_rounds > 0:  # something to restore or save
+            ckpt = checkpoint.Checkpointer(ckpt_dir, c.every_rounds, c.keep)
+        state = run_.state if ckpt is None else _restore(ckpt, run_.state, workdir)
+        return _train(config, workdir, run_, state, ckpt)
+    except (OSError, WriteError) as e:  # a full disk, say: the checkpoints so far stand
+        raise _write_failed(e, workdir, ckpt) from e
+    finally:
+        if ckpt is not None:  # Orbax's threads and event loop end here, not at exit
+            ckpt.close()
+
+
+def _write_failed(e: OSError | WriteError, workdir: str, ckpt) -> WriteError:
+    """One line: what could not be written, why, and where the same command resumes."""
+    what = str(e) if isinstance(e, WriteError) else f"{e.filename or workdir}: {e.strerror or e}"
+    resume = ckpt.latest_round() if ckpt is not None else None
+    return WriteError(
+        f"cannot write {what}; free space (or fix the folder) and run the same command again: "
+        f"it resumes from {f'round {resume}' if resume else 'the start'}"
+    )
+
+
+def _train(config, workdir: str, run_: Run, state, ckpt) -> str:
+    """The round loop from ``state``, writing the workdir; returns the summary table."""
     c = config.ckpt
-    if not os.path.isdir(ckpt_dir) and c.every_rounds == 0:
-        ckpt = None  # nothing to restore, nothing to save
-    else:
-        ckpt = checkpoint.Checkpointer(ckpt_dir, c.every_rounds, c.keep)
-    state = run_.state if ckpt is None else _restore(ckpt, run_.state, workdir)
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()  # of several processes, only process 0 writes files
     if primary:
@@ -324,34 +364,32 @@ def run(config, workdir: str) -> str:
     start, num_rounds = int(state.round), config.train.num_rounds
     if start:
         logging.info("resuming %s from round %d", workdir, start)
-    reporter = reporting.Reporter(
+    with reporting.Reporter(
         workdir, start_round=start, num_rounds=num_rounds,
         main_metric=run_.exp.task.main_metric, primary=primary,
         loss_metric=run_.exp.task.loss_metric,
-    )  # fmt: skip
-    if config.eval.at_start and start == 0 and not reporter.kept:
-        t0, samples = time.perf_counter(), []
-        row = {"round": 0, **_start_row(run_, config, state, samples.extend)}
-        reporter.write(row | {"time/eval_s": time.perf_counter() - t0})
-        if samples:
-            reporter.write_generations(0, samples)
-    while int(state.round) < num_rounds:
-        state, out = run_.round_fn(state)
-        r = int(state.round)
-        row = {"round": r, **out.metrics, **privacy.row(config, r)}
-        samples = []  # the generations of this round's global evaluation, if any
-        if r % config.eval.every_rounds == 0 or r == num_rounds:
-            t0 = time.perf_counter()
-            row |= _eval_row(run_, config, state, out, samples.extend)
-            row["time/eval_s"] = time.perf_counter() - t0
-        reporter.write(row)
-        if samples:
-            reporter.write_generations(r, samples)
-        if ckpt is not None:
-            ckpt.save(state)
-    if ckpt is not None:
-        if c.every_rounds > 0:
+    ) as reporter:  # fmt: skip
+        if config.eval.at_start and start == 0 and not reporter.kept:
+            t0, samples = time.perf_counter(), []
+            row = {"round": 0, **_start_row(run_, config, state, samples.extend)}
+            reporter.write(row | {"time/eval_s": time.perf_counter() - t0})
+            if samples:
+                reporter.write_generations(0, samples)
+        while int(state.round) < num_rounds:
+            state, out = run_.round_fn(state)
+            r = int(state.round)
+            row = {"round": r, **out.metrics, **privacy.row(config, r)}
+            samples = []  # the generations of this round's global evaluation, if any
+            if r % config.eval.every_rounds == 0 or r == num_rounds:
+                t0 = time.perf_counter()
+                row |= _eval_row(run_, config, state, out, samples.extend)
+                row["time/eval_s"] = time.perf_counter() - t0
+            reporter.write(row)
+            if samples:
+                reporter.write_generations(r, samples)
+            if ckpt is not None:
+                ckpt.save(state)
+        if ckpt is not None and c.every_rounds > 0:
             ckpt.save(state, force=True)
-        ckpt.close()
-    title = f"{config.server.name} on {run_.exp.task.name} ({config.data.source})"
-    return reporter.finish(title)
+        title = f"{config.server.name} on {run_.exp.task.name} ({config.data.source})"
+        return reporter.finish(title)

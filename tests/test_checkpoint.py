@@ -2,12 +2,14 @@
 and a run stopped after round 2 and resumed in a fresh call ends exactly where an
 uninterrupted 4-round run ends (parameters, method state and metrics rows)."""
 
+import errno
 import os
 import pathlib
 
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from smoke_setup import shared_compilation, smoke_config
 
@@ -145,3 +147,69 @@ def test_nonfinite_aggregate_stops_before_its_checkpoint(tmp_path, monkeypatch):
         train.run(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
     assert [r["round"] for r in reporting.read_rows(tmp_path / reporting.METRICS_FILE)] == [1]
+
+
+def test_resume_without_config_json_refuses(tmp_path):
+    train.run(smoke_config(**{"train.num_rounds": 1}), str(tmp_path))
+    os.remove(tmp_path / "config.json")  # the only record of which run the checkpoint holds
+    before = _snapshot(tmp_path)
+    other = smoke_config(**{"train.num_rounds": 2, "client.learning_rate": 0.5})
+    with pytest.raises(config_check.ConfigError, match=r"config\.json: missing.*put config"):
+        train.run(other, str(tmp_path))
+    assert _snapshot(tmp_path) == before
+
+
+def _enospc(path=None):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def _full_disk_at(monkeypatch, moment: str) -> None:
+    """The disk fills at ``moment``: the write of config.json, the metrics row of round 2,
+    or the checkpoint of round 2 (Orbax reports it as a ValueError)."""
+    if moment == "checkpoint":
+        save = ocp.CheckpointManager.save
+
+        def failing_save(self, step, *args, **kwargs):
+            if step == 2:
+                raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left")
+            return save(self, step, *args, **kwargs)
+
+        monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
+        return
+    name, mode = ("config.json", "w") if moment == "config" else ("metrics.jsonl", "a")
+    real_open, calls = open, []
+
+    def failing_open(file, *args, **kwargs):  # config.json, or where it is written first
+        base = os.path.basename(str(file))
+        if base in (name, name + ".tmp") and (args or [kwargs.get("mode")])[0] == mode:
+            calls.append(file)
+            if len(calls) == (1 if moment == "config" else 2):
+                raise _enospc(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+
+
+FULL_DISK_FIELDS = {"server.name": "fedit", "ckpt.every_rounds": 1}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The workdir of the smoke run that never met a full disk."""
+    workdir = tmp_path_factory.mktemp("straight")
+    train.run(smoke_config(**FULL_DISK_FIELDS), str(workdir))
+    return workdir
+
+
+@pytest.mark.parametrize("moment", ["config", "metrics_row", "checkpoint"])
+def test_a_full_disk_is_one_error_and_the_run_resumes(tmp_path, monkeypatch, moment, straight):
+    config = smoke_config(**FULL_DISK_FIELDS)
+    workdir = tmp_path / "full"
+    with monkeypatch.context() as m:
+        _full_disk_at(m, moment)
+        with pytest.raises(errors.WriteError, match="cannot write .*run the same command again"):
+            train.run(config, str(workdir))
+    assert not (workdir / ".lock").exists()
+    train.run(config, str(workdir))  # the disk has room again
+    assert _rows(workdir) == _rows(straight)
+    _assert_states_equal(_final_state(config, workdir), _final_state(config, straight))

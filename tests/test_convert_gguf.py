@@ -276,7 +276,11 @@ def test_bad_inputs(tmp_path, monkeypatch):
         convert_gguf.convert(tmp_path / "text.gguf", tmp_path / "hf")
     write_tiny_gguf(tmp_path / "model.gguf")
     (tmp_path / "cut.gguf").write_bytes((tmp_path / "model.gguf").read_bytes()[:200])
-    with pytest.raises(ConversionError, match="unreadable GGUF"):
+    with pytest.raises(ConversionError, match="unreadable GGUF, truncated or corrupt"):
+        convert_gguf.convert(tmp_path / "cut.gguf", tmp_path / "hf")
+    whole = (tmp_path / "model.gguf").read_bytes()  # cut in the tensor data: also named
+    (tmp_path / "cut.gguf").write_bytes(whole[: len(whole) - 100])
+    with pytest.raises(ConversionError, match="truncated"):
         convert_gguf.convert(tmp_path / "cut.gguf", tmp_path / "hf")
     with pytest.raises(ConversionError, match="is not a folder"):
         convert_gguf.convert(tmp_path / "model.gguf", tmp_path / "text.gguf")
@@ -320,7 +324,9 @@ def test_cli(tmp_path):
         "tokenizer_config.json",
     ]
     (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "model.gguf").read_bytes()[:200])
     for args, says in [
+        ((tmp_path / "cut.gguf", tmp_path / "x"), "cut.gguf: unreadable GGUF, truncated"),
         ((tmp_path / "absent.gguf", tmp_path / "x"), "absent.gguf: no such file"),
         ((tmp_path / "notes.txt", tmp_path / "x"), "notes.txt: not a GGUF file"),
         ((tmp_path / "model.gguf",), "expected SRC.gguf and DEST_FOLDER"),

@@ -442,6 +442,15 @@ def _submit(fed, workdir, name, config, **options):
     return local.submit(fed, _run_config(config, str(workdir / name), **options), log), log
 
 
+def test_flower_programs_are_found_beside_python_without_path(tmp_path, monkeypatch):
+    """A virtual environment that is not activated: PATH lacks its bin folder, and the
+    SuperLink still starts from the folder of the Python that runs the launcher."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with local.federation(tmp_path, [], None, None, XLA_CACHE) as fed:
+        assert fed.superlink.poll() is None
+    assert fed.env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fedit", "floranna"])
 def test_deployed_rounds_equal_the_in_process_run(deployed, name, capsys):

@@ -64,3 +64,17 @@ def test_json_list(tmp_path):
     path.write_text('{"a": 1}')
     with pytest.raises(ValueError, match="expected a JSON list of objects, got dict"):
         jsonl.read_list(path)
+
+
+def test_lone_surrogate_and_empty_file(tmp_path):
+    # Valid JSON escapes, but half of a UTF-16 pair is no text: named, not a tokenizer crash.
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1, "b": "ok"}\n{"a": 2, "b": "x\\ud800"}\n')
+    with pytest.raises(ValueError, match=f"^{path}:2: field 'b' holds .*surrogate"):
+        jsonl.read(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match=f"^{path}: no records"):
+        jsonl.read(path)
+    (tmp_path / "items.json").write_text("[]")
+    with pytest.raises(ValueError, match="items.json: no records"):
+        jsonl.read_list(tmp_path / "items.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 import chex
 import jax
@@ -136,6 +137,27 @@ class PureFunctionTest(chex.TestCase):
         for s in range(3):
             c, w = random_clients(8 + s)
             fn(jax.tree.map(jnp.asarray, c), jnp.asarray(w, jnp.float32))
+
+    def test_public_aggregate_compiles_once_per_hparams_and_shapes(self):
+        traces = []
+
+        def make_counted(tag: int = 0) -> server.Method:  # fedit, counting its traces
+            method = server.make("fedit")
+
+            def aggregate(*args):
+                traces.append(tag)
+                return method.aggregate(*args)
+
+            return method._replace(aggregate=aggregate)
+
+        with mock.patch.dict(server.ESTIMATORS, counted=make_counted):
+            for s in range(3):  # new values, same shapes and hparams: one trace
+                server.aggregate("counted", *random_clients(20 + s))
+            self.assertEqual(traces, [0])
+            server.aggregate("counted", *random_clients(23, U=U + 1))  # new shapes
+            server.aggregate("counted", *random_clients(24), tag=1)  # new hparams
+            server.aggregate("counted", *random_clients(25), tag=1)
+            self.assertEqual(traces, [0, 0, 1])
 
 
 def _dense_shapes_in(text: str) -> list[str]:

@@ -3,9 +3,10 @@
     rows = jsonl.read("/data/gsm8k/test.jsonl", required={"question": str, "answer": str})
 
 Every record is kept and checked: a line that is not a JSON object, lacks a required
-field, holds one of another type, or fails the caller's `check`, raises one ValueError
-naming the file and the line (the item, for a JSON list). A missing file raises
-FileNotFoundError naming it.
+field, holds one of another type, holds a lone UTF-16 surrogate (``"\\ud800"``: valid JSON,
+but no text), or fails the caller's `check`, raises one ValueError naming the file and the
+line (the item, for a JSON list). A file without records raises ValueError naming it. A
+missing file raises FileNotFoundError naming it.
 """
 
 import gzip
@@ -21,6 +22,7 @@ Check = Callable[[dict[str, Any]], None]
 def _check(record: Any, where: str, required: Mapping[str, type], check: Check | None) -> dict:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    _check_text(record, where)
     missing = [k for k in required if k not in record]
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}; it has {sorted(record)}")
@@ -34,6 +36,26 @@ def _check(record: Any, where: str, required: Mapping[str, type], check: Check |
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
     return record
+
+
+def _check_text(record: dict, where: str) -> None:
+    """JSON escapes can spell half a surrogate pair, which no text encoding takes: name
+    the field here rather than fail in the tokenizer."""
+    for key, value in record.items():
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start : e.end]
+            raise ValueError(
+                f"{where}: field {key!r} holds {bad!r}, half of a UTF-16 surrogate pair and no "
+                "text; fix or remove this record"
+            ) from None
+
+
+def _nonempty(rows: list[dict[str, Any]], path: pathlib.Path) -> list[dict[str, Any]]:
+    if not rows:
+        raise ValueError(f"{path}: no records (an empty file); give a file with the data")
+    return rows
 
 
 def _open(path: pathlib.Path):
@@ -66,7 +88,7 @@ def read(
                 rows.append(_check(record, f"{path}:{number}", required, check))
         except (UnicodeDecodeError, OSError, EOFError) as e:  # bad UTF-8, corrupt gzip
             raise ValueError(f"{path}: unreadable: {type(e).__name__}: {e}") from e
-    return rows
+    return _nonempty(rows, path)
 
 
 def read_list(
@@ -82,4 +104,5 @@ def read_list(
             raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from e
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-    return [_check(r, f"{path}: item {i}", required, check) for i, r in enumerate(data)]
+    rows = [_check(r, f"{path}: item {i}", required, check) for i, r in enumerate(data)]
+    return _nonempty(rows, path)

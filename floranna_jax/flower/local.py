@@ -137,6 +137,22 @@ def _spawn(args: list[str], log: pathlib.Path, env: dict) -> subprocess.Popen:
                                 start_new_session=True)  # fmt: skip
 
 
+def process_env(home: pathlib.Path, xla_cache: pathlib.Path) -> dict[str, str]:
+    """The environment of every Flower process: this environment, plus the floranna_jax
+    this launcher runs on PYTHONPATH, Flower's home, one XLA cache, and this Python's
+    folder first on PATH, where a virtual environment keeps ``flower-superlink``,
+    ``flower-supernode`` and ``flwr`` (found there even when it is not activated)."""
+    path = os.environ.get("PATH", os.defpath)
+    return os.environ | {
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), path]),
+        # Every process imports the floranna_jax this launcher runs, whatever is installed.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "FLWR_HOME": str(home),
+        "JAX_COMPILATION_CACHE_DIR": str(xla_cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
 @contextlib.contextmanager
 def federation(
     workdir: pathlib.Path,
@@ -163,13 +179,7 @@ def federation(
     link = {"address": address, **connection}
     settings = {"superlink": {"default": CONNECTION, CONNECTION: link}}
     (home / "config.toml").write_text(tomli_w.dumps(settings))
-    env = os.environ | {
-        # Every process imports the floranna_jax this launcher runs, whatever is installed.
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "FLWR_HOME": str(home),
-        "JAX_COMPILATION_CACHE_DIR": str(xla_cache or workdir / "xla_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
+    env = process_env(home, xla_cache or workdir / "xla_cache")
     superlink = _spawn(["flower-superlink", *link_tls, "--port", str(port),
                         "--disable-runtime-dependency-installation"],
                        logs / "superlink.log", env)  # fmt: skip

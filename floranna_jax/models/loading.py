@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from floranna_jax.errors import first_line
 from floranna_jax.models.architecture import Architecture, Params
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -109,12 +110,24 @@ def checkpoint_index(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, tupl
         )
     keys = {}
     for name in files:
-        with safe_open(folder / name, framework="numpy") as f:
+        with _open_safetensors(folder / name) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if key in keys:
                     raise ValueError(f"tensor {key!r} is in both {keys[key][0].name} and {name}")
                 keys[key] = (folder / name, tuple(f.get_slice(key).get_shape()))
     return keys
+
+
+def _open_safetensors(file: pathlib.Path):
+    """``safe_open(file)``; a file shorter than its header says (a download or copy cut
+    short) or not safetensors at all raises ``ValueError`` naming it."""
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as e:
+        raise ValueError(
+            f"{file} is not a whole safetensors file ({first_line(e)}): it is truncated or "
+            "corrupt; download or save it again"
+        ) from None
 
 
 def read_tensor(file: pathlib.Path, key: str) -> np.ndarray:

@@ -5,6 +5,7 @@
     server_ = serve(method)                               # the same, for a built (wrapped) method
     server_.aggregate(uploads, weights, state) -> Aggregate   # validated, jitted, bytes added
     aggregate(name, clients, weights, **hparams) -> Aggregate # one call, for scripts and tests
+                                                          # (built once per name and hparams)
     compare(labels, uploads, weights) -> {label: rho_rel}     # COMPARISONS on the same uploads
 
 Validation is eager, on concrete arrays, before anything compiles: unknown names and
@@ -13,6 +14,7 @@ hyperparameters, bad shapes, weights or NaNs raise ``ValueError`` naming the cul
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -85,15 +87,40 @@ def serve(method: Method) -> Server:
     return Server(method, aggregate)
 
 
-def aggregate(name: str, clients: Mapping, weights: Any, **hparams: Any) -> common.Aggregate:
-    """Validate, aggregate with estimator ``name``, add bytes: one call, compiled anew.
+# Servers that :func:`aggregate` built, kept for later calls: each holds its jitted
+# estimator, whose own cache then serves every shape it has seen. Bounded, so a script
+# sweeping hyperparameters does not keep every compiled program alive.
+AGGREGATE_CACHE_SIZE = 32
 
-    ``previous=`` (the last global adapter, layer -> {"A", "B"}) is the method state's
-    history where the estimator uses one (floranna with ``combine="deltas"``): the state
-    is ``method.init(previous, U)``. Raises ``ValueError`` on any bad input, before compiling.
+
+@functools.lru_cache(maxsize=AGGREGATE_CACHE_SIZE)
+def _cached_build(name: str, key: tuple) -> Server:
+    return build(name, **{k: v for k, _, v in key})
+
+
+def _built(name: str, hparams: dict[str, Any]) -> Server:
+    """``build(name, **hparams)``, reused across calls with equal hyperparameters (their
+    types too: ``True`` is not ``1``); unhashable values build anew."""
+    key = tuple(sorted((k, type(v), v) for k, v in hparams.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return build(name, **hparams)
+    return _cached_build(name, key)
+
+
+def aggregate(name: str, clients: Mapping, weights: Any, **hparams: Any) -> common.Aggregate:
+    """Validate, aggregate with estimator ``name``, add bytes: one call.
+
+    The estimator compiles once per name, hyperparameters and input shapes (the last
+    :data:`AGGREGATE_CACHE_SIZE` hyperparameter sets are kept), so calling this in a loop
+    costs what ``build(name, **hparams).aggregate`` does. ``previous=`` (the last global
+    adapter, layer -> {"A", "B"}) is the method state's history where the estimator uses
+    one (floranna with ``combine="deltas"``): the state is ``method.init(previous, U)``.
+    Raises ``ValueError`` on any bad input, before compiling.
     """
     previous = hparams.pop("previous", None)
-    server_ = build(name, **hparams)
+    server_ = _built(name, hparams)
     state = None
     if previous is not None:
         _, shapes, U = common.validate_clients(clients)

@@ -215,6 +215,24 @@ def _items(problems, codec, fmt: str) -> list[Item]:
     return out
 
 
+def _check_sets(task: str, train: list[Item], tests: dict[str, list[Item]], max_length: int):
+    """Raise ConfigError for an empty test set, or when ``max_length`` cuts every training
+    row before its completion starts (no loss token anywhere: loss 0, nothing learned)."""
+    for prefix, items in tests.items():
+        if not items:
+            name = prefix.rstrip("_") or task
+            raise ConfigError(f"config field data.dir: the {name} test set has no problems; "
+                              "give a data folder that holds them")  # fmt: skip
+    if train and all(len(i.prompt) >= max_length for i in train):
+        shortest = min(len(i.prompt) for i in train)
+        whole = max(len(i.prompt) + len(i.target) for i in train)
+        raise ConfigError(
+            f"config field data.max_length: {max_length} tokens cut every training example "
+            f"before its answer (prompts take {shortest}+ tokens), so nothing would be "
+            f"learned; raise it above {shortest} ({whole} keeps every answer whole)"
+        )
+
+
 def read_corpus(task: str, config) -> Corpus:
     """The task's examples for ``config``, tokenized."""
     codec = _codec(config)
@@ -228,6 +246,7 @@ def read_corpus(task: str, config) -> Corpus:
         train_problems = train_problems[: d.max_train_examples]
     train = _items(train_problems, codec, fmt)
     tests = {k: _items(v[:cap] if cap else v, codec, fmt) for k, v in test_problems.items()}
+    _check_sets(task, train, tests, d.max_length)
     every = [*train, *(i for items in tests.values() for i in items)]
     length = completion.row_length([len(i.prompt) + len(i.target) for i in every], d.max_length)
     prompt_length = completion.row_length([len(i.prompt) for i in every], d.max_length)
