@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from floranna_jax import clients, distributed, keys, models, packing, server
 from floranna_jax.errors import RoundError
@@ -195,10 +196,25 @@ def make_effective_base(model) -> Callable:
     """``(base, delta) -> base + s * delta`` (jitted; identity when there is no delta).
 
     ``delta``: ``{layer: [d_out, d_in]}`` in ``B @ A`` units, a method's ``base_delta``.
+    Only the kernels ``delta`` names are the jitted merge's arguments and outputs; every
+    other leaf of the result is ``base``'s own buffer, so a FLoRA/FedEx round holds the
+    pretrained base once plus its merged kernels, in the base's dtype (sharding follows the
+    kernels'). Float32 accumulation is kept in two places, for exactness: the method state
+    sums the merges in float32 (bit-exact resume: the base is always rebuilt as
+    ``W0 + s * sum``), and each kernel is summed in float32 and rounded once into its dtype
+    (:func:`models.merged_kernels`).
     """
     s = float(model.lora_scale)
-    merge = jax.jit(lambda base, delta: models.merge_into_base(base, delta, s))
-    return lambda base, delta: merge(base, delta) if delta else base
+    merge = jax.jit(lambda kernels, delta: models.merged_kernels(kernels, delta, s))
+
+    def effective(base, delta):
+        if not delta:
+            return base
+        flat = traverse_util.flatten_dict(base, sep="/")
+        kernels = {p: flat[p] for p in models.merged_kernel_paths(flat, delta)}
+        return traverse_util.unflatten_dict(flat | merge(kernels, delta), sep="/")
+
+    return effective
 
 
 def start_trainable(state: RoundState, method, rkey: jax.Array, ids: np.ndarray) -> PyTree:
