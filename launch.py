@@ -6,22 +6,33 @@ run's summary table. Override any field: ``--config.server.name=fedit``. Every b
 a file, an unusable checkpoint) is one ``error: ...`` line on stderr and exit code 2,
 before anything is compiled and with the workdir untouched. A round that produces NaN or
 Inf is one ``error: round N: ...`` line and exit code 1; its state is not checkpointed.
+
+``--plan=DEVICE`` (``h100-80gb``, ``8xh100-80gb``, ...; :mod:`floranna_jax.plan`) trains
+nothing: it compiles the config's programs ahead of time with an abstract base (no weight
+is read), prints what they need per device and ends with ``plan: fits ...`` (exit 0) or
+``plan: does not fit: ...`` (exit 2). On an accelerator every run makes that check first,
+before any weight loads, and stops with that line instead of an out-of-memory error.
 """
 
 import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from floranna_jax import config_check, train
+from floranna_jax import config_check, plan, train
 from floranna_jax.errors import ConfigError, RoundError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<task>.py[:arg]", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (default ./runs/<method>_<task>)")
+_PLAN = flags.DEFINE_string(
+    "plan", None, "print what the config needs on DEVICE and exit: one of "
+    f"{', '.join(plan.DEVICES)}, optionally with a count (8xh100-80gb)"
+)  # fmt: skip
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_]+\.[A-Za-z0-9_.]+)(=.*)?$")
 
 
@@ -70,6 +81,31 @@ def _check_overrides(argv: list[str]) -> None:
         return
 
 
+def make_plan(config, text: str) -> None:
+    """``--plan=text``: print the plan and exit 0 (fits) or 2 (does not fit)."""
+    try:
+        device, count = plan.parse(text)
+        if count > 1:  # a CPU plan compiles for that many devices; set before any device use
+            jax.config.update("jax_num_cpu_devices", count)
+        report = plan.make(config, device, count)
+    except ConfigError as e:
+        _fail(str(e))
+    print("\n".join(report.lines))
+    sys.exit(0 if report.fits else 2)
+
+
+def check_fits(config) -> None:
+    """On an accelerator, the plan's check before any weight loads: a program that does not
+    fit stops the run with the plan's one line (exit 2) instead of an out-of-memory error."""
+    if jax.default_backend() == "cpu":
+        return
+    try:
+        plan.check(config)
+    except plan.DoesNotFit as e:
+        sys.stderr.write(f"{e}\n")
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -81,8 +117,12 @@ def main(argv):
     except OSError as e:
         _config_unreadable(e)
     _check_overrides(sys.argv)
+    if _PLAN.value:
+        make_plan(config, _PLAN.value)
     workdir = _WORKDIR.value or os.path.join("runs", f"{method}_{task}")
     try:
+        config_check.start_processes(config)  # before anything touches a device
+        check_fits(config)
         summary = train.run(config, workdir)
     except ConfigError as e:
         _fail(str(e))

@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = dict(
         source="pretrained",  # "pretrained" (model.path) or "random" (models.tiny_config)
         path="meta-llama/Llama-2-7b-hf",  # hub id or local HF folder (converted GGUF too)
+        quantize="",  # frozen projections weight-only: "" (as loaded), "int8" or "nf4" (QLoRA)
         model_type="llama",  # architecture of the random model when source="random"
         compute_dtype="bfloat16",  # activations dtype: float32 or bfloat16
         # Frozen base dtype: float32, bfloat16, or "auto" (bfloat16 on GPU/TPU, float32 on

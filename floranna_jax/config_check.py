@@ -27,6 +27,8 @@ from typing import Any
 
 from floranna_jax import clients, distributed, models, partition, server, tasks
 from floranna_jax.errors import BadValue, ConfigError
+from floranna_jax.models import quant
+from floranna_jax.server.method import no_base_delta
 
 MODEL_SOURCES = ("pretrained", "random")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -104,6 +106,23 @@ def _lora(config) -> None:
         _owned("lora", lambda: models.check_lora(spec, model_type))
 
 
+def _quantize(config, method) -> None:
+    """``model.quantize``: a known method, on a decoder, and not under a method that merges
+    its updates into the frozen base (FLoRA, FedEx), which a quantized base cannot take."""
+    _choice(config, "model.quantize", quant.METHODS)
+    if not config.model.quantize:
+        return
+    model_type = _model_type(config)
+    if model_type is not None and model_type not in models.decoder.MODEL_TYPES:
+        _fail("model.quantize", f'{config.model.quantize!r} is for decoder models only; use ""')
+    if method.base_delta is not no_base_delta:
+        _fail(
+            "model.quantize",
+            f"server.name={config.server.name} merges its updates into "
+            'the frozen base, which a quantized base cannot hold; use "" or another method',
+        )
+
+
 def validate(config) -> dict[str, Any]:
     """Raise ``ConfigError`` naming the first bad field; return the method's hparams."""
     _choice(config, "model.source", MODEL_SOURCES)
@@ -143,6 +162,8 @@ def validate(config) -> dict[str, Any]:
     _choice(config, "server.name", tuple(server.ESTIMATORS))
     hparams = server_hparams(config)
     _owned("server", lambda: server.make(config.server.name, **hparams))
+    if "quantize" in config.model:  # decoder configs only
+        _quantize(config, server.make(config.server.name, **hparams))
     try:
         server.check_comparisons(tuple(config.server.compare))
     except ValueError as e:

@@ -7,6 +7,7 @@ reach the hub or read local files become one ``ConfigError`` naming the field or
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from floranna_jax import models, partition, peft_folder, tasks
 from floranna_jax.errors import BadValue, ConfigError, first_line
+from floranna_jax.models import quant
 from floranna_jax.tasks.classification import OFFLINE_HINT
 
 
@@ -37,10 +39,12 @@ def lora_spec(config) -> models.LoraSpec:
     )
 
 
-def build_model(config, num_labels: int, key: jax.Array) -> Any:
+def build_model(config, num_labels: int, key: jax.Array, abstract: bool = False) -> Any:
     """The model with fresh adapters and head, or those of ``lora.init_from``; pretrained
     from model.path or tiny random, its base in ``model.base_dtype``. ``model.remat``
-    (decoder configs only) reaches the decoder family."""
+    (decoder configs only) reaches the decoder family. ``abstract``: the base as shapes
+    only (``models.build_abstract``), read from the folder's config.json alone: no weight is
+    read or made."""
     kwargs = dict(
         num_labels=num_labels, lora=lora_spec(config), key=key,
         compute_dtype=jnp.dtype(config.model.compute_dtype),
@@ -49,12 +53,27 @@ def build_model(config, num_labels: int, key: jax.Array) -> Any:
     if "remat" in config.model:
         kwargs["remat"] = config.model.remat
     if config.model.source == "random":
-        model = models.build_random(models.tiny_config(config.model.model_type), **kwargs)
+        build = models.build_abstract if abstract else models.build_random
+        model = build(models.tiny_config(config.model.model_type), **kwargs)
     else:
-        model = _load_pretrained(config, kwargs)
+        model = _load_pretrained(config, kwargs, abstract)
+    if config.model.get("quantize"):
+        model = _quantize(config, model, abstract)
     if config.lora.get("init_from"):
         model = _init_from(config, model, num_labels)
     return model
+
+
+def _quantize(config, model, abstract: bool):
+    """``model`` with its decoder projections quantized by ``model.quantize`` (decoder
+    configs only; :mod:`floranna_jax.models.quant`), once built or loaded; an abstract
+    base gets the quantized shapes."""
+    quantize = functools.partial(quant.quantize_base, method=config.model.quantize)
+    try:
+        return model._replace(base=jax.eval_shape(quantize, model.base) if abstract
+                              else quantize(model.base))  # fmt: skip
+    except BadValue as e:  # no decoder layers, or an NF4 kernel whose d_in is not 64 k
+        raise ConfigError(f"config field model.{e.param}: {e.message}") from e
 
 
 def _init_from(config, model, num_labels: int):
@@ -66,8 +85,12 @@ def _init_from(config, model, num_labels: int):
     return model._replace(trainable=trainable)
 
 
-def _load_pretrained(config, kwargs: dict):
+def _load_pretrained(config, kwargs: dict, abstract: bool = False):
     try:
+        if abstract:
+            path = os.path.expanduser(config.model.path)
+            folder = models.loading.resolve_folder(path, weights=False)
+            return models.build_abstract(models.loading.read_config(folder), **kwargs)
         return models.load_pretrained(os.path.expanduser(config.model.path), **kwargs)
     except BadValue as e:  # the checkpoint's family does not know a LoRA setting
         raise ConfigError(f"config field lora.{e.param}: {e.message}") from e
@@ -110,8 +133,9 @@ def load_data(config) -> tuple[tasks.Task, dict, dict, partition.Partition]:
     return task, train, validation, part
 
 
-def build(config, key: jax.Array) -> Experiment:
-    """Data first (cheap to fail), then the partition, then the model (``key`` inits it)."""
+def build(config, key: jax.Array, abstract: bool = False) -> Experiment:
+    """Data first (cheap to fail), then the partition, then the model (``key`` inits it;
+    ``abstract``: its base as shapes only, see :func:`build_model`)."""
     task, train, validation, part = load_data(config)
-    model = build_model(config, task.num_labels, key)
+    model = build_model(config, task.num_labels, key, abstract)
     return Experiment(task, model, train, validation, part)

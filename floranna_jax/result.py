@@ -36,6 +36,7 @@ from floranna_jax import (
     train,
 )
 from floranna_jax.errors import ConfigError, first_line
+from floranna_jax.models import quant
 
 
 class Result(NamedTuple):
@@ -137,7 +138,9 @@ def base(res: Result) -> dict[str, Any]:
 
 def merged_base(res: Result, client: int | None = None) -> dict[str, Any]:
     """:func:`base` with the adapter of :func:`trainable` folded in (``W0 + s B A``): the
-    weights of a plain model that computes what the run's model computes."""
+    weights of a plain model that computes what the run's model computes (a quantized
+    base, ``model.quantize``, is dequantized first, as QLoRA merges)."""
     adapters = trainable(res, client)["lora"]
     deltas = {n: f["B"] @ f["A"] for n, f in adapters.items()}
-    return models.merge_into_base(base(res), deltas, res.model.lora_scale)
+    plain = quant.dequantize_base(base(res))
+    return models.merge_into_base(plain, deltas, res.model.lora_scale)

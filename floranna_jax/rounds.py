@@ -25,6 +25,7 @@ for every method.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -71,19 +72,25 @@ class RoundOutput(NamedTuple):
 
 
 def init_state(
-    seed: int, trainable: PyTree, method: server.Method, num_clients: int, opt=None
-) -> RoundState:
+    seed: int, trainable: PyTree, method: server.Method, num_clients: int, opt=None,
+    abstract: bool = False,
+) -> RoundState:  # fmt: skip
     """Round-0 state from the freshly built model's trainable tree ``{"lora", "head"}``.
 
     ``opt``: the client optimizer when optimizer states persist across rounds, else None.
+    ``abstract``: the method's state and the optimizer states as ``jax.ShapeDtypeStruct``
+    (a plan: FLoRA's dense merges of a 70B model are never allocated).
     """
-    opt_state = {} if opt is None else clients.broadcast(opt.init(trainable), num_clients)
+    make = jax.eval_shape if abstract else (lambda f, x: f(x))
+    opt_state = {}
+    if opt is not None:
+        opt_state = make(lambda t: clients.broadcast(opt.init(t), num_clients), trainable)
     return RoundState(
         round=np.asarray(0, np.int64),
         key=np.asarray(jax.random.key_data(keys.root(seed))),
         lora=trainable["lora"],
         head=trainable["head"],
-        method=method.init(trainable["lora"], num_clients),
+        method=make(lambda lora: method.init(lora, num_clients), trainable["lora"]),
         opt_state=opt_state,
         bytes_up=np.asarray(0, np.int64),
         bytes_down=np.asarray(0, np.int64),
@@ -192,27 +199,34 @@ def check_aggregate(round_number: int, agg: server.Aggregate, method_state: PyTr
             raise RoundError(f"round {round_number}: server metric {k} is {v}")
 
 
+def make_merge(model) -> Callable:
+    """The jitted ``merge(base, delta) -> {kernel path: kernel}``: only the kernels of
+    ``base`` that ``delta`` names, each plus ``s * delta`` (:func:`models.merged_kernels`).
+    The base's other leaves are unused arguments, which jit drops: the compiled merge's
+    arguments and outputs are the merged kernels and ``delta`` alone."""
+    s = float(model.lora_scale)
+    flatten = functools.partial(traverse_util.flatten_dict, sep="/")
+    return jax.jit(lambda base, delta: models.merged_kernels(flatten(base), delta, s))
+
+
 def make_effective_base(model) -> Callable:
     """``(base, delta) -> base + s * delta`` (jitted; identity when there is no delta).
 
     ``delta``: ``{layer: [d_out, d_in]}`` in ``B @ A`` units, a method's ``base_delta``.
-    Only the kernels ``delta`` names are the jitted merge's arguments and outputs; every
-    other leaf of the result is ``base``'s own buffer, so a FLoRA/FedEx round holds the
-    pretrained base once plus its merged kernels, in the base's dtype (sharding follows the
-    kernels'). Float32 accumulation is kept in two places, for exactness: the method state
-    sums the merges in float32 (bit-exact resume: the base is always rebuilt as
-    ``W0 + s * sum``), and each kernel is summed in float32 and rounded once into its dtype
-    (:func:`models.merged_kernels`).
+    Only the kernels ``delta`` names are rebuilt (:func:`make_merge`); every other leaf of
+    the result is ``base``'s own buffer, so a FLoRA/FedEx round holds the pretrained base
+    once plus its merged kernels, in the base's dtype (sharding follows the kernels').
+    Float32 accumulation is kept in two places, for exactness: the method state sums the
+    merges in float32 (bit-exact resume: the base is always rebuilt as ``W0 + s * sum``),
+    and each kernel is summed in float32 and rounded once into its dtype.
     """
-    s = float(model.lora_scale)
-    merge = jax.jit(lambda kernels, delta: models.merged_kernels(kernels, delta, s))
+    merge = make_merge(model)
 
     def effective(base, delta):
         if not delta:
             return base
         flat = traverse_util.flatten_dict(base, sep="/")
-        kernels = {p: flat[p] for p in models.merged_kernel_paths(flat, delta)}
-        return traverse_util.unflatten_dict(flat | merge(kernels, delta), sep="/")
+        return traverse_util.unflatten_dict(flat | merge(base, delta), sep="/")
 
     return effective
 

@@ -36,6 +36,7 @@ from floranna_jax import (
     distributed,
     experiment,
     keys,
+    models,
     partition,
     progress,
     reporting,
@@ -52,8 +53,8 @@ RESUMABLE_CHANGES = ("train.num_rounds", "eval", "ckpt", "dist")
 class Run(NamedTuple):
     """A built run: ``round_fn(state) -> (state, RoundOutput)``, the round-0 ``state``,
     the task's ``evaluator``, the experiment (task, model, data, partition), the
-    ``server_`` (the method, built once) and ``base_of(state)``, the frozen base a state's
-    global model runs on."""
+    ``server_`` (the method, built once), ``base_of(state)``, the frozen base a state's
+    global model runs on, and the clients' ``loss_fn``."""
 
     round_fn: Any
     state: rounds.RoundState
@@ -61,30 +62,45 @@ class Run(NamedTuple):
     exp: experiment.Experiment
     server_: server.Server
     base_of: Any
+    loss_fn: Any
 
 
-def make_runner(config, loss_fn, method: server.Method, one_client: bool = False):
-    """``(runner, opt)``: the clients' optimizer and the runner of their ``local_update``
-    (``clients.make_runner``) as the config's ``client`` and ``train`` sections say, or,
-    with ``one_client``, the ``"loop"`` runner (a process that trains one client). While
-    it runs, a ``clients`` bar counts the local steps (:mod:`floranna_jax.progress`)."""
-    c, t = config.client, config.train
+def make_local_update(config, loss_fn, method: server.Method, on_step=None):
+    """``(local_update, opt)``: one client's update (``clients.make_local_update``, calling
+    ``on_step`` once per step) with the optimizer of the config's ``client`` section and
+    the method's frozen factors."""
+    c = config.client
     opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
+    frozen = lambda path, _: method.frozen(path)  # noqa: E731
+    update = clients.make_local_update(
+        loss_fn, opt, frozen, on_step=on_step, micro_batched=micro_batches(config) > 1
+    )
+    return update, opt
+
+
+def make_client_runner(config, local_update, one_client: bool = False):
+    """``(runner, mode, chunk)``: the jitted runner of ``local_update`` as the config's
+    ``train`` section says (``clients.make_runner``; what a plan compiles), or, with
+    ``one_client``, the ``"loop"`` runner."""
+    t = config.train
     # Several processes always shard: each feeds its own clients to the global mesh.
     multi = jax.process_count() > 1
     shard = not one_client and (multi or (t.shard_clients and jax.device_count() > 1))
     mode, chunk = ("loop", 0) if one_client else (t.client_mode, t.clients_per_chunk)
-    ticker = progress.Ticker()
-    local_update = clients.make_local_update(
-        loss_fn,
-        opt,
-        lambda path, _: method.frozen(path),
-        on_step=ticker.tick,
-        micro_batched=micro_batches(config) > 1,
-    )
     runner = clients.make_runner(
         local_update, mode=mode, mesh=clients.make_mesh() if shard else None, chunk=chunk,
     )  # fmt: skip
+    return runner, mode, chunk
+
+
+def make_runner(config, loss_fn, method: server.Method, one_client: bool = False):
+    """``(runner, opt)``: the clients' optimizer and the runner of their ``local_update``
+    (:func:`make_client_runner`) as the config's ``client`` and ``train`` sections say, or,
+    with ``one_client``, the ``"loop"`` runner (a process that trains one client). While
+    it runs, a ``clients`` bar counts the local steps (:mod:`floranna_jax.progress`)."""
+    ticker = progress.Ticker()
+    local_update, opt = make_local_update(config, loss_fn, method, on_step=ticker.tick)
+    runner, mode, chunk = make_client_runner(config, local_update, one_client)
 
     def shown(base, trainable, opt_state, batches, step_mask, keys):
         U, S = step_mask.shape
@@ -95,14 +111,15 @@ def make_runner(config, loss_fn, method: server.Method, one_client: bool = False
     return shown, opt
 
 
-def initial_state(config, model, method: server.Method) -> rounds.RoundState:
-    """The round-0 state of ``config``'s run of ``model`` (what a checkpoint restores into)."""
+def initial_state(config, model, method: server.Method, abstract: bool = False):
+    """The round-0 state of ``config``'s run of ``model`` (what a checkpoint restores into);
+    ``abstract``: its method and optimizer states as shapes (``rounds.init_state``)."""
     c = config.client
     opt = None
     if c.persistent_opt_state:
         opt = clients.make_optimizer(c.optimizer, c.learning_rate, c.weight_decay)
     return rounds.init_state(config.train.seed, model.trainable, method,
-                             config.partition.num_clients, opt=opt)  # fmt: skip
+                             config.partition.num_clients, opt=opt, abstract=abstract)  # fmt: skip
 
 
 def check_import_kept(name: str, method: server.Method, state: rounds.RoundState) -> None:
@@ -127,13 +144,15 @@ def micro_batches(config) -> int:
     return c.batch_size // c.micro_batch_size if c.micro_batch_size else 1
 
 
-def build(config, *, loss_wrapper=None) -> Run:
-    """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss."""
+def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
+    """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss.
+    ``abstract`` (a plan): the frozen base, the method's state and the optimizer states
+    are ``jax.ShapeDtypeStruct`` trees; no weight is read (:mod:`floranna_jax.plan`)."""
     hparams = config_check.validate(config)
     seed = config.train.seed
     server_ = server.build(config.server.name, **hparams)
     method = server_.method
-    exp = experiment.build(config, keys.model_key(seed))
+    exp = experiment.build(config, keys.model_key(seed), abstract)
     c = config.client
     loss_fn = exp.task.make_loss(exp.model)
     if loss_wrapper is not None:
@@ -148,7 +167,7 @@ def build(config, *, loss_wrapper=None) -> Run:
         compare=server.make_compare(compare) if compare else None,
         packed=config.data.packing, micro_batches=micro_batches(config),
     )  # fmt: skip
-    state = initial_state(config, exp.model, method)
+    state = initial_state(config, exp.model, method, abstract)
     if config.lora.get("init_from"):
         check_import_kept(config.server.name, method, state)
     evaluator = exp.task.make_evaluator(
@@ -159,7 +178,7 @@ def build(config, *, loss_wrapper=None) -> Run:
     def base_of(state: rounds.RoundState):
         return effective_base(exp.model.base, method.base_delta(state.method))
 
-    return Run(round_fn, state, evaluator, exp, server_, base_of)
+    return Run(round_fn, state, evaluator, exp, server_, base_of, loss_fn)
 
 
 def _eval_row(run: Run, config, state, out, record) -> dict[str, float]:
@@ -188,16 +207,40 @@ def _scores(run: Run, config, state, base, trainable, client_ids, record) -> dic
     return row
 
 
+# Fields added after runs were saved, each with a test of a new value that runs as the
+# saved runs did (their config.json lacks the field): such a run resumes, and a committed
+# study cell still counts, under the new defaults.
+ADDED_FIELDS = {
+    "model.base_dtype": lambda v: models.resolve_base_dtype(v) == np.float32,
+    "model.remat": lambda v: True,  # memory against time only: the numbers are the same
+    "client.micro_batch_size": lambda v: v == 0,
+    "lora.init_from": lambda v: not v,
+    "model.quantize": lambda v: not v,
+}
+
+
 def _comparable(config_dict: dict) -> dict:
     out = {k: dict(v) for k, v in config_dict.items() if k not in ("eval", "ckpt", "dist")}
     out.get("train", {}).pop("num_rounds", None)
     return out
 
 
+def _fill_added(old: dict, new: dict) -> None:
+    """Gives ``old`` each :data:`ADDED_FIELDS` field it lacks, as ``new`` has it, where
+    ``new``'s value runs as the old run did."""
+    for path, same_as_before in ADDED_FIELDS.items():
+        section, field = path.split(".")
+        value = new.get(section, {}).get(field)
+        if section in old and field not in old[section] and field in new.get(section, {}):
+            if same_as_before(value):
+                old[section][field] = value
+
+
 def changed_fields(old: dict, new: dict) -> list[str]:
     """The ``section.field`` paths, sorted, where two configs (as config.json holds them)
     differ beyond :data:`RESUMABLE_CHANGES`: empty when ``new`` may resume a run of ``old``."""
     old, new = _comparable(old), _comparable(new)
+    _fill_added(old, new)
     return sorted(
         f"{s}.{k}" for s in set(old) | set(new)
         for k in set(old.get(s, {})) | set(new.get(s, {}))

@@ -5,15 +5,20 @@ Fast tests (about 30 s on a 2-core CPU) route Flower ``Message``s through the re
 ServerApp and ClientApp in one process (:class:`FakeGrid`, Flower's ``Grid`` interface).
 Slow ones: every other method through the same (about 60 s), and a SuperLink with three
 SuperNodes as separate processes on Flower's deployment runtime (insecure, localhost):
-FedIT and FLoRA-NA equal to the in-process run (about 4 min) and a SuperNode killed
-mid-round (about 2 min). The slow ones run only when asked for (``-m slow``), so the
-suite's plain ``pytest -q`` (CI) spends about 30 s here."""
+FedIT and FLoRA-NA equal to the in-process run (about 4 min), a SuperNode killed
+mid-round (about 2 min; every node with its warm ClientApp process, warm_node.py), and
+Ctrl-C on ``flower.local`` (about 1 min). The slow ones run only when asked for
+(``-m slow``), so the suite's plain ``pytest -q`` (CI) spends about 30 s here."""
 
+import contextlib
 import json
 import os
+import pathlib
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import chex
@@ -161,12 +166,14 @@ class FakeGrid:
         }  # fmt: skip
         self.faults = faults or {}
         self.uploads = {}  # client -> the values of its last upload as sent
+        self.replies = []  # replies not pulled yet
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Every node answers at once; :meth:`pull_messages` hands the replies out."""
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's push does
             node = msg.metadata.dst_node_id
@@ -181,8 +188,14 @@ class FakeGrid:
                 reply = Message(RecordDict(content), reply_to=msg)
             if "update" in reply.content:
                 self.uploads[node - 100] = wire.from_record(reply.content["update"])
-            replies.append(reply)
-        return replies
+            self.replies.append(reply)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        out = [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
+        self.replies = [r for r in self.replies if r not in out]
+        return out
 
 
 def _run_config(config, workdir, **options):
@@ -311,6 +324,38 @@ def _rank_up(values):
     return values | {key: np.concatenate([values[key], values[key][:1]])}
 
 
+class SlowGrid:
+    """Replies to messages ``0..n-1``: reply ``i`` is there ``delays[i]`` s after the push
+    (``None``: never)."""
+
+    def __init__(self, delays):
+        self.delays, self.t0 = delays, None
+
+    def push_messages(self, messages):
+        self.t0 = time.monotonic()
+        return [str(i) for i in range(len(list(messages)))]
+
+    def pull_messages(self, ids):
+        now = time.monotonic() - self.t0
+        ready = [i for i in ids if (d := self.delays[int(i)]) is not None and d <= now]
+        return [Message(RecordDict({}), reply_to=_stamped(i)) for i in ready]
+
+
+def _stamped(message_id: str) -> Message:
+    msg = Message(RecordDict({}), dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_message_id"] = message_id
+    return msg
+
+
+def test_exchange_returns_once_every_reply_is_there_and_stops_at_the_timeout():
+    t0 = time.monotonic()
+    assert len(server_app.exchange(SlowGrid([0.0, 0.3]), [None, None], 60.0)) == 2
+    assert time.monotonic() - t0 < 0.3 + 5 * server_app.POLL_S
+    t0 = time.monotonic()
+    assert len(server_app.exchange(SlowGrid([0.0, None]), [None, None], 0.5)) == 1
+    assert 0.5 <= time.monotonic() - t0 < 1.5
+
+
 def test_faults_leave_the_round_to_the_clients_that_answered(tmp_path, caplog):
     """Of four clients one uploads NaN, one another rank, one never answers: the round
     aggregates the fourth alone (its weight renormalized to 1) and logs why."""
@@ -318,7 +363,7 @@ def test_faults_leave_the_round_to_the_clients_that_answered(tmp_path, caplog):
                              "train.clients_per_round": 4, "ckpt.every_rounds": 1})  # fmt: skip
     faults = {1: _nan_B, 2: _rank_up, 3: "dead"}
     with caplog.at_level("INFO", logger="flwr"):
-        grid = _serve(config, tmp_path, faults, retries=1)
+        grid = _serve(config, tmp_path, faults, retries=1, **{"round-timeout-s": 1.0})
     log = caplog.text
     assert re.search(r"round 1: client 1 rejected: lora\|.*\|B has non-finite values", log)
     assert re.search(r"round 1: client 2 rejected: .*\(rank 5, expected 4\)", log)
@@ -338,16 +383,41 @@ def test_too_few_accepted_uploads_stop_the_run(tmp_path):
     config = smoke_config(**{"server.name": "fedit", "train.num_rounds": 1,
                              "train.clients_per_round": 4})  # fmt: skip
     with pytest.raises(ValueError, match=r"^round 1: 1 accepted uploads .*min-replies=2$"):
-        _serve(config, tmp_path, {u: "dead" for u in (1, 2, 3)}, **{"min-replies": 2})
+        _serve(config, tmp_path, {u: "dead" for u in (1, 2, 3)},
+               **{"min-replies": 2, "round-timeout-s": 1.0})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- deployment
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_free_ports_are_distinct_and_bindable():
+    ports = local.free_ports(4)
+    assert len(set(ports)) == 4
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stop_all_kills_children_that_ignore_sigterm(tmp_path):
+    """A leader whose child ignores SIGTERM: after the grace both are gone."""
+    pid_file = tmp_path / "child.pid"
+    script = f"trap '' TERM; sleep 60 & echo $! > {pid_file}; wait"
+    leader = local._spawn(["bash", "-c", script], tmp_path / "log", os.environ.copy())
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    t0 = time.monotonic()
+    local.stop_all([leader], grace_s=0.5)
+    assert time.monotonic() - t0 < 3
+    assert leader.poll() is not None and not _alive(child)
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +426,7 @@ def deployed(tmp_path_factory):
     node with its own client's data file."""
     workdir = tmp_path_factory.mktemp("federation")
     paths = shards.write(_config(), str(workdir / "data"))
-    with local.federation(workdir, paths, _free_port(), None, XLA_CACHE) as fed:
+    with local.federation(workdir, paths, None, None, XLA_CACHE) as fed:
         yield fed, workdir
 
 
@@ -402,3 +472,41 @@ def test_a_killed_supernode_leaves_the_round_to_the_others(deployed):
     text = log.read_text()
     assert "round 1: aggregating clients [0, 1] of [0, 1, 2], weights renormalized" in text
     assert "round 2: aggregating clients [0, 1] of [0, 1, 2], weights renormalized" in text
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_within_5_s_with_one_line(tmp_path):
+    """``flower.local`` mid-run gets SIGINT (Ctrl-C): within 5 s every process it started
+    (SuperLink, SuperNodes, warm executors, ``flwr run`` and their children) is gone, and
+    it says so in one line, without a traceback."""
+    psutil = pytest.importorskip("psutil")
+    args = [sys.executable, "-m", "floranna_jax.flower.local", "--config=configs/glue.py:smoke",
+            f"--workdir={tmp_path}", "--insecure", "--config.partition.num_clients=2",
+            "--config.train.clients_per_round=2", "--config.train.num_rounds=50"]  # fmt: skip
+    with open(tmp_path / "stderr", "w") as err:  # a file: a full pipe would block it
+        launcher = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 300
+    while "Receiving: train message" not in _read(tmp_path / "logs" / "node_0.log"):
+        assert time.monotonic() < deadline and launcher.poll() is None, _read(tmp_path / "stderr")
+        time.sleep(0.5)
+    children = psutil.Process(launcher.pid).children(recursive=True)
+    assert len(children) >= 6  # SuperLink, 2 SuperNodes, 2 executors, flwr run
+    t0 = time.monotonic()
+    launcher.send_signal(signal.SIGINT)
+    while any(_alive(c.pid) for c in children) or launcher.poll() is None:
+        assert time.monotonic() - t0 < 5, [_cmdline(c) for c in children if _alive(c.pid)]
+        time.sleep(0.05)
+    print(f"Ctrl-C: every process gone in {time.monotonic() - t0:.2f} s")
+    err = _read(tmp_path / "stderr")
+    assert launcher.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: stopped the SuperLink")
+
+
+def _cmdline(process) -> str:
+    with contextlib.suppress(Exception):
+        return " ".join(process.cmdline())
+    return str(process.pid)
+
+
+def _read(path: pathlib.Path) -> str:
+    return path.read_text() if path.exists() else ""

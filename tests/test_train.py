@@ -177,3 +177,15 @@ def test_compare_runs_other_estimators_on_the_same_uploads(tmp_path):
     assert m["svd"] <= min(m.values()) * (1 + 1e-5)
     assert m["floranna_model"] <= m["fedit"] * (1 + 1e-6)
     assert m["floranna_layer"] <= m["floranna_model"] * (1 + 1e-6)
+
+
+def test_a_run_saved_before_a_field_existed_resumes_under_its_default():
+    new = json.loads(smoke_config().to_json())
+    old = json.loads(smoke_config().to_json())
+    for path in train.ADDED_FIELDS:
+        section, field = path.split(".")
+        old.get(section, {}).pop(field, None)
+    assert train.changed_fields(old, new) == []
+    # A new value that would run differently from the saved run is still a change.
+    new["client"]["micro_batch_size"] = 2
+    assert train.changed_fields(old, new) == ["client.micro_batch_size"]

@@ -1,21 +1,23 @@
 r"""A whole Flower federation on this machine: one SuperLink, N SuperNodes, one run.
 
     python -m floranna_jax.flower.local --config=configs/glue.py:smoke \
-        --workdir=/tmp/floranna_flower --certs=/tmp/floranna_certs
+        --workdir=runs/flower --certs=runs/flower_certs
 
 writes each client's data to ``WORKDIR/data/client_<u>.npz`` (:mod:`shards`), starts
-``flower-superlink`` and one ``flower-supernode`` per client as separate processes (each
-node's ``data-path`` points at its own file), submits the app in ``flower_app/`` with
-``flwr run`` and streams its log, then stops every process it started. The server writes
+``flower-superlink`` (on a free port unless ``--port``) and one ``flower-supernode`` per
+client as separate processes (each node's ``data-path`` points at its own file), each with
+a warm ClientApp process (:mod:`warm_node`; ``--nowarm``: Flower's process per message),
+submits the app in ``flower_app/`` with ``flwr run`` and streams its log, then stops every
+process it started (on Ctrl-C too, within seconds, with one line). The server writes
 ``WORKDIR/run/metrics.jsonl`` (one row per round) and its checkpoints there. TLS is the
 default: ``--certs`` names a folder with ``ca.crt``, ``server.pem`` and ``server.key``
 (a localhost CA is created there when it is empty); ``--insecure`` is for tests on
 localhost only. Overrides work as in ``launch.py``: ``--config.server.name=fedit``.
 
-Processes and logs: ``WORKDIR/logs/{superlink,node_<u>,run}.log``; Flower's own state
+Processes and logs: ``WORKDIR/logs/{superlink,node_<u>,warm_<u>,run}.log``; Flower's own state
 (installed app bundles, its CLI config) in ``WORKDIR/flwr_home``; all processes share one
-XLA compilation cache (``WORKDIR/xla_cache``), since every round starts a new ClientApp
-process on each SuperNode.
+XLA compilation cache (``WORKDIR/xla_cache``), so a step one node compiled is loaded by the
+others.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Federation(NamedTuple):
 
     superlink: subprocess.Popen
     nodes: list[subprocess.Popen]
+    executors: list[subprocess.Popen]  # warm_node processes, one per SuperNode (warm=True)
+    runs: list[subprocess.Popen]  # the ``flwr run`` processes of :func:`submit`
     env: dict[str, str]
     logs: pathlib.Path
 
@@ -105,6 +109,16 @@ def _tls_args(certs: pathlib.Path | None) -> tuple[list[str], list[str], dict]:
     return link, ["--root-certificates", ca], {"root-certificates": ca}
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports that were free on 127.0.0.1 a moment ago (all bound at once,
+    so that no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -127,16 +141,24 @@ def _spawn(args: list[str], log: pathlib.Path, env: dict) -> subprocess.Popen:
 def federation(
     workdir: pathlib.Path,
     data_paths: list[str],
-    port: int,
+    port: int | None,
     certs: pathlib.Path | None,
     xla_cache: pathlib.Path | None = None,
+    warm: bool = True,
 ) -> Iterator[Federation]:
-    """A SuperLink on ``port`` and one SuperNode per data file, stopped on exit; every
-    process compiles into ``xla_cache`` (default ``workdir/xla_cache``)."""
+    """A SuperLink on ``port`` (``None``: a free one) and one SuperNode per data file, all
+    stopped on exit (:func:`stop_all`); every process compiles into ``xla_cache`` (default
+    ``workdir/xla_cache``). SuperNodes take the ports after ``port``, or free ones. ``warm``:
+    each node's ClientApp messages run in one long-lived process (:mod:`warm_node`), else
+    Flower's default, a new process per message."""
     home, logs = workdir / "flwr_home", workdir / "logs"
     home.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     link_tls, node_tls, connection = _tls_args(certs)
+    if port is None:
+        port, *node_ports = free_ports(1 + len(data_paths))
+    else:
+        node_ports = [port + 1 + i for i in range(len(data_paths))]
     address = f"127.0.0.1:{port}"
     link = {"address": address, **connection}
     settings = {"superlink": {"default": CONNECTION, CONNECTION: link}}
@@ -152,30 +174,63 @@ def federation(
                         "--disable-runtime-dependency-installation"],
                        logs / "superlink.log", env)  # fmt: skip
     nodes: list[subprocess.Popen] = []
-    fed = Federation(superlink, nodes, env, logs)
+    fed = Federation(superlink, nodes, [], [], env, logs)
+    isolation = ["--isolation", "process"] if warm else []
     try:
         _wait_for_port(port, superlink)
         for i, path in enumerate(data_paths):
             node_config = f'data-path="{os.path.abspath(path)}"'
-            nodes.append(_spawn(["flower-supernode", *node_tls, "--superlink", address,
-                                 "--port", str(port + 1 + i), "--node-config", node_config],
+            nodes.append(_spawn(["flower-supernode", *node_tls, *isolation, "--superlink", address,
+                                 "--port", str(node_ports[i]), "--node-config", node_config],
                                 logs / f"node_{i}.log", env))  # fmt: skip
+            if warm:
+                runtime = f"127.0.0.1:{node_ports[i]}"
+                fed.executors.append(_spawn([sys.executable, "-m", "floranna_jax.flower.warm_node",
+                                             runtime], logs / f"warm_{i}.log", env))  # fmt: skip
         yield fed
     finally:
-        for p in [*nodes, superlink]:
-            stop(p)
+        stop_all([*fed.runs, *fed.executors, *nodes, superlink])
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+
+
+def stop_all(processes: list[subprocess.Popen], grace_s: float = 1.5) -> None:
+    """SIGTERM ``processes`` with their sessions and every descendant (Flower starts some,
+    such as the SuperLink's ``flwr-serverapp``, in sessions of their own) at once, and
+    SIGKILL whatever is alive after ``grace_s``; waits for them. The grace is short because
+    nothing here needs a clean exit: the server's checkpoints are written when saved, and a
+    SuperNode's graceful exit waits on its connection to a SuperLink that is stopping."""
+    import psutil  # an orbax-checkpoint dependency
+
+    descendants = []
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            descendants += psutil.Process(p.pid).children(recursive=True)
+    for p in processes:
+        _signal_group(p, signal.SIGTERM)
+    for d in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            d.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    _, alive = psutil.wait_procs(descendants, timeout=max(0.0, deadline - time.monotonic()))
+    for p in processes:
+        _signal_group(p, signal.SIGKILL)  # also the children of a leader that already exited
+        p.wait()
+    for d in alive:  # not waited for: a child of another parent is reaped by that parent
+        with contextlib.suppress(psutil.NoSuchProcess):
+            d.kill()
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Send ``sig`` to ``process``'s session (it and its children) and wait for it."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    _signal_group(process, sig)
+    process.wait()
 
 
 def submit(fed: Federation, run_config: dict, log: pathlib.Path, app_dir=APP_DIR):
@@ -184,7 +239,8 @@ def submit(fed: Federation, run_config: dict, log: pathlib.Path, app_dir=APP_DIR
     overrides = log.with_suffix(".toml")
     overrides.write_text(tomli_w.dumps(run_config))
     args = ["flwr", "run", str(app_dir), CONNECTION, "--run-config", str(overrides), "--stream"]
-    return _spawn(args, log, fed.env)
+    fed.runs.append(_spawn(args, log, fed.env))
+    return fed.runs[-1]
 
 
 def run_status(fed: Federation, log: pathlib.Path) -> dict:
@@ -212,12 +268,20 @@ def define_flags() -> SimpleNamespace:
         config=config_flags.DEFINE_config_file("config", None, "configs/<task>.py[:arg]"),
         workdir=flags.DEFINE_string("workdir", None, "folder for data, logs and results"),
         nodes=flags.DEFINE_integer("nodes", None, "SuperNodes, one per client (num_clients)"),
-        port=flags.DEFINE_integer("port", 9190, "SuperLink port; SuperNodes use the next ones"),
+        port=flags.DEFINE_integer(
+            "port", None, "SuperLink port (default: a free one); SuperNodes use the next ones"
+        ),
         certs=flags.DEFINE_string("certs", None, "TLS folder: ca.crt, server.pem, server.key"),
         insecure=flags.DEFINE_bool("insecure", False, "no TLS (tests on localhost only)"),
         timeout=flags.DEFINE_float("round_timeout_s", 600.0, "seconds to wait for replies"),
         retries=flags.DEFINE_integer("retries", 0, "times a silent client is asked again"),
         min_replies=flags.DEFINE_integer("min_replies", 1, "fewer accepted uploads stop the run"),
+        warm=flags.DEFINE_bool(
+            "warm",
+            True,
+            "one long-lived ClientApp process per node "
+            "(warm_node.py); --nowarm: Flower's new process per message",
+        ),
     )
 
 
@@ -250,10 +314,15 @@ def main(argv, cli: SimpleNamespace) -> None:
         sys.exit(f"error: {e}")
     options = {"round-timeout-s": cli.timeout.value, "retries": cli.retries.value,
                "min-replies": cli.min_replies.value}  # fmt: skip
-    with federation(workdir, paths, cli.port.value, certs) as fed:
-        run = submit(fed, run_config(config, workdir / "run", **options), fed.logs / "run.log")
-        run.wait()
-        status = run_status(fed, fed.logs / "run.log")
+    try:
+        with federation(workdir, paths, cli.port.value, certs, warm=cli.warm.value) as fed:
+            run = submit(fed, run_config(config, workdir / "run", **options), fed.logs / "run.log")
+            run.wait()
+            status = run_status(fed, fed.logs / "run.log")
+    except KeyboardInterrupt:  # the federation's exit has stopped every process by now
+        print(f"interrupted: stopped the SuperLink, its SuperNodes and the run; logs: "
+              f"{workdir / 'logs'}", file=sys.stderr)  # fmt: skip
+        sys.exit(130)
     print((fed.logs / "run.log").read_text())
     print(f"run {status['status']}; results: {workdir / 'run'} (metrics.jsonl, summary.md); "
           f"logs: {fed.logs}")  # fmt: skip

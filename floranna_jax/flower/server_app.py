@@ -100,7 +100,7 @@ def connect(grid: Grid, num_clients: int, timeout_s: float) -> dict[int, int]:
         query = [
             Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY) for n in new
         ]
-        for reply in grid.send_and_receive(query, timeout=left):
+        for reply in exchange(grid, query, left):
             if reply.has_error():
                 log(WARNING, "node %d: query failed: %s", reply.metadata.src_node_id,
                     reply.error.reason)  # fmt: skip
@@ -109,6 +109,25 @@ def connect(grid: Grid, num_clients: int, timeout_s: float) -> dict[int, int]:
     absent = sorted(set(range(num_clients)) - set(nodes))
     log(INFO, "connected clients %s%s", sorted(nodes), f"; absent: {absent}" if absent else "")
     return nodes
+
+
+POLL_S = 0.1  # between asks for replies; Grid.send_and_receive waits 3 s
+
+
+def exchange(grid: Grid, messages: list[Message], timeout_s: float) -> list[Message]:
+    """Send ``messages`` and return the replies that arrive within ``timeout_s``: Flower's
+    ``send_and_receive``, polling every ``POLL_S`` so that a round does not wait up to 3 s
+    for replies already there."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending:
+            time.sleep(POLL_S)
+    return replies
 
 
 class Collected(NamedTuple):
@@ -201,7 +220,7 @@ def collect(grid, nodes, number, ids, message, expected, opts) -> Collected:
     for attempt in range(opts.retries + 1):
         sent = {u: message(u) for u in pending}
         down |= {u: wire.message_bytes(m) for u, m in sent.items()}
-        replies = grid.send_and_receive(list(sent.values()), timeout=opts.round_timeout_s)
+        replies = exchange(grid, list(sent.values()), opts.round_timeout_s)
         # Sending stamps each message's id; an error reply may come from the SuperLink.
         client_of = {m.metadata.message_id: u for u, m in sent.items()}
         for reply in replies:

@@ -46,8 +46,9 @@ _LOCAL_HINT = (
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer
 
 
-def resolve_folder(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
-    """A local model folder, or a Hugging Face hub id fetched with ``snapshot_download``.
+def resolve_folder(path_or_hub_id: str | os.PathLike, weights: bool = True) -> pathlib.Path:
+    """A local model folder, or a Hugging Face hub id fetched with ``snapshot_download``
+    (``weights=False``: its config and tokenizer only, what a plan reads).
 
     Offline (``HF_HUB_OFFLINE=1``) or unreachable hubs raise ``FileNotFoundError`` saying
     to pass a local folder; a hub id already in the local hub cache still resolves.
@@ -63,7 +64,10 @@ def resolve_folder(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
         import huggingface_hub  # only needed for hub ids
 
         return pathlib.Path(
-            huggingface_hub.snapshot_download(repo_id=text, allow_patterns=_HUB_FILES)
+            huggingface_hub.snapshot_download(
+                repo_id=text,
+                allow_patterns=_HUB_FILES if weights else _HUB_FILES[:1] + _HUB_FILES[2:],
+            )
         )
     except Exception as e:  # offline mode, no network, unknown repo, auth: one message
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")

@@ -205,6 +205,22 @@ def build_random(
     return _assemble(arch, base, head, lora, k_lora, hf_config)
 
 
+def build_abstract(
+    hf_config: dict,
+    num_labels: int = 2,
+    lora: LoraSpec = LoraSpec(),  # noqa: B008 (immutable NamedTuple)
+    key: jax.Array | None = None,
+    compute_dtype=jnp.float32,
+    **options,
+) -> Model:
+    """A model whose base is ``jax.ShapeDtypeStruct`` leaves (the shapes and dtypes a
+    checkpoint would fill; nothing allocated, nothing read), with real fresh adapters and
+    head: what a plan compiles ahead of time (:mod:`floranna_jax.plan`)."""
+    arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
+    _, k_head, k_lora = _keys(key)
+    return _assemble(arch, arch.base_shapes, arch.init_head(k_head), lora, k_lora, hf_config)
+
+
 def load_pretrained(
     path_or_hub_id: str | os.PathLike,
     num_labels: int = 2,

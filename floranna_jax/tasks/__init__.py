@@ -5,6 +5,6 @@ Kinds: ``classification`` (GLUE classification and regression, synthetic tokens)
 """
 
 from floranna_jax.tasks.registry import KINDS, get, names
-from floranna_jax.tasks.task import Evaluator, Task
+from floranna_jax.tasks.task import Evaluator, Program, Task
 
-__all__ = ["KINDS", "Evaluator", "Task", "get", "names"]
+__all__ = ["KINDS", "Evaluator", "Program", "Task", "get", "names"]

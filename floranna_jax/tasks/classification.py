@@ -30,7 +30,7 @@ from floranna_jax import packing
 from floranna_jax.data import glue, synthetic
 from floranna_jax.data import metrics as task_metrics
 from floranna_jax.errors import BadValue, ConfigError, first_line
-from floranna_jax.tasks.task import Arrays, Evaluator, Task
+from floranna_jax.tasks.task import Arrays, Evaluator, Program, Task
 
 NAMES = tuple(glue.TASKS)
 SOURCES = ("glue", "synthetic")
@@ -202,9 +202,20 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
     train_lengths = train_layout[0] if train_layout else None
     holdout_index = [h[:cap] if cap else h for h in holdout_index]
 
-    def global_eval(base, trainable, record=None) -> dict[str, float]:  # record: no text here
+    def global_batches():
         take, real = _chunks([np.arange(len(val_labels))], batch_size, val_lengths)
-        batches = packing.batches(val_inputs, take[0], real[0], val_layout)
+        return take, real, packing.batches(val_inputs, take[0], real[0], val_layout)
+
+    def local_batches(client_ids):
+        index = [holdout_index[int(u)] for u in client_ids]
+        take, real = _chunks(index, local_rows, train_lengths)  # [U, n, local_rows]
+        U, n = take.shape[:2]
+        flat = packing.batches(train_inputs, take.reshape(U * n, -1), real.reshape(U * n, -1),
+                               train_layout)  # fmt: skip
+        return take, real, {k: v.reshape(U, n, *v.shape[1:]) for k, v in flat.items()}
+
+    def global_eval(base, trainable, record=None) -> dict[str, float]:  # record: no text here
+        take, real, batches = global_batches()
         logits = [
             np.asarray(predict(base, trainable, {k: v[i] for k, v in batches.items()}))
             for i in range(take.shape[1])
@@ -214,12 +225,8 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
         return task_metrics.compute(info.name, preds, val_labels[take[0][real[0]]])
 
     def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
-        index = [holdout_index[int(u)] for u in client_ids]
-        take, real = _chunks(index, local_rows, train_lengths)  # [U, n, local_rows]
+        take, real, batches = local_batches(client_ids)
         U, n = take.shape[:2]
-        flat = packing.batches(train_inputs, take.reshape(U * n, -1), real.reshape(U * n, -1),
-                               train_layout)  # fmt: skip
-        batches = {k: v.reshape(U, n, *v.shape[1:]) for k, v in flat.items()}
         logits = [
             np.asarray(predict_U(base, trainable_U, {k: v[:, i] for k, v in batches.items()}))
             for i in range(n)
@@ -236,4 +243,24 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
             return {}
         return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
-    return Evaluator(global_eval, local_eval)
+    def programs(base, trainable_U) -> list[Program]:
+        """The global forward (``eval.batch_size`` rows) and the local one (``U`` clients'
+        rows at once), at the shapes of the validation split and of clients ``0..U-1``."""
+        trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                 trainable_U)  # fmt: skip
+        take, _, batches = global_batches()
+        first = {k: _shape(v[0]) for k, v in batches.items()}
+        out = [Program("predict", predict, (base, trainable, first), take.shape[1])]
+        if config.eval.local:
+            U = len(jax.tree.leaves(trainable_U)[0])
+            take, _, batches = local_batches(np.arange(U))
+            first = {k: _shape(v[:, 0]) for k, v in batches.items()}
+            out.append(Program("predict clients", predict_U, (base, trainable_U, first),
+                               take.shape[1]))  # fmt: skip
+        return out
+
+    return Evaluator(global_eval, local_eval, programs)
+
+
+def _shape(x: np.ndarray) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)

@@ -38,6 +38,7 @@ test set to its ``record`` callback (the run writes them to
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -50,7 +51,7 @@ from floranna_jax import progress, sandbox
 from floranna_jax.data import code, completion, glue, gsm8k, synthetic_text
 from floranna_jax.errors import BadValue, ConfigError, first_line
 from floranna_jax.models import decoder
-from floranna_jax.tasks.task import Arrays, Evaluator, Task
+from floranna_jax.tasks.task import Arrays, Evaluator, Program, Task
 
 NAMES = ("gsm8k", "code")
 ALIASES = {"gsm8k": "gsm8k", "code": "code", "mbpp": "code"}
@@ -326,6 +327,9 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
     forward = jax.jit(lambda base, trainable, batch: model.apply(base, trainable, batch))
     cap, stops = e.max_local_examples, tuple(e.stop)
     stop_ids = completion.stop_sequences(codec, stops)
+    decode = functools.partial(decoder.generate, model, max_new_tokens=max_new,
+                               eos_ids=(codec.eos_id,), stop_ids=stop_ids,
+                               pad_id=codec.pad_id)  # fmt: skip
     holdout_index = [h[:cap] if cap else h for h in holdout_index]
 
     def generate(base, adapters, items: list[Item], tick) -> list[str]:
@@ -335,9 +339,7 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             chunk = items[start : start + rows]
             prompts = [i.prompt for i in chunk] + [[codec.pad_id]] * (rows - len(chunk))
             ids, mask = completion.left_pad(prompts, P, codec.pad_id)
-            new = np.asarray(decoder.generate(model, base, adapters, ids, mask,
-                                              max_new_tokens=max_new, eos_ids=(codec.eos_id,),
-                                              stop_ids=stop_ids, pad_id=codec.pad_id))  # fmt: skip
+            new = np.asarray(decode(base, adapters, ids, mask))
             texts_ = [codec.decode(completion.until_eos(r, codec.eos_id)) for r in new]
             out += [completion.cut_at(t, stops) for t in texts_[: len(chunk)]]
             tick()
@@ -398,4 +400,22 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             return {}
         return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
-    return Evaluator(global_eval, local_eval)
+    def programs(base, trainable_U) -> list[Program]:
+        """Greedy decoding ``[batch_size, P]`` and the answer-loss forward ``[batch_size,
+        L]``, each run once per batch of every test set and of the sampled clients'
+        held-out rows (a set's last, bucketed batch counted at the full size)."""
+        trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                 trainable_U)  # fmt: skip
+        sizes = [len(items) for items in corpus_.tests.values()]
+        if e.local:
+            sizes += [len(h) for h in holdout_index[: config.train.clients_per_round]]
+        runs = sum(len(calls(n, batch_size)) for n in sizes)
+        prompt = jax.ShapeDtypeStruct((batch_size, P), jnp.int32)
+        rows = item_arrays(corpus_.train[:1], corpus_.length, config.data.max_length)
+        batch = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype)
+                 for k, v in rows.items()}  # fmt: skip
+        return [Program("generate", jax.jit(decode), (base, trainable["lora"], prompt, prompt),
+                        runs, loop_trips=max_new - 1),
+                Program("answer loss", forward, (base, trainable, batch), runs)]  # fmt: skip
+
+    return Evaluator(global_eval, local_eval, programs)

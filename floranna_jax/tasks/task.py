@@ -22,15 +22,31 @@ import numpy as np
 Arrays = dict[str, np.ndarray]
 
 
+class Program(NamedTuple):
+    """A compiled step of a run, as a plan sees it: ``fn`` (jitted), the arguments it runs
+    with (arrays or ``jax.ShapeDtypeStruct``: ``fn.trace(*args)`` compiles it ahead of
+    time), how many times it runs per round (or per evaluation), and how many iterations
+    its ``while`` loops take at most (decoding: the new tokens; a FLOP count needs it)."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple
+    calls: int
+    loop_trips: int = 1
+
+
 class Evaluator(NamedTuple):
     """``global_eval(base, trainable, record=None) -> {metric: float}`` on the validation
     split (a task that generates text passes ``record`` a list of dicts, its first
     generations, when given one; others ignore it);
     ``local_eval(base, trainable_U, client_ids) -> {metric: mean over clients}`` of each
-    sampled client's own model on its held-out rows."""
+    sampled client's own model on its held-out rows; ``programs(base, trainable_U) ->
+    [Program]``: the evaluation's compiled steps at the shapes they run with (one
+    evaluation, global and local; ``trainable_U``: ``[U, ...]`` stacked trees)."""
 
     global_eval: Callable[..., dict[str, float]]
     local_eval: Callable[..., dict[str, float]]
+    programs: Callable[..., list[Program]] = lambda base, trainable_U: []
 
 
 class Task(NamedTuple):

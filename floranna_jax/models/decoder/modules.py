@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floranna_jax import lora
+from floranna_jax.models import quant
 from floranna_jax.models.architecture import Params, split_stacked
 from floranna_jax.models.decoder import rotary as rotary_lib
 from floranna_jax.models.decoder.config import ATTENTION_PROJECTIONS, DecoderConfig
@@ -198,16 +198,14 @@ def lora_dropout_masks(cfg: DecoderConfig, ctx: Context, adapters, key, R: int, 
 
 def _dense(ctx: Context, x, node, adapter, keep):
     """``x @ W0^T (+ b) + s B A (keep * x)`` in ``ctx.dtype``: LoRA dropout (``keep``, a
-    scaled mask or None) drops the adapter's input only, as PEFT's ``lora_dropout``."""
+    scaled mask or None) drops the adapter's input only, as PEFT's ``lora_dropout``. A
+    quantized ``W0^T`` (int8 or NF4, :mod:`floranna_jax.models.quant`) is dequantized
+    here, inside the layer scan, one projection at a time."""
     x = x.astype(ctx.dtype)
-    kernel = node["kernel"]
-    if adapter is None or keep is None:
-        y = lora.apply(x, kernel, adapter, ctx.scale)
-    else:
-        low = (x * keep) @ adapter["A"].astype(ctx.dtype).T
-        y = lora.apply(x, kernel, None, ctx.scale) + ctx.scale * (
-            low @ adapter["B"].astype(ctx.dtype).T
-        )
+    y = quant.matmul(x, node["kernel"])
+    if adapter is not None:
+        low = (x if keep is None else x * keep) @ adapter["A"].astype(ctx.dtype).T
+        y = y + ctx.scale * (low @ adapter["B"].astype(ctx.dtype).T)
     return y + node["bias"].astype(ctx.dtype) if "bias" in node else y
 
 

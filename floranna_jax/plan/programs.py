@@ -1,0 +1,132 @@
+"""The compiled steps of one round of a config, at the shapes they run with.
+
+``programs(config, run) -> Programs``: from a run built with ``train.build(config,
+abstract=True)`` (frozen base, method state and optimizer states as
+``jax.ShapeDtypeStruct``; the data real), the client step as the config runs it (the
+runner of ``train.make_runner``: vmapped, chunked or sharded, all clients in one call; in
+``"loop"`` mode one client per call), the server's aggregate and apply, the merge into
+the base of the merging methods, and the task's evaluation programs. The client step's
+arguments are those of round 1 itself (:mod:`floranna_jax.rounds`): its sampled clients,
+their batches packed as the round packs them, their optimizer states and dropout keys,
+so every shape (rows per packed batch included) is the run's.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from floranna_jax import keys, packing, progress, rounds, server, train
+from floranna_jax.tasks import Program
+
+MERGE = "merge into base"
+
+
+class Programs(NamedTuple):
+    """round: the programs of a round (client step first); evaluation: those of one
+    evaluation; held: ``program name -> bytes`` the run keeps on the device beside that
+    program's own arguments and outputs (:func:`held`); shapes: what the round's batches
+    look like, for the report (``clients, steps, examples`` and, packed, ``rows, tokens``)."""
+
+    round: list[Program]
+    evaluation: list[Program]
+    held: dict[str, int]
+    shapes: dict[str, int]
+
+
+def nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def held(run, round_: list[Program], evaluation: list[Program]) -> dict[str, int]:
+    """What stays on the device while each program runs, beyond its own arguments: the
+    loaded base, the merged base a merging method's clients train on (rounds.py keeps both),
+    the method's state and the round state's factors and optimizer states. The client
+    step takes one base as an argument (the merged one if any), the server the method's
+    state, the merge both bases (the merged one is its output) and the state; the
+    evaluation takes the loaded base, or a third base, the global model's merge
+    (``train.Run.base_of``)."""
+    state = run.state
+    merges = any(p.name == MERGE for p in round_)
+    resident = {"base": nbytes(run.exp.model.base), "method": nbytes(state.method),
+                "merged": nbytes(run.exp.model.base) if merges else 0,
+                "rest": nbytes((state.lora, state.head, state.opt_state))}  # fmt: skip
+    uses = {round_[0].name: ("merged",) if merges else ("base",)}
+    uses |= {p.name: () if merges else ("base",) for p in evaluation}
+    uses |= {p.name: ("method",) for p in round_[1:]}
+    uses[MERGE] = ("base", "merged", "method")
+    return {name: sum(resident.values()) - sum(resident[u] for u in used)
+            for name, used in uses.items()}  # fmt: skip
+
+
+def abstract(tree):
+    """``jax.ShapeDtypeStruct`` leaves for the arrays (or structs) of ``tree``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _client_args(config, run, opt):
+    """``(ids, args)``: round 1's clients and the client runner's abstract arguments
+    ``(base, trainable_U, opt_state_U, batches_U, step_mask_U, keys_U)``."""
+    exp, method, c = run.exp, run.server_.method, config.client
+    rkey, ids = rounds.plan(run.state, config.partition.num_clients,
+                            config.train.clients_per_round)  # fmt: skip
+    persistent = c.persistent_opt_state
+    start = jax.eval_shape(lambda s: rounds._start(s, method, rkey, ids, opt, persistent),
+                           run.state)  # fmt: skip
+    layout = packing.layout(exp.train) if config.data.packing else None
+    batches, step_mask = rounds.client_batches(rkey, ids, exp.train, exp.part.train,
+                                               c.local_steps, c.batch_size, layout)  # fmt: skip
+    dropout = keys.dropout_keys(rkey, ids)
+    return ids, (exp.model.base, *start, abstract(batches), abstract(step_mask), abstract(dropout))
+
+
+def _client_program(config, run, args) -> Program:
+    """The runner as configured; in ``"loop"`` mode the one-client program, ``U`` calls.
+    Its local update reports each step to a progress ticker, as a run's does."""
+    local_update, _ = train.make_local_update(config, run.loss_fn, run.server_.method,
+                                              on_step=progress.Ticker().tick)  # fmt: skip
+    if config.train.client_mode == "loop":
+        one = (args[0], *jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                      args[1:]))  # fmt: skip
+        return Program("client step (1 client)", jax.jit(local_update), one, len(args[4]))
+    runner, _, chunk = train.make_client_runner(config, local_update)
+    what = f"{chunk} at a time" if chunk else "all at once"
+    return Program(f"client step ({len(args[4])} clients, {what})", runner, args, 1)
+
+
+def _server_programs(run, ids, uploads) -> list[Program]:
+    """Aggregate and apply (jitted here; the round runs apply eagerly, the same ops) and,
+    for a method that merges into the base, the merge of round 2 on."""
+    method, model = run.server_.method, run.exp.model
+    p = jax.ShapeDtypeStruct((len(ids),), jnp.float32)
+    aggregate = jax.jit(method.aggregate)
+    agg = server.Aggregate(*jax.eval_shape(aggregate, uploads, p, run.state.method))
+
+    def apply(state, agg, uploads):
+        return method.apply(state, agg, ids, uploads)
+
+    state = run.state.method
+    out = [Program("server aggregate", aggregate, (uploads, p, state), 1),
+           Program("server apply", jax.jit(apply), (state, agg, uploads), 1)]  # fmt: skip
+    _, after = jax.eval_shape(apply, run.state.method, agg, uploads)
+    delta = jax.eval_shape(method.base_delta, after)
+    if delta:
+        out.append(Program(MERGE, rounds.make_merge(model), (model.base, delta), 1))
+    return out
+
+
+def programs(config, run) -> Programs:
+    """Every program of a round and of an evaluation of ``run`` (see the module)."""
+    _, opt = train.make_local_update(config, run.loss_fn, run.server_.method)
+    ids, args = _client_args(config, run, opt)
+    round_ = [_client_program(config, run, args), *_server_programs(run, ids, args[1]["lora"])]
+    evaluation = run.evaluator.programs(run.exp.model.base, args[1])
+    batches = args[3]
+    shapes = {"clients": len(ids), "steps": config.client.local_steps,
+              "examples": config.client.batch_size}  # fmt: skip
+    if "segment_ids" in batches:
+        shapes |= dict(zip(("rows", "tokens"), batches["segment_ids"].shape[2:], strict=True))
+    return Programs(round_, evaluation, held(run, round_, evaluation), shapes)
