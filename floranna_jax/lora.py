@@ -70,10 +70,12 @@ def apply(x: jax.Array, kernel: jax.Array, adapter: Adapter | None, s: float) ->
 
 
 def merge_into_kernel(kernel: jax.Array, dW: jax.Array, s: float = 1.0) -> jax.Array:
-    """Fold a dense ``dW: [d_out, d_in]`` (B@A units) into a Flax kernel ``[d_in, d_out]``."""
+    """Fold a dense ``dW: [d_out, d_in]`` (B@A units) into a Flax kernel ``[d_in, d_out]``,
+    summed in float32 and rounded once into the kernel's dtype."""
     if dW.shape != kernel.shape[::-1]:
         raise ValueError(f"merge shape {dW.shape} does not match kernel {kernel.shape} transposed")
-    return kernel + (s * dW).T.astype(kernel.dtype)
+    summed = kernel.astype(jnp.float32) + (s * dW.astype(jnp.float32)).T
+    return summed.astype(kernel.dtype)
 
 
 def merge_adapter(kernel: jax.Array, adapter: Adapter, s: float) -> jax.Array:

@@ -26,6 +26,7 @@ equally and adds noise). What leaves the clients is ``Method.upload`` of what th
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -33,6 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from floranna_jax import clients, distributed, keys, models, packing, server
 from floranna_jax.errors import RoundError
@@ -199,18 +201,35 @@ def check_aggregate(round_number: int, agg: server.Aggregate, method_state: PyTr
 
 
 def make_merge(model) -> Callable:
-    """The jitted ``merge(base, delta) -> base + s * delta`` (``models.merge_into_base``)."""
+    """The jitted ``merge(base, delta) -> {kernel path: kernel}``: only the kernels of
+    ``base`` that ``delta`` names, each plus ``s * delta`` (:func:`models.merged_kernels`).
+    The base's other leaves are unused arguments, which jit drops: the compiled merge's
+    arguments and outputs are the merged kernels and ``delta`` alone."""
     s = float(model.lora_scale)
-    return jax.jit(lambda base, delta: models.merge_into_base(base, delta, s))
+    flatten = functools.partial(traverse_util.flatten_dict, sep="/")
+    return jax.jit(lambda base, delta: models.merged_kernels(flatten(base), delta, s))
 
 
 def make_effective_base(model) -> Callable:
     """``(base, delta) -> base + s * delta`` (jitted; identity when there is no delta).
 
     ``delta``: ``{layer: [d_out, d_in]}`` in ``B @ A`` units, a method's ``base_delta``.
+    Only the kernels ``delta`` names are rebuilt (:func:`make_merge`); every other leaf of
+    the result is ``base``'s own buffer, so a FLoRA/FedEx round holds the pretrained base
+    once plus its merged kernels, in the base's dtype (sharding follows the kernels').
+    Float32 accumulation is kept in two places, for exactness: the method state sums the
+    merges in float32 (bit-exact resume: the base is always rebuilt as ``W0 + s * sum``),
+    and each kernel is summed in float32 and rounded once into its dtype.
     """
     merge = make_merge(model)
-    return lambda base, delta: merge(base, delta) if delta else base
+
+    def effective(base, delta):
+        if not delta:
+            return base
+        flat = traverse_util.flatten_dict(base, sep="/")
+        return traverse_util.unflatten_dict(flat | merge(base, delta), sep="/")
+
+    return effective
 
 
 def start_trainable(state: RoundState, method, rkey: jax.Array, ids: np.ndarray) -> PyTree:

@@ -127,3 +127,30 @@ def test_micro_batches_equal_one_batch(config_name, packing, monkeypatch):
     assert any(float(jnp.abs(b["B"]).max()) > 0 for b in whole.trainable["lora"].values())
     chex.assert_trees_all_close(micro.trainable, whole.trainable, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(micro.metrics["train/loss"], whole.metrics["train/loss"], 1e-5)
+
+
+def test_merging_round_keeps_one_bf16_base():
+    # A FLoRA round on a bfloat16 base: the merged base shares every leaf the merges do not
+    # touch with the pretrained base (no second base), and each touched kernel is
+    # W0 + s * merged summed in float32 and rounded once into bfloat16.
+    run = train.build(smoke_config(**{"server.name": "flora", "model.base_dtype": "bfloat16"}))
+    state, _ = run.round_fn(run.state)
+    delta = run.server_.method.base_delta(state.method)
+    w0 = jax.tree_util.tree_flatten_with_path(run.exp.model.base)[0]
+    merged = jax.tree.leaves(run.base_of(state))
+    assert all(x.dtype == jnp.bfloat16 for x in merged)
+    names = {f"{n}/kernel" for n in delta}
+    new_bytes = 0
+    for (path, old), new in zip(w0, merged, strict=True):
+        name = "/".join(k.key for k in path)
+        if name not in names:
+            assert new is old, name
+            continue
+        new_bytes += new.nbytes
+        dW = delta[name.removesuffix("/kernel")]
+        want = (old.astype(jnp.float32) + run.exp.model.lora_scale * dW.T).astype(jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(new, np.float32), np.asarray(want, np.float32))
+        assert bool(jnp.any(new != old)), name
+    total = sum(x.nbytes for _, x in w0)
+    assert 0 < new_bytes == sum(x.nbytes for (p, x) in w0 if "/".join(k.key for k in p) in names)
+    assert new_bytes < total / 4  # only the adapted kernels are new

@@ -275,30 +275,55 @@ def merge_into_base(base: Params, merges: dict[str, jax.Array], s: float) -> Par
     A ``layer_name`` is the path of its kernel (``"layer_0/attention/query"``), or names
     layer ``i`` of stacked kernels (``"layers_3/attn/q_proj"`` -> slice 3 of
     ``layers/attn/q_proj/kernel [N, d_in, d_out]``; see :mod:`.architecture`). Raises
-    ``ValueError`` naming every ``layer_name`` without a kernel in ``base``.
+    ``ValueError`` naming every ``layer_name`` without a kernel in ``base``. Only the
+    kernels that ``merges`` names are new arrays; every other leaf is ``base``'s own.
     """
     flat = traverse_util.flatten_dict(base, sep="/")
-    slices: dict[str, list[tuple[int, jax.Array]]] = {}
+    return traverse_util.unflatten_dict(flat | merged_kernels(flat, merges, s), sep="/")
+
+
+def merged_kernel_paths(flat: dict[str, jax.Array], names) -> dict[str, list[tuple]]:
+    """``{kernel path: [(layer_name, slice index or None), ...]}`` for the layer names a
+    merge touches, ``flat`` the base flattened with ``"/"``. Raises ``ValueError`` naming
+    every name without a kernel."""
+    paths: dict[str, list[tuple]] = {}
     unknown = []
-    for name, dW in merges.items():
+    for name in names:
         if f"{name}/kernel" in flat:
-            flat[f"{name}/kernel"] = lora_lib.merge_into_kernel(flat[f"{name}/kernel"], dW, s)
+            paths.setdefault(f"{name}/kernel", []).append((name, None))
             continue
         parts = split_stacked(name)
         path = parts and f"{parts[0]}/{parts[2]}/kernel"
         if not parts or path not in flat or not 0 <= parts[1] < flat[path].shape[0]:
             unknown.append(name)
         else:
-            slices.setdefault(path, []).append((parts[1], dW))
+            paths.setdefault(path, []).append((name, parts[1]))
     if unknown:
         raise ValueError(f"merge_into_base: no kernel for layer names {sorted(unknown)}")
-    for path, updates in slices.items():  # one scatter per stacked kernel
-        index = jnp.asarray([i for i, _ in updates])
+    return paths
+
+
+def merged_kernels(
+    flat: dict[str, jax.Array], merges: dict[str, jax.Array], s: float
+) -> dict[str, jax.Array]:
+    """The kernels of ``flat`` (a base flattened with ``"/"``) that ``merges`` touches,
+    each with its merges folded in: ``{path: kernel}``, the same shapes and dtypes.
+
+    Float32 accumulation lives here and only here: each kernel is read in float32, gains
+    ``s dW^T`` in float32, and is rounded once into its own dtype, so a bfloat16 base takes
+    one rounding per merge instead of two (``dW`` to bf16, then the sum)."""
+    out = {}
+    for path, named in merged_kernel_paths(flat, merges).items():
         kernel = flat[path]
-        for _, dW in updates:
-            if dW.shape != kernel.shape[:0:-1]:
-                raise ValueError(f"merge shape {dW.shape} does not match kernel "
+        if named[0][1] is None:  # an unstacked kernel: one name
+            out[path] = lora_lib.merge_into_kernel(kernel, merges[named[0][0]], s)
+            continue
+        for name, _ in named:
+            if merges[name].shape != kernel.shape[:0:-1]:
+                raise ValueError(f"merge shape {merges[name].shape} does not match kernel "
                                  f"{kernel.shape[1:]} transposed")  # fmt: skip
-        update = jnp.stack([(s * dW).T for _, dW in updates]).astype(kernel.dtype)
-        flat[path] = kernel.at[index].add(update)
-    return traverse_util.unflatten_dict(flat, sep="/")
+        index = jnp.asarray([i for _, i in named])
+        update = jnp.stack([(s * merges[name].astype(jnp.float32)).T for name, _ in named])
+        summed = kernel[index].astype(jnp.float32) + update
+        out[path] = kernel.at[index].set(summed.astype(kernel.dtype))
+    return out
