@@ -131,13 +131,30 @@ def test_flora_plans_its_merge_and_holds_a_second_base():
     assert progs.held[progs.round[0].name] >= base
 
 
+def test_auto_base_dtype_resolves_for_the_planned_device():
+    """A plan made on this CPU for a GPU or TPU builds a bfloat16 base from
+    ``model.base_dtype="auto"``; for a CPU a float32 one; a set dtype is kept."""
+    config = _gsm8k_smoke()
+    for name, dtype in (("h100-80gb", jnp.bfloat16), ("tpu-v5e", jnp.bfloat16),
+                        ("cpu", jnp.float32)):  # fmt: skip
+        resolved = report.for_device(config, plan.DEVICES[name])
+        base = train.build(resolved, abstract=True).exp.model.base
+        assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(dtype)}, name
+    config.model.base_dtype = "float32"
+    assert report.for_device(config, plan.DEVICES["h100-80gb"]).model.base_dtype == "float32"
+
+
 def test_suggestion_is_planned_again():
     """On a device 1 byte short of the client step's peak, the plan proposes training the
     clients one at a time and says the peak it then measured, which fits."""
+    h100 = plan.DEVICES["h100-80gb"]
     config = _gsm8k_smoke()
-    worst = plan.make(config, plan.DEVICES["h100-80gb"]).worst
+    out = plan.make(config, h100)
+    assert "(bfloat16)" in out.lines[0], out.lines[0]  # base_dtype="auto" for the GPU
+    worst = out.worst
     assert worst.name.startswith("client step")
     capacity = worst.peak - 1
+    config = report.for_device(config, h100)
     line = knobs.suggest(config, 0, worst, capacity)
     assert line.startswith("try train.clients_per_chunk=1 (peak then "), line
     assert "still over" not in line
