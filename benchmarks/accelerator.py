@@ -1,6 +1,6 @@
 """A prepared accelerator check: training, memory, vmap against loop, and decoding speed.
 
-    python -m benchmarks.accelerator [--tiny] [--out figures.json]
+    python -m benchmarks.accelerator [--tiny] [--out bench_out/accelerator.json]
 
 On the first device of this process (a GPU is the point; ``--tiny`` runs small shapes
 end to end on a CPU in about a minute, which is how it is tested) it measures, on random
@@ -21,8 +21,8 @@ v_proj, remat on, the AdamW local update of :mod:`floranna_jax.clients`):
 4. greedy decoding (:func:`floranna_jax.models.decoder.generate`, no end token, so every
    row decodes ``--new_tokens``): new tokens/s over the batch.
 
-Prints the machine (:mod:`benchmarks.machine`) and one line per figure; ``--out`` writes
-them as JSON. The base is drawn one tensor at a time in bfloat16, so no float32 copy
+Prints the machine (:mod:`benchmarks.machine`) and one line per figure, and writes them as
+JSON to ``--out``. The base is drawn one tensor at a time in bfloat16, so no float32 copy
 raises the peak before training. Asserts nothing.
 """
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -148,7 +149,7 @@ def vmap_against_loop(a, out: dict, num_clients: int = 4) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU test)")
-    parser.add_argument("--out", default="", help="also write the figures here as JSON")
+    parser.add_argument("--out", default="bench_out/accelerator.json", help="figures as JSON")
     a = parser.parse_args(argv)
     a.steps, a.batch, a.micro, a.seq = (2, 4, 2, 64) if a.tiny else (4, 32, 8, 1024)
     a.gen_batch, a.prompt, a.new_tokens = (2, 16, 8) if a.tiny else (16, 256, 256)
@@ -157,9 +158,9 @@ def main(argv=None) -> dict:
     vmap_against_loop(a, out)
     for key, value in out.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
     return out
 
 
