@@ -20,6 +20,7 @@ from floranna_jax import plan, rounds, train
 from floranna_jax.errors import ConfigError
 from floranna_jax.models import decoder
 from floranna_jax.plan import flops, knobs, programs, report
+from floranna_jax.plan.figures import Figures
 
 
 def _nbytes(x) -> int:
@@ -189,3 +190,21 @@ def test_run_on_an_accelerator_stops_before_loading(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("plan: does not fit: client step"), err
     assert "of 10.0 kB per device; try " in err[0]
+
+
+def test_knobs_try_remat_dtype_and_micro_batches_before_the_batch():
+    """Cheapest first: remat, a bfloat16 base, then a micro-batch size that divides the
+    batch (20 examples, room for 8: micro-batches of 5); the batch size itself last."""
+    config = _gsm8k_smoke(**{"client.batch_size": 20, "train.clients_per_chunk": 1,
+                             "model.remat": False, "model.base_dtype": "float32"})  # fmt: skip
+    fig = Figures("client step (3 clients, 1 at a time)", 1, 10, 0, 100, 0, 0)
+    capacity = 10 + 40  # 40% of the temporaries fit: 8 of 20 examples
+    seen = []
+    for field in ("model.remat", "model.base_dtype", "client.micro_batch_size"):
+        proposal = knobs._proposal(config, fig, capacity)
+        seen.append(proposal)
+        section, name = field.split(".")
+        config[section][name] = proposal[1]
+    assert seen == [("model.remat", True), ("model.base_dtype", "bfloat16"),
+                    ("client.micro_batch_size", 5)]  # fmt: skip
+    assert knobs._proposal(config, fig, capacity) == ("client.micro_batch_size", 2)
