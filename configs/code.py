@@ -21,7 +21,8 @@ SmolLM2-135M-Instruct converted as configs/gsm8k.py shows:
         --config.model.path=$HOME/.cache/floranna/models/SmolLM2-135M-Instruct-hf \
         --config.model.compute_dtype=float32 \
         --config.data.source=local --config.data.dir=../shared/data \
-        --config.client.batch_size=8 --config.client.learning_rate=2e-4 \
+        --config.client.batch_size=8 --config.client.micro_batch_size=0 \
+        --config.client.learning_rate=2e-4 \
         --config.eval.max_examples=64
 """
 

@@ -25,6 +25,7 @@ convert the GGUF once, then point the run at local files:
         --config.model.compute_dtype=float32 \
         --config.data.source=local --config.data.dir=../shared/data \
         --config.data.max_train_examples=2000 --config.client.batch_size=8 \
+        --config.client.micro_batch_size=0 \
         --config.client.learning_rate=2e-4 --config.eval.max_examples=64
 
 The evidence run of issue 9 is a smaller version of that command as a config, about 15
@@ -108,7 +109,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # examples goes on with a fresh shuffle of its data (epochs): no masked steps.
         local_steps=10,
         batch_size=128,  # examples per local step (b)
-        micro_batch_size=0,  # examples per micro-batch, a divisor of b (0: the whole batch)
+        # Examples per micro-batch, a divisor of b (0: the whole batch); the step's gradient
+        # is their sum, so the training is the same. 16 (8 per step): with remat, a bf16
+        # base and one client at a time, the 7B client step plans 48.0 GB on one
+        # h100-80gb (README "GPUs and pods"); the whole 128 at once needs far more.
+        micro_batch_size=16,
         persistent_opt_state=False,  # keep each client's optimizer state across rounds
     )
     c.server = dict(
@@ -170,6 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.partition.num_clients = 4
         c.client.local_steps = 3
         c.client.batch_size = 8
+        c.client.micro_batch_size = 0
         c.client.learning_rate = 2e-2
         c.server.steps = 20
         c.train.num_rounds = 2
@@ -188,6 +194,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.max_train_examples = 400
         c.partition.num_clients = 4
         c.client.local_steps, c.client.batch_size = 5, 4
+        c.client.micro_batch_size = 0
         c.client.learning_rate = 1e-3
         c.train.num_rounds, c.train.clients_per_round = 3, 4
         c.ckpt.every_rounds = 1

@@ -20,6 +20,7 @@ from floranna_jax import plan, rounds, train
 from floranna_jax.errors import ConfigError
 from floranna_jax.models import decoder
 from floranna_jax.plan import flops, knobs, programs, report
+from floranna_jax.plan.figures import Figures
 
 
 def _nbytes(x) -> int:
@@ -131,13 +132,30 @@ def test_flora_plans_its_merge_and_holds_a_second_base():
     assert progs.held[progs.round[0].name] >= base
 
 
+def test_auto_base_dtype_resolves_for_the_planned_device():
+    """A plan made on this CPU for a GPU or TPU builds a bfloat16 base from
+    ``model.base_dtype="auto"``; for a CPU a float32 one; a set dtype is kept."""
+    config = _gsm8k_smoke()
+    for name, dtype in (("h100-80gb", jnp.bfloat16), ("tpu-v5e", jnp.bfloat16),
+                        ("cpu", jnp.float32)):  # fmt: skip
+        resolved = report.for_device(config, plan.DEVICES[name])
+        base = train.build(resolved, abstract=True).exp.model.base
+        assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(dtype)}, name
+    config.model.base_dtype = "float32"
+    assert report.for_device(config, plan.DEVICES["h100-80gb"]).model.base_dtype == "float32"
+
+
 def test_suggestion_is_planned_again():
     """On a device 1 byte short of the client step's peak, the plan proposes training the
     clients one at a time and says the peak it then measured, which fits."""
+    h100 = plan.DEVICES["h100-80gb"]
     config = _gsm8k_smoke()
-    worst = plan.make(config, plan.DEVICES["h100-80gb"]).worst
+    out = plan.make(config, h100)
+    assert "(bfloat16)" in out.lines[0], out.lines[0]  # base_dtype="auto" for the GPU
+    worst = out.worst
     assert worst.name.startswith("client step")
     capacity = worst.peak - 1
+    config = report.for_device(config, h100)
     line = knobs.suggest(config, 0, worst, capacity)
     assert line.startswith("try train.clients_per_chunk=1 (peak then "), line
     assert "still over" not in line
@@ -172,3 +190,21 @@ def test_run_on_an_accelerator_stops_before_loading(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("plan: does not fit: client step"), err
     assert "of 10.0 kB per device; try " in err[0]
+
+
+def test_knobs_try_remat_dtype_and_micro_batches_before_the_batch():
+    """Cheapest first: remat, a bfloat16 base, then a micro-batch size that divides the
+    batch (20 examples, room for 8: micro-batches of 5); the batch size itself last."""
+    config = _gsm8k_smoke(**{"client.batch_size": 20, "train.clients_per_chunk": 1,
+                             "model.remat": False, "model.base_dtype": "float32"})  # fmt: skip
+    fig = Figures("client step (3 clients, 1 at a time)", 1, 10, 0, 100, 0, 0)
+    capacity = 10 + 40  # 40% of the temporaries fit: 8 of 20 examples
+    seen = []
+    for field in ("model.remat", "model.base_dtype", "client.micro_batch_size"):
+        proposal = knobs._proposal(config, fig, capacity)
+        seen.append(proposal)
+        section, name = field.split(".")
+        config[section][name] = proposal[1]
+    assert seen == [("model.remat", True), ("model.base_dtype", "bfloat16"),
+                    ("client.micro_batch_size", 5)]  # fmt: skip
+    assert knobs._proposal(config, fig, capacity) == ("client.micro_batch_size", 2)

@@ -53,14 +53,16 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 BASE_DTYPES = ("auto", "float32", "bfloat16")
 
 
-def resolve_base_dtype(name: str) -> jnp.dtype:
+def resolve_base_dtype(name: str, backend: str | None = None) -> jnp.dtype:
     """The frozen base's dtype for a name of :data:`BASE_DTYPES`. ``"auto"``: bfloat16 on an
     accelerator (half the memory, full-rate matmuls), float32 on a CPU (whose XLA upcasts
-    bfloat16 matmuls: no speed to gain, and CPU runs stay bit-exact as before)."""
+    bfloat16 matmuls: no speed to gain, and CPU runs stay bit-exact as before). ``backend``
+    (``"cpu"``, ``"gpu"``, ``"tpu"``): the one the run is for; default this process's (a plan
+    made on a CPU for a GPU passes the GPU's)."""
     if name not in BASE_DTYPES:
         raise BadValue("base_dtype", f"unknown {name!r}; valid: {', '.join(BASE_DTYPES)}")
     if name == "auto":
-        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
     return jnp.dtype(name)
 
 
@@ -211,14 +213,16 @@ def build_abstract(
     lora: LoraSpec = LoraSpec(),  # noqa: B008 (immutable NamedTuple)
     key: jax.Array | None = None,
     compute_dtype=jnp.float32,
+    base_dtype=jnp.float32,
     **options,
 ) -> Model:
-    """A model whose base is ``jax.ShapeDtypeStruct`` leaves (the shapes and dtypes a
-    checkpoint would fill; nothing allocated, nothing read), with real fresh adapters and
+    """A model whose base is ``jax.ShapeDtypeStruct`` leaves in ``base_dtype`` (the shapes
+    a checkpoint would fill; nothing allocated, nothing read), with real fresh adapters and
     head: what a plan compiles ahead of time (:mod:`floranna_jax.plan`)."""
     arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
     _, k_head, k_lora = _keys(key)
-    return _assemble(arch, arch.base_shapes, arch.init_head(k_head), lora, k_lora, hf_config)
+    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, base_dtype), arch.base_shapes)
+    return _assemble(arch, base, arch.init_head(k_head), lora, k_lora, hf_config)
 
 
 def load_pretrained(

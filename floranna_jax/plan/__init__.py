@@ -34,7 +34,7 @@ def local_device() -> Device:
     stats = d.memory_stats() or {}
     if "bytes_limit" not in stats:
         raise ValueError(f"{d.device_kind} reports no memory limit; plan with --plan=DEVICE")
-    return Device(d.device_kind, int(stats["bytes_limit"]), None)
+    return Device(d.device_kind, int(stats["bytes_limit"]), None, d.platform)
 
 
 def check(config, device: Device | None = None) -> Report:

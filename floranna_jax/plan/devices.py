@@ -30,11 +30,13 @@ GB = 10**9
 
 class Device(NamedTuple):
     """One device: ``memory_bytes`` it holds, ``peak_flops`` bf16 per second (None:
-    unknown), and its ``name`` in ``--plan``."""
+    unknown), its ``name`` in ``--plan`` and its jax ``backend`` (what ``"auto"`` settings
+    such as ``model.base_dtype`` resolve for)."""
 
     name: str
     memory_bytes: int
     peak_flops: float | None
+    backend: str = "gpu"
 
 
 def _host_memory() -> int:
@@ -42,12 +44,12 @@ def _host_memory() -> int:
 
 
 DEVICES: dict[str, Device] = {
-    "cpu": Device("cpu", _host_memory(), None),
+    "cpu": Device("cpu", _host_memory(), None, "cpu"),
     "h100-80gb": Device("h100-80gb", 80 * GB, 989e12),
     "h200-141gb": Device("h200-141gb", 141 * GB, 989e12),
     "a100-80gb": Device("a100-80gb", 80 * GB, 312e12),
-    "tpu-v5e": Device("tpu-v5e", 16 * GB, 197e12),
-    "tpu-v5p": Device("tpu-v5p", 95 * GB, 459e12),
+    "tpu-v5e": Device("tpu-v5e", 16 * GB, 197e12, "tpu"),
+    "tpu-v5p": Device("tpu-v5p", 95 * GB, 459e12, "tpu"),
 }
 _SPEC = re.compile(r"^(?:(?P<count>[0-9]+)x)?(?P<name>[a-z0-9-]+)$")
 

@@ -7,8 +7,12 @@ at its new shapes), and while it still does not fit the next proposal is added, 
 :data:`TRIES` times. The answer names every change and the peak it was measured at, so a
 suggestion is a plan, not a guess.
 
-A field another part of the project adds (remat, the frozen base's dtype, micro-batches)
-is one more entry here; only fields the config has are ever suggested.
+The knobs, cheapest first: ``model.remat=True`` (a client step keeps one layer's
+activations instead of all of them), ``model.base_dtype=bfloat16`` (half the frozen base,
+an argument of every program), ``train.clients_per_chunk=1`` (one client at a time),
+``client.micro_batch_size`` (the same optimizer step, its batch run in parts: a divisor of
+``client.batch_size``) and only then ``client.batch_size``, which changes the training.
+Only fields the config has are ever suggested.
 """
 
 from __future__ import annotations
@@ -43,10 +47,23 @@ def _chunk(config, fig, capacity):
     return None if one_at_a_time or t.clients_per_round == 1 else 1
 
 
+def _micro(config, fig, capacity):
+    """A smaller micro-batch: the largest divisor of the batch size at most the scaled one."""
+    c = config.client
+    scaled = _scaled(c.micro_batch_size or c.batch_size, fig, capacity)
+    if scaled is None:
+        return None
+    return max(d for d in range(1, scaled + 1) if c.batch_size % d == 0)
+
+
 # (applies to the program named?, field, (config, figures, capacity) -> value or None)
 Knob = tuple[Callable[[str], bool], str, Callable[..., object]]
 KNOBS: list[Knob] = [
+    (_client, "model.remat", lambda c, f, cap: None if c.model.remat else True),
+    (lambda name: True, "model.base_dtype",
+     lambda c, f, cap: "bfloat16" if c.model.base_dtype == "float32" else None),
     (_client, "train.clients_per_chunk", _chunk),
+    (_client, "client.micro_batch_size", _micro),
     (_client, "client.batch_size", lambda c, f, cap: _scaled(c.client.batch_size, f, cap)),
     (lambda name: name.startswith("server"), "train.clients_per_round",
      lambda c, f, cap: c.train.clients_per_round // 2 or None),

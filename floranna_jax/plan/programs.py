@@ -29,7 +29,8 @@ class Programs(NamedTuple):
     """round: the programs of a round (client step first); evaluation: those of one
     evaluation; held: ``program name -> bytes`` the run keeps on the device beside that
     program's own arguments and outputs (:func:`held`); shapes: what the round's batches
-    look like, for the report (``clients, steps, examples`` and, packed, ``rows, tokens``)."""
+    look like, for the report (``clients, steps, examples``, ``micro`` micro-batches per step
+    and, packed, the ``rows, tokens`` of one micro-batch)."""
 
     round: list[Program]
     evaluation: list[Program]
@@ -78,7 +79,8 @@ def _client_args(config, run, opt):
                            run.state)  # fmt: skip
     layout = packing.layout(exp.train) if config.data.packing else None
     batches, step_mask = rounds.client_batches(rkey, ids, exp.train, exp.part.train,
-                                               c.local_steps, c.batch_size, layout)  # fmt: skip
+                                               c.local_steps, c.batch_size, layout,
+                                               train.micro_batches(config))  # fmt: skip
     dropout = keys.dropout_keys(rkey, ids)
     return ids, (exp.model.base, *start, abstract(batches), abstract(step_mask), abstract(dropout))
 
@@ -126,7 +128,8 @@ def programs(config, run) -> Programs:
     evaluation = run.evaluator.programs(run.exp.model.base, args[1])
     batches = args[3]
     shapes = {"clients": len(ids), "steps": config.client.local_steps,
-              "examples": config.client.batch_size}  # fmt: skip
-    if "segment_ids" in batches:
-        shapes |= dict(zip(("rows", "tokens"), batches["segment_ids"].shape[2:], strict=True))
+              "examples": config.client.batch_size,
+              "micro": train.micro_batches(config)}  # fmt: skip
+    if "segment_ids" in batches:  # [U, S, (M,) rows, tokens]
+        shapes |= dict(zip(("rows", "tokens"), batches["segment_ids"].shape[-2:], strict=True))
     return Programs(round_, evaluation, held(run, round_, evaluation), shapes)

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from floranna_jax import train
+from floranna_jax import models, train
 from floranna_jax.plan import knobs
 from floranna_jax.plan import programs as programs_lib
 from floranna_jax.plan.devices import Device
@@ -71,6 +71,8 @@ def _header(config, run, progs, device: Device, count: int, used: int) -> list[s
     dtypes = sorted({np.dtype(x.dtype).name for x in jax.tree.leaves(base)})
     s = progs.shapes
     packed = f", packed in {s['rows']} rows of {s['tokens']} tokens" if "rows" in s else ""
+    if s["micro"] > 1:
+        packed = f" as {s['micro']} micro-batches of {s['examples'] // s['micro']}{packed} each"
     lines = [
         f"plan: {config.server.name} on {config.data.task}, {run.exp.model.config['model_type']}"
         f" base of {params:.3g} parameters ({', '.join(dtypes)}), for {count} x "
@@ -90,8 +92,19 @@ def _header(config, run, progs, device: Device, count: int, used: int) -> list[s
     return lines
 
 
+def for_device(config, device: Device):
+    """``config`` with ``model.base_dtype="auto"`` resolved for ``device`` (bfloat16 on a GPU
+    or TPU) rather than for this process's backend, which makes a plan on a CPU."""
+    if config.model.get("base_dtype") != "auto":
+        return config
+    config = config.copy_and_resolve_references()
+    config.model.base_dtype = models.resolve_base_dtype("auto", device.backend).name
+    return config
+
+
 def make(config, device: Device, count: int = 1) -> Report:
     """The plan of ``config`` on ``count`` devices ``device`` (see the module)."""
+    config = for_device(config, device)
     run = train.build(config, abstract=True)
     progs = programs_lib.programs(config, run)
     sharded = config.train.shard_clients and jax.device_count() > 1
