@@ -87,11 +87,14 @@ def make_client_runner(config, local_update, one_client: bool = False):
     t = config.train
     # Several processes always shard: each feeds its own clients to the global mesh.
     multi = jax.process_count() > 1
-    shard = not one_client and (multi or (t.shard_clients and jax.device_count() > 1))
+    split = t.get("model_shards", 1) > 1  # the base split over a model axis (fsdp)
+    shard = not one_client and (multi or ((t.shard_clients or split) and jax.device_count() > 1))
     mode, chunk = ("loop", 0) if one_client else (t.client_mode, t.clients_per_chunk)
-    runner = clients.make_runner(
-        local_update, mode=mode, mesh=clients.make_mesh() if shard else None, chunk=chunk,
-    )  # fmt: skip
+    if shard and split:
+        config_check.check_devices(config)
+    mesh = clients.make_mesh(model_shards=t.model_shards if split else 1) if shard else None
+    # "layers": the decoders' scanned stack (their Architecture.stacked); encoders have none.
+    runner = clients.make_runner(local_update, mode, mesh, chunk, stacked=("layers",))
     return runner, mode, chunk
 
 
@@ -221,6 +224,7 @@ ADDED_FIELDS = {
     "privacy.noise_multiplier": lambda v: v == 0,
     "privacy.delta": lambda v: True,  # only names the reported epsilon; none without noise
     "model.quantize": lambda v: not v,
+    "train.model_shards": lambda v: v == 1,
 }
 
 
