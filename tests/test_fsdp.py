@@ -15,7 +15,7 @@ from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
 from smoke_setup import smoke_config
 
-from floranna_jax import clients, config_check, fsdp, keys, models
+from floranna_jax import clients, config_check, fsdp, keys, models, train
 from floranna_jax.errors import ConfigError
 from floranna_jax.tasks import generation
 
@@ -87,7 +87,9 @@ def main():
     split_mesh = clients.make_mesh(model_shards=MESH[1])
     shardings = fsdp.base_shardings(base, split_mesh, stacked=("layers",))
     split_base = jax.tree.map(jax.device_put, base, shardings)
-    split = clients.make_runner(update, mesh=split_mesh, stacked=("layers",))
+    # As a run builds it: train.model_shards=4 of 8 devices makes the 2x4 mesh.
+    config = smoke_config(**{"train.model_shards": MESH[1]})
+    split = train.make_client_runner(config, update)[0]
     many = split(split_base, *args)
     diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                zip(jax.tree.leaves(one), jax.tree.leaves(many), strict=True))  # fmt: skip
