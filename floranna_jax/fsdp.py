@@ -44,3 +44,8 @@ def base_shardings(base: PyTree, mesh: Mesh, stacked: tuple[str, ...] = ()) -> P
         return NamedSharding(mesh, leaf_spec(tuple(leaf.shape), shards, top in stacked))
 
     return jax.tree_util.tree_map_with_path(one, base)
+
+
+def place(base: PyTree, mesh: Mesh, stacked: tuple[str, ...] = ()) -> PyTree:
+    """``base`` moved leaf by leaf into :func:`base_shardings`: each device keeps its slices."""
+    return jax.tree.map(jax.device_put, base, base_shardings(base, mesh, stacked))
