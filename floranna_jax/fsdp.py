@@ -4,9 +4,12 @@ With :func:`floranna_jax.clients.make_mesh` given ``model_shards=m > 1`` the mes
 ``("clients", "model")``: clients are split over the first axis as before, and every
 frozen leaf of the base over the second, on its largest axis that ``m`` divides (never the
 stacked layer axis of a scanned family, so the layer scan still slices whole layers).
-Each device then holds about ``1/m`` of the base. Inside the jitted round XLA's
-partitioner gathers the slices where a matmul needs the whole kernel; a leaf with no
-axis that ``m`` divides stays replicated.
+Each device then holds about ``1/m`` of the base; a leaf with no axis that ``m`` divides
+stays replicated. Inside the jitted round XLA's partitioner chooses how to use the slices:
+measured on CPU (tests/test_fsdp.py), it splits each layer's matmuls with its kernel and
+all-gathers activations inside the layer scan, and never gathers a kernel, not even one
+layer's. Forcing FSDP's one gather per layer (a replicated constraint on the layer slice)
+is not done: without remat the scan would keep every gathered layer as a residual.
 """
 
 from __future__ import annotations

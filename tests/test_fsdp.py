@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,10 @@ class LeafSpecTest(absltest.TestCase):
         self.assertLess(ratio, 0.35, report)
         self.assertGreater(report["split_leaves"], 0)
         self.assertLess(report["round_max_abs_diff"], 1e-5)
+        # XLA splits the matmuls with the kernels (it gathers activations): no device ever
+        # gathers a whole kernel, not even one layer's.
+        self.assertGreater(report["all_gathers"], 0)
+        self.assertEqual(report["base_gathers"], 0)
 
 
 def problem(U: int = 4, S: int = 2):
@@ -87,7 +92,7 @@ def main():
     one = clients.make_runner(update)(base, *args)
     split_mesh = clients.make_mesh(model_shards=MESH[1])
     shardings = fsdp.base_shardings(base, split_mesh, stacked=("layers",))
-    split_base = jax.tree.map(jax.device_put, base, shardings)
+    split_base = fsdp.place(base, split_mesh, stacked=("layers",))
     # As a run builds it: train.model_shards=4 of 8 devices makes the 2x4 mesh.
     config = smoke_config(**{"train.model_shards": MESH[1]})
     split = train.make_client_runner(config, update)[0]
@@ -95,10 +100,8 @@ def main():
     diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                zip(jax.tree.leaves(one), jax.tree.leaves(many), strict=True))  # fmt: skip
     whole = clients.make_runner(update, mesh=clients.make_mesh(MESH[0]))
-    arg_bytes = [
-        run.lower(b, *args).compile().memory_analysis().argument_size_in_bytes
-        for run, b in ((split, split_base), (whole, base))
-    ]
+    compiled = [run.lower(b, *args).compile() for run, b in ((split, split_base), (whole, base))]
+    arg_bytes = [c.memory_analysis().argument_size_in_bytes for c in compiled]
     split_leaves = sum(s.spec != P() for s in jax.tree.leaves(shardings))
     print(
         json.dumps(
@@ -108,9 +111,20 @@ def main():
                 "arg_bytes_replicated": arg_bytes[1],
                 "split_leaves": split_leaves,
                 "round_max_abs_diff": round_diff(),
+                "base_gathers": base_gathers(compiled[0].as_text(), base),
+                "all_gathers": compiled[0].as_text().count(" all-gather("),
             }
         )
     )
+
+
+def base_gathers(hlo: str, base) -> int:
+    """All-gathers in the compiled ``hlo`` whose result is a whole base leaf or one layer of
+    a stacked leaf: none means no device ever holds a whole kernel."""
+    shapes = {tuple(x.shape) for x in jax.tree.leaves(base)}
+    shapes |= {tuple(x.shape[1:]) for x in jax.tree.leaves(base["layers"])}
+    found = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo)
+    return sum(tuple(int(n) for n in f.split(",") if n) in shapes for f in found)
 
 
 def round_diff() -> float:
