@@ -102,10 +102,10 @@ def client_mesh(config):
     # Several processes always shard: each feeds its own clients to the global mesh.
     multi = jax.process_count() > 1
     split = t.get("model_shards", 1) > 1
-    if not (multi or ((t.shard_clients or split) and jax.device_count() > 1)):
-        return None
     if split:
         config_check.check_devices(config)
+    if not (multi or ((t.shard_clients or split) and jax.device_count() > 1)):
+        return None
     return clients.make_mesh(model_shards=t.model_shards if split else 1)
 
 
