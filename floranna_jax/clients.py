@@ -42,6 +42,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from floranna_jax import fsdp
 from floranna_jax.errors import BadValue
 
 PyTree = Any
@@ -246,14 +247,21 @@ def make_local_update(
     return local_update
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh with axis ``"clients"`` over the first ``num_devices`` of ``jax.devices()``,
-    ordered by process, so each process holds one block of the clients axis."""
+def make_mesh(num_devices: int | None = None, model_shards: int = 1) -> Mesh:
+    """A mesh over the first ``num_devices`` of ``jax.devices()``, ordered by process, so
+    each process holds one block of the clients axis: 1-D ``("clients",)``, or with
+    ``model_shards > 1`` 2-D ``("clients", "model")`` whose model axis splits the base
+    (:mod:`floranna_jax.fsdp`)."""
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are visible")
-    return Mesh(np.asarray(devices[:n]), (CLIENTS_AXIS,))
+    if model_shards == 1:
+        return Mesh(np.asarray(devices[:n]), (CLIENTS_AXIS,))
+    if model_shards < 1 or n % model_shards:
+        raise ValueError(f"model_shards={model_shards} does not divide {n} devices")
+    grid = np.asarray(devices[:n]).reshape(n // model_shards, model_shards)
+    return Mesh(grid, (CLIENTS_AXIS, fsdp.MODEL_AXIS))
 
 
 def _pad_clients(tree: PyTree, pad: int, fill_zero: bool) -> PyTree:
@@ -268,21 +276,22 @@ def _pad_clients(tree: PyTree, pad: int, fill_zero: bool) -> PyTree:
     return jax.tree.map(pad_leaf, tree)
 
 
-def _sharded(mapped: Callable, mesh: Mesh) -> Callable:
-    """``mapped`` with the client axis sharded on ``mesh`` and ``U`` padded to fit."""
+def _sharded(mapped: Callable, mesh: Mesh, stacked: tuple[str, ...] = ()) -> Callable:
+    """``mapped`` with the client axis sharded on ``mesh`` and ``U`` padded to fit; the base
+    split over the mesh's model axis if it has one (``fsdp.base_shardings``), else replicated."""
     if CLIENTS_AXIS not in mesh.axis_names:
         raise ValueError(f"mesh needs an axis named {CLIENTS_AXIS!r}, has {mesh.axis_names}")
     n = mesh.shape[CLIENTS_AXIS]
-    data, replicated = NamedSharding(mesh, P(CLIENTS_AXIS)), NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P(CLIENTS_AXIS))
 
     def run(base, trainable, opt_state, batches, step_mask, keys):
         U = step_mask.shape[0]
         pad = -U % n
-        stacked = [_pad_clients(t, pad, False) for t in (trainable, opt_state, batches)]
-        stacked += [_pad_clients(step_mask, pad, True), _pad_clients(keys, pad, False)]
-        base = jax.lax.with_sharding_constraint(base, replicated)
-        stacked = jax.lax.with_sharding_constraint(stacked, data)
-        out = jax.lax.with_sharding_constraint(mapped(base, *stacked), data)
+        rows = [_pad_clients(t, pad, False) for t in (trainable, opt_state, batches)]
+        rows += [_pad_clients(step_mask, pad, True), _pad_clients(keys, pad, False)]
+        base = jax.lax.with_sharding_constraint(base, fsdp.base_shardings(base, mesh, stacked))
+        rows = jax.lax.with_sharding_constraint(rows, data)
+        out = jax.lax.with_sharding_constraint(mapped(base, *rows), data)
         return jax.tree.map(lambda x: x[:U], out)
 
     return run
@@ -336,7 +345,11 @@ def check_runner(mode: str, chunk: int, sharded: bool) -> None:
 
 
 def make_runner(
-    local_update: LocalUpdate, mode: str = "vmap", mesh: Mesh | None = None, chunk: int = 0
+    local_update: LocalUpdate,
+    mode: str = "vmap",
+    mesh: Mesh | None = None,
+    chunk: int = 0,
+    stacked: tuple[str, ...] = (),
 ):
     """Run ``local_update`` for ``U`` stacked clients; jitted once per input shapes.
 
@@ -348,7 +361,9 @@ def make_runner(
     Modes: ``"vmap"`` (optionally sharded over ``mesh``'s ``"clients"`` axis, or run
     ``chunk`` clients at a time when ``chunk > 0``) and ``"loop"`` (one jitted client call
     after another, single device). With a multi-process ``mesh`` the stacked inputs are this
-    process's rows (:func:`local_rows`) and the outputs all rows, on every process.
+    process's rows (:func:`local_rows`) and the outputs all rows, on every process. A
+    mesh with a ``"model"`` axis (single process) splits the base over it; ``stacked``
+    names the base's top-level subtrees whose leading axis is the layer scan's.
     """
     check_runner(mode, chunk, sharded=mesh is not None)
     if mode == "loop":
@@ -357,8 +372,10 @@ def make_runner(
         return jax.jit(_chunked(local_update, chunk))
     mapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0, 0))
     if mesh is not None and mesh.is_multi_process:
+        if fsdp.MODEL_AXIS in mesh.axis_names:
+            raise BadValue("model_shards", "a model axis runs in one process only, for now")
         return _from_processes(mapped, mesh)
-    return jax.jit(mapped if mesh is None else _sharded(mapped, mesh))
+    return jax.jit(mapped if mesh is None else _sharded(mapped, mesh, stacked))
 
 
 def sequential_passes(U: int, mode: str, chunk: int) -> int:

@@ -25,6 +25,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+
 from floranna_jax import clients, distributed, models, partition, privacy, server, tasks
 from floranna_jax.errors import BadValue, ConfigError
 from floranna_jax.models import decoder, quant
@@ -216,8 +218,13 @@ def validate(config) -> dict[str, Any]:
     _owned("dist", lambda: distributed.check(**config.dist))
     _owned("privacy", lambda: privacy.check(config))
     several = config.dist.mode != "off"  # several processes always shard the clients
+    if "model_shards" in t:  # the base split over devices (floranna_jax.fsdp)
+        _int(config, "train.model_shards")
+        if several and t.model_shards > 1:
+            _fail("train.model_shards", "a split base runs in one process only; use 1")
+    split = t.get("model_shards", 1) > 1
     _owned("train", lambda: clients.check_runner(t.client_mode, t.clients_per_chunk,
-                                                 t.shard_clients or several),
+                                                 t.shard_clients or several or split),
            {"mode": "client_mode", "chunk": "clients_per_chunk"})  # fmt: skip
     _int(config, "ckpt.every_rounds", 0)
     _int(config, "ckpt.keep")
@@ -225,6 +232,14 @@ def validate(config) -> dict[str, Any]:
     _int(config, "eval.batch_size")
     _int(config, "eval.max_local_examples", 0)
     return hparams
+
+
+def check_devices(config) -> None:
+    """The check that needs the devices (call after :func:`start_processes`): the base's
+    ``train.model_shards`` divides the device count."""
+    n, m = jax.device_count(), config.train.model_shards
+    if n % m:
+        _fail("train.model_shards", f"{m} does not divide the {n} devices; use a divisor of {n}")
 
 
 def start_processes(config) -> None:

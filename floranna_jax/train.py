@@ -35,6 +35,7 @@ from floranna_jax import (
     config_check,
     distributed,
     experiment,
+    fsdp,
     keys,
     models,
     partition,
@@ -49,6 +50,9 @@ from floranna_jax import (
 from floranna_jax.errors import ConfigError, WriteError
 
 # Fields a resumed run may change (dist: how many processes run it).
+# The base's subtrees whose leading axis is the layer scan's: the decoders' stack (their
+# Architecture.stacked); an encoder has none. fsdp never splits that axis.
+STACKED = ("layers",)
 RESUMABLE_CHANGES = ("train.num_rounds", "eval", "ckpt", "dist")
 
 
@@ -85,14 +89,24 @@ def make_client_runner(config, local_update, one_client: bool = False):
     ``train`` section says (``clients.make_runner``; what a plan compiles), or, with
     ``one_client``, the ``"loop"`` runner."""
     t = config.train
+    mode, chunk = ("loop", 0) if one_client else (t.client_mode, t.clients_per_chunk)
+    mesh = None if one_client else client_mesh(config)
+    runner = clients.make_runner(local_update, mode, mesh, chunk, stacked=STACKED)
+    return runner, mode, chunk
+
+
+def client_mesh(config):
+    """The mesh the clients run on (``clients.make_mesh``), None for one device: with
+    ``train.model_shards > 1`` its model axis splits the base (:mod:`floranna_jax.fsdp`)."""
+    t = config.train
     # Several processes always shard: each feeds its own clients to the global mesh.
     multi = jax.process_count() > 1
-    shard = not one_client and (multi or (t.shard_clients and jax.device_count() > 1))
-    mode, chunk = ("loop", 0) if one_client else (t.client_mode, t.clients_per_chunk)
-    runner = clients.make_runner(
-        local_update, mode=mode, mesh=clients.make_mesh() if shard else None, chunk=chunk,
-    )  # fmt: skip
-    return runner, mode, chunk
+    split = t.get("model_shards", 1) > 1
+    if split:
+        config_check.check_devices(config)
+    if not (multi or ((t.shard_clients or split) and jax.device_count() > 1)):
+        return None
+    return clients.make_mesh(model_shards=t.model_shards if split else 1)
 
 
 def make_runner(config, loss_fn, method: server.Method, one_client: bool = False):
@@ -155,6 +169,10 @@ def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
     server_ = server.serve(privacy.wrap(config, server.make(config.server.name, **hparams)))
     method = server_.method
     exp = experiment.build(config, keys.model_key(seed), abstract)
+    mesh = client_mesh(config)
+    if not abstract and mesh is not None and fsdp.MODEL_AXIS in mesh.axis_names:
+        base = fsdp.place(exp.model.base, mesh, STACKED)  # each device keeps its slices
+        exp = exp._replace(model=exp.model._replace(base=base))
     c = config.client
     loss_fn = exp.task.make_loss(exp.model)
     if loss_wrapper is not None:
@@ -221,6 +239,7 @@ ADDED_FIELDS = {
     "privacy.noise_multiplier": lambda v: v == 0,
     "privacy.delta": lambda v: True,  # only names the reported epsilon; none without noise
     "model.quantize": lambda v: not v,
+    "train.model_shards": lambda v: v == 1,
 }
 
 

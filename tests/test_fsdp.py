@@ -1,0 +1,144 @@
+"""The base split over a "model" mesh axis (floranna_jax.fsdp) beside the clients axis."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+from jax.sharding import PartitionSpec as P
+from smoke_setup import smoke_config
+
+from floranna_jax import clients, config_check, fsdp, keys, models, train
+from floranna_jax.errors import ConfigError
+from floranna_jax.tasks import generation
+
+MESH = (2, 4)  # clients x model, 8 fake CPU devices
+
+
+class LeafSpecTest(absltest.TestCase):
+    def test_largest_divisible_axis_and_never_the_layer_axis(self):
+        self.assertEqual(fsdp.leaf_spec((4, 128, 256), 4, True), P(None, None, "model"))
+        self.assertEqual(fsdp.leaf_spec((8, 6), 4, True), P())  # 6 % 4: stays whole
+        self.assertEqual(fsdp.leaf_spec((8, 6), 4, False), P("model", None))
+        self.assertEqual(fsdp.leaf_spec((512, 128), 1, False), P())
+
+    def test_model_shards_must_divide_the_devices(self):
+        with self.assertRaisesRegex(ValueError, "model_shards=3 does not divide 1"):
+            clients.make_mesh(1, model_shards=3)
+
+    def test_config_model_shards_must_divide_the_devices(self):
+        config = smoke_config(**{"train.model_shards": 3})
+        with self.assertRaisesRegex(ConfigError, "train.model_shards: 3 does not divide the 1 "):
+            config_check.check_devices(config)
+        with self.assertRaisesRegex(ConfigError, "train.model_shards: must be a positive"):
+            config_check.validate(smoke_config(**{"train.model_shards": 0}))
+
+    def test_split_base_equals_one_device_on_eight_devices(self):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        env["JAX_PLATFORMS"] = "cpu"
+        here = pathlib.Path(__file__).resolve().parent
+        code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_fsdp; test_fsdp.main()"
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+        )
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        self.assertLess(report["max_abs_diff"], 1e-5)
+        # Each device holds a quarter of the base: its argument bytes fall about 1/4 (the
+        # adapters, optimizer states and batches, split over clients alike, stay the same).
+        ratio = report["arg_bytes_split"] / report["arg_bytes_replicated"]
+        self.assertLess(ratio, 0.35, report)
+        self.assertGreater(report["split_leaves"], 0)
+        self.assertLess(report["round_max_abs_diff"], 1e-5)
+        # XLA splits the matmuls with the kernels (it gathers activations): no device ever
+        # gathers a whole kernel, not even one layer's.
+        self.assertGreater(report["all_gathers"], 0)
+        self.assertEqual(report["base_gathers"], 0)
+
+
+def problem(U: int = 4, S: int = 2):
+    """A tiny random LLaMA (4 layers, hidden 128) and ``U`` clients of ``S`` SGD steps."""
+    config = dict(models.tiny_config("llama"), hidden_size=128, intermediate_size=256,
+                  num_hidden_layers=4, initializer_range=0.1)  # fmt: skip
+    lora = models.LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    model = models.build_random(config, lora=lora, key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    b, L = 4, 16
+    ids = rng.integers(3, config["vocab_size"], (U, S, b, L)).astype(np.int32)
+    loss_mask = np.zeros((U, S, b, L), np.int32)
+    loss_mask[..., L // 2 :] = 1
+    batches = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask,
+               "mask": np.ones((U, S, b), np.float32)}  # fmt: skip
+    opt = clients.make_optimizer("sgd", learning_rate=0.5, weight_decay=0.0)
+    update = clients.make_local_update(generation.loss_fn(model), opt)
+    trainable = model.trainable
+    args = (clients.broadcast(trainable, U), clients.broadcast(opt.init(trainable), U),
+            jax.tree.map(jnp.asarray, batches), jnp.ones((U, S), jnp.float32),
+            keys.dropout_keys(jax.random.key(7), np.arange(U)))  # fmt: skip
+    return model.base, update, args
+
+
+def main():
+    """Run with 8 fake CPU devices; prints one JSON line."""
+    base, update, args = problem()
+    one = clients.make_runner(update)(base, *args)
+    split_mesh = clients.make_mesh(model_shards=MESH[1])
+    shardings = fsdp.base_shardings(base, split_mesh, stacked=("layers",))
+    split_base = fsdp.place(base, split_mesh, stacked=("layers",))
+    # As a run builds it: train.model_shards=4 of 8 devices makes the 2x4 mesh.
+    config = smoke_config(**{"train.model_shards": MESH[1]})
+    split = train.make_client_runner(config, update)[0]
+    many = split(split_base, *args)
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(one), jax.tree.leaves(many), strict=True))  # fmt: skip
+    whole = clients.make_runner(update, mesh=clients.make_mesh(MESH[0]))
+    compiled = [run.lower(b, *args).compile() for run, b in ((split, split_base), (whole, base))]
+    arg_bytes = [c.memory_analysis().argument_size_in_bytes for c in compiled]
+    split_leaves = sum(s.spec != P() for s in jax.tree.leaves(shardings))
+    print(
+        json.dumps(
+            {
+                "max_abs_diff": diff,
+                "arg_bytes_split": arg_bytes[0],
+                "arg_bytes_replicated": arg_bytes[1],
+                "split_leaves": split_leaves,
+                "round_max_abs_diff": round_diff(),
+                "base_gathers": base_gathers(compiled[0].as_text(), base),
+                "all_gathers": compiled[0].as_text().count(" all-gather("),
+            }
+        )
+    )
+
+
+def base_gathers(hlo: str, base) -> int:
+    """All-gathers in the compiled ``hlo`` whose result is a whole base leaf or one layer of
+    a stacked leaf: none means no device ever holds a whole kernel."""
+    shapes = {tuple(x.shape) for x in jax.tree.leaves(base)}
+    shapes |= {tuple(x.shape[1:]) for x in jax.tree.leaves(base["layers"])}
+    found = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo)
+    return sum(tuple(int(n) for n in f.split(",") if n) in shapes for f in found)
+
+
+def round_diff() -> float:
+    """The smoke config's first round (FedIT, a tiny BERT) with its base split 4 ways on a
+    2x4 mesh against one device: the largest difference of the global adapters."""
+    states = []
+    for shards in (1, MESH[1]):
+        run = train.build(smoke_config(**{"train.model_shards": shards}))
+        split = [not x.is_fully_replicated for x in jax.tree.leaves(run.exp.model.base)]
+        assert any(split) == (shards > 1), "the run's base is split over the model axis"
+        states.append(run.round_fn(run.state)[0])
+    leaves = [jax.tree.leaves(s.lora) for s in states]
+    return max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*leaves, strict=True))
+
+
+if __name__ == "__main__":
+    absltest.main()
