@@ -217,13 +217,31 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
 
 def attend(cfg: DecoderConfig, ctx: Context, q, k, v, key) -> jax.Array:
     """Grouped-query attention: ``q [R, T, KV, G, hd]``, ``k, v [R, S, KV, hd]`` ->
-    ``[R, T, H * hd]``; query head ``j * G + g`` reads key/value head ``j``. Scores are
-    scaled by ``cfg.query_scale`` and soft-capped (Gemma 2) before the mask."""
+    ``[R, T, H * hd]``; query head ``j * G + g`` reads key/value head ``j``; scores scaled
+    by ``cfg.query_scale``, keys masked by ``ctx.allowed``.
+
+    ``jax.nn.dot_product_attention`` (XLA's fused path; the same grouping and float32
+    softmax) unless the layer needs what it cannot express: Gemma 2's soft-capped scores
+    or attention dropout, which take :func:`_attend_scores`."""
+    dropping = ctx.dropout is not None and ctx.dropout[1] > 0.0
+    if cfg.attn_softcap is not None or dropping:
+        return _attend_scores(cfg, ctx, q, k, v, key if dropping else None)
+    R, T, kv, group, hd = q.shape
+    out = jax.nn.dot_product_attention(
+        q.reshape(R, T, kv * group, hd), k.astype(q.dtype), v.astype(q.dtype),
+        mask=ctx.allowed[:, None], scale=cfg.query_scale,
+    )  # fmt: skip
+    return out.reshape(R, T, -1)
+
+
+def _attend_scores(cfg: DecoderConfig, ctx: Context, q, k, v, key) -> jax.Array:
+    """:func:`attend` with explicit scores: soft-capped (Gemma 2) before the mask, and
+    attention dropout on the probabilities when ``key`` is given."""
     scores = jnp.einsum("rtkgd,rskd->rkgts", q, k).astype(jnp.float32)
     scores = soft_cap(scores * cfg.query_scale, cfg.attn_softcap)
     scores = scores + jnp.where(ctx.allowed, 0.0, _NEG)[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1)
-    if ctx.dropout is not None and ctx.dropout[1] > 0.0:
+    if key is not None:
         probs = _dropout(key, probs, ctx.dropout[1])
     out = jnp.einsum("rkgts,rskd->rtkgd", probs.astype(ctx.dtype), v)
     return out.reshape(*out.shape[:2], -1)
