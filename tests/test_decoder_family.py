@@ -20,8 +20,8 @@ from decoder_cases import (
 
 from floranna_jax import lora, models, packing
 from floranna_jax.models import decoder
-from floranna_jax.models.decoder import modules
 from floranna_jax.models.architecture import split_stacked
+from floranna_jax.models.decoder import modules
 
 # One config per family, windows (5) shorter than the rows wherever the family has them;
 # the tiny Gemma configs window layer 0 and leave layer 1 full.
