@@ -99,11 +99,16 @@ class DecoderPeer:
     def train(self, ids: np.ndarray) -> list[float]:
         """One AdamW step per batch of ``ids [S, b, L]`` (causal-LM loss on every token);
         returns the ``S`` losses."""
+        return self.train_batches([{"input_ids": x, "labels": x} for x in ids])
+
+    def train_batches(self, batches: list[dict[str, np.ndarray]]) -> list[float]:
+        """One AdamW step per batch of ``input_ids``, ``labels`` (-100: no loss) and
+        optionally ``attention_mask``, all ``[b, L]``; returns the losses."""
         self.model.train()
         losses = []
-        for batch in ids:
-            x = self.torch.from_numpy(batch.astype(np.int64))
-            loss = self.model(input_ids=x, labels=x).loss
+        for batch in batches:
+            inputs = {k: self.torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
+            loss = self.model(**inputs).loss
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()

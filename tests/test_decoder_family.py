@@ -254,6 +254,19 @@ class DecoderTest(chex.TestCase):
         with self.assertRaisesRegex(ValueError, "dropout_key"):
             model.apply(model.base, trainable, batch, deterministic=False)
 
+    def test_lora_dropout_masks_rate_and_scale(self):
+        """16-bit draws: the drop rate is the asked one and the scaled masks average 1."""
+        cfg = decoder.parse_config(tiny_config())
+        ctx = modules.Context(None, None, None, jnp.float32, 1.0, dropout=(0.2, 0.0))
+        adapters = {"attn/q_proj": {}, "attn/v_proj": {}}
+        masks = modules.lora_dropout_masks(cfg, ctx, adapters, jax.random.key(0), 64, 33)
+        q, v = np.asarray(masks["q_proj"]), np.asarray(masks["v_proj"])
+        self.assertEqual(q.shape, (64, 33, cfg.hidden_size))
+        for m in (q, v):
+            self.assertAlmostEqual(float((m == 0).mean()), 0.2, delta=0.01)
+            self.assertAlmostEqual(float(m.mean()), 1.0, delta=0.015)
+        self.assertAlmostEqual(float(((q == 0) & (v == 0)).mean()), 0.04, delta=0.005)
+
     def test_unknown_adapter_name_raises(self):
         model = tiny_model()
         trainable = {"lora": {"layers_7/attn/q_proj": {}, "layers_0/attn/query": {}}, "head": {}}

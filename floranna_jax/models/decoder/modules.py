@@ -183,16 +183,24 @@ def _dropout(key, x, rate):
 def lora_dropout_masks(cfg: DecoderConfig, ctx: Context, adapters, key, R: int, T: int):
     """``target -> [R, T, d_in]`` scaled keep masks of the adapted projections of one layer,
     one independent mask each, drawn in ONE random call (each call is a threefry program
-    XLA compiles separately, seconds apiece on a CPU); ``{}`` without LoRA dropout."""
+    XLA compiles separately, seconds apiece on a CPU); ``{}`` without LoRA dropout.
+
+    Each 32-bit random word gives two 16-bit uniforms, so threefry runs half as often as
+    for float32 uniforms (it dominated the cost of dropout: 40% less time for the draws of a
+    SmolLM2 step). The drop probability is the rate rounded to a multiple of 2^-16, and the
+    kept inputs are scaled by the inverse of the exact keep probability."""
     targets = [t for t in cfg.projections if f"{block_of(t)}/{t}" in adapters]
     if key is None or ctx.dropout is None or ctx.dropout[0] == 0.0 or not targets:
         return {}
-    rate, dims = ctx.dropout[0], target_dims(cfg)
+    dims = target_dims(cfg)
     widths = [dims[t][0] for t in targets]
-    u = _uniform(key, (R, T, sum(widths)))
-    parts = jnp.split(u, np.cumsum(widths)[:-1].tolist(), axis=-1)
-    return {t: ((u_t >= rate) / (1.0 - rate)).astype(ctx.dtype)
-            for t, u_t in zip(targets, parts, strict=True)}  # fmt: skip
+    n = R * T * sum(widths)
+    words = jax.random.bits(key, (-(-n // 2),), jnp.uint32)
+    u = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n]
+    drop = min(round(ctx.dropout[0] * 65536), 65535)
+    keep = (u.reshape(R, T, -1) >= drop).astype(ctx.dtype) * np.float32(65536 / (65536 - drop))
+    parts = jnp.split(keep, np.cumsum(widths)[:-1].tolist(), axis=-1)
+    return dict(zip(targets, parts, strict=True))
 
 
 def _dense(ctx: Context, x, node, adapter, keep):
