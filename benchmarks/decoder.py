@@ -1,15 +1,18 @@
 """The decoder on SmolLM2-135M against transformers (+ PEFT) on this CPU: training tokens/s
 of one client, greedy generation tokens/s, and the compiled memory of client programs.
 
-    python -m benchmarks.decoder [--model FOLDER] [--out bench_out/decoder.json]
+    python -m benchmarks.decoder [--data=real] [--model FOLDER] [--out bench_out/decoder.json]
 
 ``--model`` is SmolLM2-135M-Instruct converted from its GGUF once (README: Decoders).
-All in one run (issue 9):
+All in one run (issues 9 and 21; targets: project / peer tokens per second):
 
 - training: one client's ``clients.make_local_update`` (the run's own step: the GSM8K
   task's loss, LoRA r=16 on q_proj and v_proj, dropout 0.05, AdamW), ``--steps`` steps of
   batch 4 x 256 tokens per call, against ``LlamaForCausalLM`` + PEFT doing the same steps
-  on the same token ids (:class:`benchmarks.torch_peer.DecoderPeer`). Target: 1.5x.
+  on the same token ids (:class:`benchmarks.torch_peer.DecoderPeer`). Target: 1.2x.
+- with ``--data=real``, training on real GSM8K rows (``--data_dir``, default
+  ``$FLORANNA_DATA_DIR``): the project packed, the peer padded per batch, on the same
+  ``--real_batch_size`` examples a step (:mod:`benchmarks.decoder_rows`). Target: 2x.
 - generation: ``decoder.generate`` (greedy, ``--max_new_tokens`` with no end-of-sequence
   id) at batch 1 and 16 on the same left-padded prompts, against transformers'
   ``generate`` with its key/value cache; prints whether the greedy tokens are equal.
