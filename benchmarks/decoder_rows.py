@@ -73,6 +73,8 @@ def bench_real_training(a, model, local_update, peer) -> dict:
     step_mask, key = jax.numpy.ones((a.steps,), jax.numpy.float32), jax.random.key(0)
     run = jax.jit(local_update, donate_argnums=(1, 2))
     clocks, losses = {"project": Clock(), "peer": Clock()}, {"project": [], "peer": []}
+    if peer is not None:
+        peer.call("reset")  # both sides start from a fresh adapter
     for r in range(a.rounds + 1):  # round 0 compiles and warms up
         with clocks["project"] if r else Clock():
             *state, metrics = jax.block_until_ready(run(model.base, *state, project[r],

@@ -93,8 +93,20 @@ class DecoderPeer:
             task_type=peft.TaskType.CAUSAL_LM,
         )  # fmt: skip
         self.torch, self.model = torch, peft.get_peft_model(base, config)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+        self.learning_rate = learning_rate
+        self.fresh = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                      if p.requires_grad}  # fmt: skip
+        self.reset()
+
+    def reset(self) -> None:
+        """The adapter as initialized and a new AdamW: the next training starts afresh."""
+        trainable = []
+        with self.torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if name in self.fresh:
+                    p.copy_(self.fresh[name])
+                    trainable.append(p)
+        self.opt = self.torch.optim.AdamW(trainable, lr=self.learning_rate, weight_decay=0.0)
 
     def train(self, ids: np.ndarray) -> list[float]:
         """One AdamW step per batch of ``ids [S, b, L]`` (causal-LM loss on every token);
