@@ -1,15 +1,18 @@
 """The decoder on SmolLM2-135M against transformers (+ PEFT) on this CPU: training tokens/s
 of one client, greedy generation tokens/s, and the compiled memory of client programs.
 
-    python -m benchmarks.decoder [--model FOLDER] [--out bench_out/decoder.json]
+    python -m benchmarks.decoder [--data=real] [--model FOLDER] [--out bench_out/decoder.json]
 
 ``--model`` is SmolLM2-135M-Instruct converted from its GGUF once (README: Decoders).
-All in one run (issue 9):
+All in one run (issues 9 and 21; targets: project / peer tokens per second):
 
 - training: one client's ``clients.make_local_update`` (the run's own step: the GSM8K
   task's loss, LoRA r=16 on q_proj and v_proj, dropout 0.05, AdamW), ``--steps`` steps of
   batch 4 x 256 tokens per call, against ``LlamaForCausalLM`` + PEFT doing the same steps
-  on the same token ids (:class:`benchmarks.torch_peer.DecoderPeer`). Target: 1.5x.
+  on the same token ids (:class:`benchmarks.torch_peer.DecoderPeer`). Target: 1.2x.
+- with ``--data=real``, training on real GSM8K rows (``--data_dir``, default
+  ``$FLORANNA_DATA_DIR``): the project packed, the peer padded per batch, on the same
+  ``--real_batch_size`` examples a step (:mod:`benchmarks.decoder_rows`). Target: 2x.
 - generation: ``decoder.generate`` (greedy, ``--max_new_tokens`` with no end-of-sequence
   id) at batch 1 and 16 on the same left-padded prompts, against transformers'
   ``generate`` with its key/value cache; prints whether the greedy tokens are equal.
@@ -42,7 +45,7 @@ import numpy as np
 from absl import logging
 
 from benchmarks import clients as bench_clients
-from benchmarks import machine, torch_peer
+from benchmarks import decoder_rows, machine, torch_peer
 from benchmarks.real_data import Clock
 from floranna_jax import clients, models
 from floranna_jax.data import glue
@@ -50,7 +53,7 @@ from floranna_jax.models import decoder
 from floranna_jax.tasks import generation
 
 DEFAULT_MODEL = pathlib.Path.home() / ".cache/floranna/models/SmolLM2-135M-Instruct-hf"
-TARGETS = {"train": 1.5, "generate": 2.0}  # issue 9: project / peer tokens per second
+TARGETS = {"train": 1.2, "real": 2.0, "generate": 2.0}  # issue 21: project / peer tokens/s
 PROMPTS = (  # greedy continuations of these are compared token by token
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many",
     "The capital of France is",
@@ -111,9 +114,10 @@ def bench_training(a, model, local_update, peer) -> dict:
     shape = (a.rounds + 1, a.steps, a.batch_size, a.seq_len)
     ids = rng.integers(3, model.config["vocab_size"], shape).astype(np.int32)
     opt = clients.make_optimizer("adamw", a.learning_rate)
-    state = (model.trainable, clients.init_opt_state(opt, model.trainable))
+    trainable = jax.tree.map(jnp.copy, model.trainable)  # the step donates it
+    state = (trainable, clients.init_opt_state(opt, trainable))
     step_mask, key = jnp.ones((a.steps,), jnp.float32), jax.random.key(0)
-    run = jax.jit(local_update)
+    run = jax.jit(local_update, donate_argnums=(1, 2))
     clocks, losses = {"project": Clock(), "peer": Clock()}, {"project": [], "peer": []}
     first = Clock()
     for r in range(a.rounds + 1):  # round 0 compiles and warms up
@@ -217,11 +221,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="training steps per turn")
     parser.add_argument("--rounds", type=int, default=3, help="timed training turns per side")
+    parser.add_argument(
+        "--data",
+        default="fixed",
+        choices=("fixed", "real"),
+        help="real: one more training row, real GSM8K rows (packed vs padded)",
+    )
+    parser.add_argument(
+        "--data_dir",
+        default=os.environ.get("FLORANNA_DATA_DIR", "data"),
+        help="folder holding gsm8k/ (default: $FLORANNA_DATA_DIR)",
+    )
+    parser.add_argument("--real_batch_size", type=int, default=8, help="GSM8K examples a step")
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--gen_batches", default="1,16", help="generation batch sizes")
     parser.add_argument("--gen_rounds", type=int, default=2, help="timed generate turns per side")
-    parser.add_argument("--clients", type=int, default=10, help="U of the memory programs")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=10,
+        help="U of the memory programs (0: compile no memory programs)",
+    )
     parser.add_argument("--chunk", type=int, default=2, help="clients at once, chunked program")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads of the peer")  # fmt: skip
@@ -245,6 +266,8 @@ def main(argv=None) -> dict:
             print("PyTorch peer skipped: torch, peft or transformers does not import")
         report["matmul_peak_flops"] = bench_clients.matmul_peak()
         report["train"] = bench_training(a, model, local_update, peer)
+        if a.data == "real":
+            report["train_real"] = decoder_rows.bench_real_training(a, model, local_update, peer)
         per_token = training_flops_per_token(model.config, a.seq_len)
         for side in ("project", "peer"):
             if side in report["train"]:
@@ -255,7 +278,7 @@ def main(argv=None) -> dict:
             int(b): bench_generation(a, model, int(b), peer) for b in a.gen_batches.split(",")
         }
     report["load_avg_after_timing"] = os.getloadavg()
-    report["memory"] = compiled_memory(a, model, local_update)
+    report["memory"] = compiled_memory(a, model, local_update) if a.clients else {}
     print_report(report)
     path = pathlib.Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +295,11 @@ def print_report(r: dict) -> None:
     print("| tokens / s | project | per CPU-s | peer | per CPU-s | x peer, wall | x peer, CPU "
           "| target |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     rows = {f"training, batch {a['batch_size']} x {a['seq_len']}": (r["train"], "train")}
+    if "train_real" in r:
+        x = r["train_real"]
+        label = (f"training, GSM8K, {a['real_batch_size']} examples a step (packed: "
+                 f"{x['rows_per_step']} x {x['row_length']}; peer: padded per batch)")  # fmt: skip
+        rows[label] = (x, "real")
     for b, g in r["generate"].items():
         rows[f"greedy generation, batch {b}, {a['max_new_tokens']} new"] = (g, "generate")
     for label, (x, target) in rows.items():

@@ -93,17 +93,34 @@ class DecoderPeer:
             task_type=peft.TaskType.CAUSAL_LM,
         )  # fmt: skip
         self.torch, self.model = torch, peft.get_peft_model(base, config)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+        self.learning_rate = learning_rate
+        self.fresh = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                      if p.requires_grad}  # fmt: skip
+        self.reset()
+
+    def reset(self) -> None:
+        """The adapter as initialized and a new AdamW: the next training starts afresh."""
+        trainable = []
+        with self.torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if name in self.fresh:
+                    p.copy_(self.fresh[name])
+                    trainable.append(p)
+        self.opt = self.torch.optim.AdamW(trainable, lr=self.learning_rate, weight_decay=0.0)
 
     def train(self, ids: np.ndarray) -> list[float]:
         """One AdamW step per batch of ``ids [S, b, L]`` (causal-LM loss on every token);
         returns the ``S`` losses."""
+        return self.train_batches([{"input_ids": x, "labels": x} for x in ids])
+
+    def train_batches(self, batches: list[dict[str, np.ndarray]]) -> list[float]:
+        """One AdamW step per batch of ``input_ids``, ``labels`` (-100: no loss) and
+        optionally ``attention_mask``, all ``[b, L]``; returns the losses."""
         self.model.train()
         losses = []
-        for batch in ids:
-            x = self.torch.from_numpy(batch.astype(np.int64))
-            loss = self.model(input_ids=x, labels=x).loss
+        for batch in batches:
+            inputs = {k: self.torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
+            loss = self.model(**inputs).loss
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()

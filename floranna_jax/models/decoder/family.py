@@ -30,9 +30,10 @@ from floranna_jax.models.decoder.checkpoint import canonical_key
 from floranna_jax.models.decoder.config import DecoderConfig
 from floranna_jax.models.decoder.families import parse_config
 
-# Logits elements per loss chunk ([rows, chunk, vocab] float32: 16 MB); the chunk length
-# is the largest power of two that keeps a chunk within it.
-LOSS_CHUNK_ELEMENTS = 1 << 22
+# Logits elements per loss chunk ([chunk, vocab] float32: 64 MB); the chunk is the largest
+# power of two of positions that fits, taken over the batch's flattened rows, so a step
+# runs a few large head matmuls rather than many small ones (SmolLM2: 256 positions).
+LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
 def layer_names(cfg: DecoderConfig, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -49,35 +50,73 @@ def layer_names(cfg: DecoderConfig, targets: tuple[str, ...]) -> dict[str, tuple
 
 
 def chunk_length(rows: int, T: int, vocab: int, budget: int = LOSS_CHUNK_ELEMENTS) -> int:
-    """Positions per loss chunk: a power of two with ``rows * chunk * vocab <= budget``
-    (at least 1), at most ``T``."""
-    fits = max(1, budget // max(1, rows * vocab))
-    return min(T, 1 << (fits.bit_length() - 1))
+    """Positions per loss chunk, counted over all ``rows * T`` positions of a batch: a power
+    of two with ``chunk * vocab <= budget`` (at least 1), at most ``rows * T``."""
+    fits = max(1, budget // max(1, vocab))
+    return min(rows * T, 1 << (fits.bit_length() - 1))
 
 
 def token_nll(h, kernel, labels, dtype, chunk: int, softcap: float | None = None) -> jax.Array:
     """``[R, T]`` float32 ``-log softmax(h @ kernel)[labels]``, ``chunk`` positions at a time.
 
-    ``h [R, T, d]``, ``kernel [d, V]``, ``labels [R, T]``; ``softcap``: the logits'
-    soft-cap (Gemma 2), None for none. Each chunk's logits are
-    rematerialized in the backward pass, so neither pass holds more than one chunk's
-    ``[R, chunk, V]`` logits.
+    ``h [R, T, d]``, ``kernel [d, V]`` (frozen: it gets no gradient), ``labels [R, T]``;
+    ``softcap``: the logits' soft-cap (Gemma 2), None for none. No pass holds more than one
+    chunk's ``[chunk, V]`` logits: the gradient of ``h`` is formed with them, in the same
+    pass (:func:`_chunked_nll`), so the backward pass never recomputes them.
     """
     R, T, d = h.shape
-    n = -(-T // chunk)
-    h = jnp.pad(h, ((0, 0), (0, n * chunk - T), (0, 0))).reshape(R, n, chunk, d)
-    y = jnp.pad(labels, ((0, 0), (0, n * chunk - T))).reshape(R, n, chunk)
-    w = kernel.astype(dtype)
+    n = R * T
+    k = -(-n // chunk)
+    h = jnp.pad(h.reshape(n, d), ((0, k * chunk - n), (0, 0))).reshape(k, chunk, d)
+    y = jnp.pad(labels.reshape(n), (0, k * chunk - n)).reshape(k, chunk)
+    nll = _chunked_nll(h, jax.lax.stop_gradient(kernel), y, jnp.dtype(dtype), softcap)
+    return nll.reshape(k * chunk)[:n].reshape(R, T)
 
-    @jax.checkpoint
-    def one(h, y, w):
-        logits = jnp.matmul(h.astype(dtype), w, preferred_element_type=jnp.float32)
-        logits = modules.soft_cap(logits, softcap)
-        picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits, axis=-1) - picked
 
-    out = jax.lax.map(lambda hy: one(*hy, w), (h.swapaxes(0, 1), y.swapaxes(0, 1)))
-    return out.swapaxes(0, 1).reshape(R, n * chunk)[:, :T]
+def _chunk_logits(h, w, y, dtype, softcap):
+    """``(nll [C], logits [C, V] float32 after the soft-cap, logsumexp [C])`` of one chunk."""
+    logits = jnp.matmul(h.astype(dtype), w, preferred_element_type=jnp.float32)
+    logits = modules.soft_cap(logits, softcap)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+    return lse - picked, logits, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_nll(h, w, y, dtype, softcap):
+    """``[k, C]`` nll of ``h [k, C, d]`` chunk by chunk (``lax.map``); ``w [d, V]``."""
+    w = w.astype(dtype)
+    return jax.lax.map(lambda hy: _chunk_logits(hy[0], w, hy[1], dtype, softcap)[0], (h, y))
+
+
+def _chunked_nll_fwd(h, w, y, dtype, softcap):
+    """The nll and, from the same logits, ``d nll / d h [k, C, d]``: ``(softmax - onehot)
+    @ w.T`` (times the soft-cap's ``1 - (logits / cap)^2``); two head matmuls per token,
+    where differentiating a rematerialized chunk takes three."""
+    wd = w.astype(dtype)
+
+    def one(hy):
+        h_c, y_c = hy
+        nll, logits, lse = _chunk_logits(h_c, wd, y_c, dtype, softcap)
+        hit = jnp.arange(logits.shape[-1])[None, :] == y_c[:, None]
+        g = jnp.exp(logits - lse[:, None]) - hit
+        if softcap is not None:
+            g = g * (1.0 - jnp.square(logits / softcap))
+        dh = jnp.matmul(g.astype(dtype), wd.T, preferred_element_type=jnp.float32)
+        return nll, dh.astype(h_c.dtype)
+
+    nll, dh = jax.lax.map(one, (h, y))
+    return nll, (dh, w)
+
+
+def _chunked_nll_bwd(dtype, softcap, residuals, g):
+    """``h`` gets ``g * dh``; ``w`` zeros (frozen, behind stop_gradient); ``y`` none."""
+    del dtype, softcap
+    dh, w = residuals
+    return g[..., None] * dh, jnp.zeros_like(w), None
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 def _shift(x: jax.Array) -> jax.Array:
