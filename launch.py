@@ -43,6 +43,19 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _stop(message: str, code: int = 2) -> None:
+    """:func:`_fail` once a run has started. One process ends at once: Orbax's and
+    asyncio's threads would otherwise print a failed restore's tracebacks while Python shuts
+    down, after the one line; nothing is left to write (the run's files were closed on the
+    way here). Several processes exit normally, through jax.distributed's shutdown."""
+    if jax.process_count() > 1:
+        _fail(message, code)
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _config_unreadable(e: OSError) -> None:
     """config_flags lists the paths it tried; the last line says why the file failed."""
     _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
@@ -127,9 +140,9 @@ def main(argv):
         check_fits(config)
         summary = train.run(config, workdir)
     except ConfigError as e:
-        _fail(str(e))
+        _stop(str(e))
     except (RoundError, WriteError) as e:
-        _fail(str(e), code=1)
+        _stop(str(e), code=1)
     print(summary)
     print(f"\nworkdir: {os.path.abspath(workdir)}")
 

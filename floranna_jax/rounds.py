@@ -80,7 +80,7 @@ def init_state(
 
     ``opt``: the client optimizer when optimizer states persist across rounds, else None.
     ``abstract``: the method's state and the optimizer states as ``jax.ShapeDtypeStruct``
-    (a plan: FLoRA's dense merges of a 70B model are never allocated).
+    (a plan: the dense merges of a 70B model are never allocated).
     """
     make = jax.eval_shape if abstract else (lambda f, x: f(x))
     opt_state = {}
@@ -215,7 +215,7 @@ def make_effective_base(model) -> Callable:
 
     ``delta``: ``{layer: [d_out, d_in]}`` in ``B @ A`` units, a method's ``base_delta``.
     Only the kernels ``delta`` names are rebuilt (:func:`make_merge`); every other leaf of
-    the result is ``base``'s own buffer, so a FLoRA/FedEx round holds the pretrained base
+    the result is ``base``'s own buffer, so a merging method's round holds the pretrained base
     once plus its merged kernels, in the base's dtype (sharding follows the kernels').
     Float32 accumulation is kept in two places, for exactness: the method state sums the
     merges in float32 (bit-exact resume: the base is always rebuilt as ``W0 + s * sum``),

@@ -140,7 +140,7 @@ def initial_state(config, model, method: server.Method, abstract: bool = False):
 
 def check_import_kept(name: str, method: server.Method, state: rounds.RoundState) -> None:
     """``lora.init_from`` needs a method whose clients start from the global adapter (or
-    their own copy of it): one that restarts them from fresh adapters (FLoRA) would drop
+    their own copy of it): one that restarts them from fresh adapters would drop
     the imported one after round 0; raise ``ConfigError`` saying so."""
     rkey = keys.round_key(state.key, 0)
     start = method.client_start(state.lora, state.method, np.arange(1), keys.init_key(rkey))

@@ -124,10 +124,10 @@ def test_failed_resume_leaves_the_workdir_as_it_was(tmp_path):
 
 
 def test_nonfinite_aggregate_stops_before_its_checkpoint(tmp_path, monkeypatch):
-    build = server.build
+    serve = server.serve
 
-    def poisoned(name, **hparams):  # round 2's global B of one layer turns NaN
-        real = build(name, **hparams)
+    def poisoned(method):  # round 2's global B of one layer turns NaN
+        real = serve(method)
         calls = []
 
         def aggregate(uploads, weights, state=None):
@@ -140,7 +140,7 @@ def test_nonfinite_aggregate_stops_before_its_checkpoint(tmp_path, monkeypatch):
 
         return server.Server(real.method, aggregate)
 
-    monkeypatch.setattr(server, "build", poisoned)
+    monkeypatch.setattr(server, "serve", poisoned)
     config = smoke_config(**{"server.name": "fedit", "ckpt.every_rounds": 1,
                              "train.num_rounds": 3})  # fmt: skip
     with pytest.raises(errors.RoundError, match=r"round 2: .*global adapter.*layer_0/attention/"):
