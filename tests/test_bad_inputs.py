@@ -2,8 +2,8 @@
 the field, file, line or value, before anything is compiled, with the workdir untouched."""
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
