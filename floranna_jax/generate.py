@@ -14,8 +14,9 @@ Hugging Face decoder folder (an export ``--merged``) or hub id, with its own tok
 the chat template when it has one. ``--raw`` sends the text as it is, no template, no bos.
 ``--prompt_file`` holds one prompt per line. Decoding is greedy unless ``--temperature``
 is above 0 (then nucleus sampling with ``--top_p``, seeded by ``--seed``); a completion
-ends at the tokenizer's eos or after ``--max_new_tokens`` (default: the run's
-``eval.max_new_tokens``, else 128). Every bad input is one ``error: ...`` line, exit 2.
+ends at the tokenizer's eos, at one of the run's stop strings (``eval.stop``, e.g. GSM8K's
+"Question:"; the text before it is printed) or after ``--max_new_tokens`` (default: the
+run's ``eval.max_new_tokens``, else 128). Every bad input is one ``error: ...`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 class Generator(NamedTuple):
     """What decoding needs: the model (its config and LoRA scale), the frozen ``base``, the
     ``adapters`` (``{}``: none), the tokenizer as a ``completion.Codec``, the prompt format
-    (``"chat"`` or ``"plain"``) and the default number of new tokens."""
+    (``"chat"`` or ``"plain"``), the default number of new tokens and the stop strings."""
 
     model: models.Model
     base: Any
@@ -47,6 +48,7 @@ class Generator(NamedTuple):
     codec: completion.Codec
     fmt: str
     max_new_tokens: int
+    stops: tuple[str, ...] = ()
 
 
 def _tokenizer(path: str) -> completion.Codec:
@@ -66,7 +68,9 @@ def from_workdir(workdir: str, client: int | None = None) -> Generator:
     codec = completion.byte_codec() if c.data.tokenizer == "bytes" else _tokenizer(c.model.path)
     fmt = completion.resolve_format(codec, c.data.prompt)
     adapters = result.trainable(res, client)["lora"]
-    return Generator(res.model, result.base(res), adapters, codec, fmt, c.eval.max_new_tokens)
+    stops = tuple(c.eval.get("stop", ()))
+    return Generator(res.model, result.base(res), adapters, codec, fmt, c.eval.max_new_tokens,
+                     stops)  # fmt: skip
 
 
 def _decoder_folder(path: str):
@@ -97,7 +101,8 @@ def from_model(path: str) -> Generator:
 def complete(gen: Generator, prompts: list[str], *, raw: bool = False,
              max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0) -> list[str]:  # fmt: skip
-    """One completion per prompt (decoded, up to the eos), all prompts in one batch."""
+    """One completion per prompt (decoded, up to the eos or before a stop string), all
+    prompts in one batch."""
     codec = gen.codec
     ids = [codec.encode(p) if raw else completion.prompt_ids(codec, p, gen.fmt) for p in prompts]
     prompt_ids, mask = completion.left_pad(ids, max(len(i) for i in ids), codec.pad_id)
@@ -105,12 +110,13 @@ def complete(gen: Generator, prompts: list[str], *, raw: bool = False,
         new = decoder.generate(
             gen.model, gen.base, gen.adapters, prompt_ids, mask,
             max_new_tokens=max_new_tokens or gen.max_new_tokens, eos_ids=(codec.eos_id,),
-            pad_id=codec.pad_id, temperature=temperature, top_p=top_p,
-            key=jax.random.key(seed),
+            stop_ids=completion.stop_sequences(codec, gen.stops), pad_id=codec.pad_id,
+            temperature=temperature, top_p=top_p, key=jax.random.key(seed),
         )  # fmt: skip
     except ValueError as e:  # too long for the model's positions, a bad top_p
         raise ConfigError(first_line(e)) from e
-    return [codec.decode(completion.until_eos(row, codec.eos_id)) for row in np.asarray(new)]
+    texts = [codec.decode(completion.until_eos(row, codec.eos_id)) for row in np.asarray(new)]
+    return [completion.cut_at(text, gen.stops) for text in texts]
 
 
 def _prompts(prompt: str | None, prompt_file: str | None) -> list[str]:

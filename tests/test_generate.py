@@ -87,3 +87,12 @@ def trained_encoder(tmp_path) -> str:
     with shared_compilation():
         train.run(smoke_config(**{"train.num_rounds": 1}), workdir)
     return workdir
+
+
+def test_a_run_stop_string_cuts_the_completion():
+    gen = generate.from_workdir(trained("fedsa"))
+    free = generate.complete(gen, PROMPTS[:1], max_new_tokens=12)[0]
+    assert len(free) > 4, free  # a tiny random model's text, long enough to cut inside
+    stop = free[3:5]
+    cut = generate.complete(gen._replace(stops=(stop,)), PROMPTS[:1], max_new_tokens=12)[0]
+    assert cut == free[: free.index(stop)]
