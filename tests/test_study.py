@@ -284,6 +284,44 @@ def test_report_numbers_over_seeds_by_hand(tmp_path):
     assert order[4] == reporting.format_value(want)
 
 
+def test_dose_report_groups_by_two_axes_with_intervals_by_hand(tmp_path):
+    """configs/studies/drift.py's report shape: groups are (alpha, local steps) pairs, and the
+    paired gains carry Student's t intervals, checked against the formula written out."""
+    study = _with_grid(
+        _study(),
+        "drift",
+        (
+            ("method", ("fedit", "svd")),
+            ("client.local_steps", (2, 8)),
+            ("partition.alpha", (0.5,)),
+            ("train.seed", (0, 1, 2)),
+        ),
+    )
+    study.report = study.report.to_dict() | dict(
+        grids=("drift",), paired=("svd",), group_axis=("partition.alpha", "client.local_steps")
+    )
+    finals = {("fedit", 2): [0.60, 0.62, 0.61], ("svd", 2): [0.61, 0.62, 0.63],
+              ("fedit", 8): [0.55, 0.60, 0.50], ("svd", 8): [0.65, 0.64, 0.70]}  # fmt: skip
+    rhos = {("fedit", 2): 0.02, ("svd", 2): 0.01, ("fedit", 8): 0.2, ("svd", 8): 0.05}
+    for cell in grid.expand(study, "drift"):
+        key = (cell.values["method"], cell.values["client.local_steps"])
+        acc, rho = finals[key][cell.values["train.seed"]], rhos[key]
+        _fake_cell(tmp_path / "docs" / "smoke" / cell.name, cell, [0.5, acc], [rho, rho])
+    text = report.write_report(study, str(tmp_path / "docs"), str(tmp_path / "d.md"), "d.py")
+
+    d = np.subtract(finals[("svd", 8)], finals[("fedit", 8)])
+    half = 4.302652729911275 * d.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    ci = f"[{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]"
+    paired = _table_row(_section(text, "Paired"), "0.5, 8", "svd")
+    assert paired[8] == ci and paired[7] == "3 of 3"
+    dose = _table_row(_section(text, "Dose-response"), "0.5, 8")
+    assert dose[1:4] == ["0.2000 ± 0.0000", "svd", "3"]
+    assert dose[4] == reporting.format_value(0.15 / 0.2)  # share of FedIT's rho_rel removed
+    assert dose[6] == ci
+    assert "| partition.alpha x client.local_steps |" in _section(text, "Dose-response")
+    assert (tmp_path / "d_gain_vs_rho_cut.png").stat().st_size > 0
+
+
 def test_spearman_matches_scipy_with_ties():
     stats = pytest.importorskip("scipy.stats")
     x, y = [0.1, 0.2, 0.2, 0.4, 0.0], [3.0, 1.0, 2.0, 2.0, 5.0]

@@ -12,7 +12,8 @@ should buy. Drift grows with the local steps of a round and with label heterogen
 written before the grid ran):
 
     pilot  fedit, IID, client.learning_rate 1e-3 3e-3, seeds 0 1 2, 30 rounds       6 cells
-    drift  fedit floranna_layer svd fedex x local steps 2 10 40 x IID, Dirichlet 0.1 (labels iid, dirichlet01)
+    drift  fedit floranna_layer svd fedex x local steps 2 10 40
+           x IID (label iid), Dirichlet 0.1 (label dirichlet01)
            x seeds 0 1 2                                                            72 cells
 
 Base: the evidence study's (configs/studies/evidence.py; all-MiniLM-L6-v2 on SST-2, 10

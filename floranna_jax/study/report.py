@@ -4,14 +4,18 @@
 
 reads ``<out>/<study>/<cell>/`` of the cells of ``study.report.grids`` and
 ``study.report.lr_grid`` (``results.read_cell``: no model, no data), and writes ``path``
-and two PNGs beside it (``<stem>_curves.png``, ``<stem>_rho_vs_metric.png``):
+and three PNGs beside it (``<stem>_curves.png``, ``<stem>_rho_vs_metric.png``,
+``<stem>_gain_vs_rho_cut.png``):
 
 - the learning-rate table: global metric of each rate at each evaluated round;
-- per method and group (``report.group_axis``, e.g. Dirichlet alpha): global and local task
+- per method and group (``report.group_axis``: an axis such as Dirichlet alpha, or a tuple
+  of axes such as split and local steps): global and local task
   metric and their gap, final and best, mean ± standard deviation over seeds (ddof=1),
   with ``rho_rel`` (mean over rounds), bytes (up + down) and server seconds;
 - ``rho_rel`` of every comparison estimator on each run's own uploads (``server.compare``);
-- the paired difference, method minus ``report.baseline`` on the same seed;
+- the paired difference, method minus ``report.baseline`` on the same seed, with its 95% CI;
+- the dose-response: per group the baseline's ``rho_rel``, each method's share of it removed
+  and its paired gain, as a table and a plot (gain against reduction);
 - whether the ordering by ``rho_rel`` is the ordering by the global metric: Spearman's
   rank correlation over the methods' means and over all runs, per group.
 
@@ -39,8 +43,11 @@ FINDINGS_EMPTY = (
 MARKERS = "osD^v<>p"
 
 
-def _value(cell: grid_lib.Cell, axis: str) -> Any:
-    """The cell's value on ``axis``: its grid's axis, else the config field of that name."""
+def _value(cell: grid_lib.Cell, axis) -> Any:
+    """The cell's value on ``axis``: its grid's axis, else the config field of that name; for
+    a tuple of axes, the tuple of their values."""
+    if isinstance(axis, tuple | list):
+        return tuple(_value(cell, a) for a in axis)
     if axis in cell.values:
         return cell.values[axis]
     return grid_lib.flatten(cell.config.to_dict())[axis]
@@ -108,7 +115,7 @@ def plot_curves(runs: list[tables.Run], groups, metric: str, group_axis: str, pa
         for method, mine in tables.by_group(runs, group).items():
             for i, key in enumerate((f"eval/global/{metric}", "server/rho_rel")):
                 axes[i, j].plot(*_curve(mine, key), marker="o", markersize=3, label=method)
-        axes[0, j].set_title(f"{group_axis} = {group}")
+        axes[0, j].set_title(f"{tables.axis_name(group_axis)} = {tables.show(group)}")
         axes[0, j].set_ylabel(f"global {metric}")
         axes[1, j].set_ylabel("rho_rel")
         axes[1, j].set_xlabel("round")
@@ -135,11 +142,47 @@ def plot_scatter(runs: list[tables.Run], groups, metric: str, group_axis: str, p
             run.stats["global_final"],
             color=f"C{k % 10}",
             marker=MARKERS[g % len(MARKERS)],
-            label=f"{run.method}, {group_axis} {run.group}" if first else None,
+            label=f"{run.method}, {tables.show(run.group)}" if first else None,
         )
     ax.set_xlabel("rho_rel of the run (mean over rounds)")
     ax.set_ylabel(f"final global {metric}")
     ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_dose(runs: list[tables.Run], groups, baseline: str, paired, metric: str, path: str):
+    """Per group and method: the paired gain in final global ``metric`` over ``baseline``
+    (mean, 95% CI as the bar) against the relative ``rho_rel`` reduction; colour = method,
+    marker = group."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    fig = Figure(figsize=(7, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for g, group in enumerate(groups):
+        base = [r.stats["rho_rel"] for r in tables.by_group(runs, group).get(baseline, [])]
+        for k, method in enumerate(paired):
+            d = tables.differences(runs, group, baseline, method)
+            if not d["rho_rel"] or not base:
+                continue
+            gain = float(np.mean(d["global_final"]))
+            lo, hi = tables.interval(d["global_final"])
+            bar = None if np.isnan(lo) else [[gain - lo], [hi - gain]]
+            ax.errorbar(
+                -np.mean(d["rho_rel"]) / np.mean(base),
+                gain,
+                yerr=bar,
+                color=f"C{k % 10}",
+                marker=MARKERS[g % len(MARKERS)],
+                capsize=3,
+                label=f"{method}, {tables.show(group)}",
+            )
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel(f"rho_rel reduction, share of {baseline}'s (same seed)")
+    ax.set_ylabel(f"gain in final global {metric} over {baseline} (95% CI)")
+    ax.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -197,6 +240,7 @@ def write_report(study, out: str, path: str, source: str) -> str:
     groups = sorted({r.group for r in runs})
     stem = os.path.splitext(path)[0]
     curves, scatter = f"{stem}_curves.png", f"{stem}_rho_vs_{metric}.png"
+    dose = f"{stem}_gain_vs_rho_cut.png"
     ga = rc.group_axis
     finished = {r.name for r in runs}
     lines = [
@@ -245,6 +289,14 @@ def write_report(study, out: str, path: str, source: str) -> str:
             "",
             *tables.paired_table(runs, groups, rc.baseline, rc.paired, metric, ga),
             "",
+            f"## Dose-response: gain over {rc.baseline} against its rho_rel reduction",
+            "",
+            f"Per group: {rc.baseline}'s own rho_rel (mean over rounds), and per method the "
+            f"share of it removed and the paired gain in global {metric} (same seed; 95% CI: "
+            "Student's t over seeds).",
+            "",
+            *tables.dose_table(runs, groups, rc.baseline, rc.paired, metric, ga),
+            "",
             f"## Is the ordering by rho_rel the ordering by global {metric}?",
             "",
             f"Spearman's rank correlation between rho_rel and final global {metric}: -1 = "
@@ -259,9 +311,12 @@ def write_report(study, out: str, path: str, source: str) -> str:
             "",
             f"![final global {metric} against rho_rel, every run]({os.path.basename(scatter)})",
             "",
+            f"![gain over {rc.baseline} against rho_rel reduction]({os.path.basename(dose)})",
+            "",
         ]
         plot_curves(runs, groups, metric, ga, curves)
         plot_scatter(runs, groups, metric, ga, scatter)
+        plot_dose(runs, groups, rc.baseline, rc.paired, metric, dose)
     text = "\n".join(lines)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:

@@ -1,8 +1,9 @@
 """The study's tables, as markdown lines, from finished runs (``Run``) alone.
 
-Each table has one block per group (``report.group_axis``, e.g. Dirichlet alpha) and one row
-per method; "mean ± std" is over seeds with ddof = 1. ``spearman`` is Spearman's rank
-correlation, written out (ties get their average rank) so reports need no SciPy.
+Each table has one block per group (``report.group_axis``: one axis, e.g. Dirichlet alpha,
+or a tuple of axes, e.g. split and local steps) and one row per method; "mean ± std" is over
+seeds with ddof = 1, and a "95% CI" is Student's t interval of a mean paired difference.
+``spearman`` is Spearman's rank correlation, written out (ties get their average rank).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from floranna_jax import reporting
 from floranna_jax.study import results
@@ -25,6 +27,31 @@ class Run(NamedTuple):
     seed: Any
     rows: list[dict[str, Any]]
     stats: dict[str, float]
+
+
+def show(group) -> str:
+    """A group as a table cell: its value, or the values of a tuple of axes joined."""
+    return ", ".join(map(str, group)) if isinstance(group, tuple) else str(group)
+
+
+def axis_name(group_axis) -> str:
+    """The group column's header: the axis, or the axes of a tuple joined."""
+    return " x ".join(group_axis) if isinstance(group_axis, tuple | list) else group_axis
+
+
+def interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Student's t interval of the mean of ``values`` (ddof = 1); NaNs for fewer than 2."""
+    values = np.asarray(values, float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = scipy_stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1)
+    half /= np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def show_interval(values) -> str:
+    lo, hi = interval(values)
+    return "-" if np.isnan(lo) else f"[{lo:+.4f}, {hi:+.4f}]"
 
 
 def mean_std(values, digits: int = 4, sign: str = "") -> str:
@@ -77,7 +104,7 @@ def metric_table(runs: list[Run], groups, metric: str, group_axis: str) -> list[
     keys = ["global_start", "global_final", "global_best", "local_final", "local_best",
             "gap_final"]  # fmt: skip
     lines = [
-        f"| {group_axis} | method | seeds | "
+        f"| {axis_name(group_axis)} | method | seeds | "
         + " | ".join(f"{c} {metric}" for c in cols)
         + " | rho_rel (mean over rounds) | bytes (up + down) | server s |",
         "|" + "---|" * 12,
@@ -90,7 +117,7 @@ def metric_table(runs: list[Run], groups, metric: str, group_axis: str) -> list[
             )
             server_s = mean_std([r.stats["server_s"] for r in mine], 2)
             lines.append(
-                f"| {group} | {method} | {len(mine)} | "
+                f"| {show(group)} | {method} | {len(mine)} | "
                 + " | ".join(figures)
                 + f" | {nbytes} | {server_s} |"
             )
@@ -99,49 +126,78 @@ def metric_table(runs: list[Run], groups, metric: str, group_axis: str) -> list[
 
 def compare_table(runs: list[Run], groups, group_axis: str) -> list[str]:
     lines = [
-        f"| {group_axis} | run's method | " + " | ".join(results.COMPARED) + " |",
+        f"| {axis_name(group_axis)} | run's method | " + " | ".join(results.COMPARED) + " |",
         "|" + "---|" * (2 + len(results.COMPARED)),
     ]
     for group in groups:
         for method, mine in by_group(runs, group).items():
             cols = [mean_std([r.stats[f"compare/{c}"] for r in mine]) for c in results.COMPARED]
-            lines.append(f"| {group} | {method} | " + " | ".join(cols) + " |")
+            lines.append(f"| {show(group)} | {method} | " + " | ".join(cols) + " |")
     return lines
+
+
+def differences(runs: list[Run], group, baseline: str, method: str) -> dict[str, list[float]]:
+    """``method`` minus ``baseline`` on the same seed, in ``group``: per seed, the paired
+    ``global_final``, ``global_best`` and ``rho_rel`` differences (empty lists: no pair)."""
+    by = by_group(runs, group)
+    base = {r.seed: r.stats for r in by.get(baseline, [])}
+    pairs = [(r.stats, base[r.seed]) for r in by.get(method, []) if r.seed in base]
+    return {k: [a[k] - b[k] for a, b in pairs] for k in ("global_final", "global_best", "rho_rel")}
 
 
 def paired_table(runs, groups, baseline: str, paired, metric: str, group_axis: str) -> list[str]:
     lines = [
-        f"| {group_axis} | method - {baseline} | seeds | global final {metric}: mean "
-        "| std | min | max | better on | global best: mean ± std "
+        f"| {axis_name(group_axis)} | method - {baseline} | seeds | global final {metric}: mean "
+        "| std | min | max | better on | 95% CI | global best: mean ± std | 95% CI "
         "| rho_rel: mean ± std |",
-        "|" + "---|" * 10,
+        "|" + "---|" * 12,
     ]
     for group in groups:
-        by = by_group(runs, group)
-        base = {r.seed: r.stats for r in by.get(baseline, [])}
         for method in paired:
-            pairs = [(r.stats, base[r.seed]) for r in by.get(method, []) if r.seed in base]
-            if not pairs:
-                lines.append(f"| {group} | {method} | 0 |" + " - |" * 7)
+            d = differences(runs, group, baseline, method)
+            final, n = d["global_final"], len(d["global_final"])
+            if not n:
+                lines.append(f"| {show(group)} | {method} | 0 |" + " - |" * 9)
                 continue
-            d = {
-                k: [a[k] - b[k] for a, b in pairs]
-                for k in ("global_final", "global_best", "rho_rel")
-            }
-            final = d["global_final"]
-            std = f"{np.std(final, ddof=1):.4f}" if len(final) > 1 else "-"
+            std = f"{np.std(final, ddof=1):.4f}" if n > 1 else "-"
             better = sum(x > 0 for x in final)
             lines.append(
-                f"| {group} | {method} | {len(pairs)} | {np.mean(final):+.4f} | {std} "
-                f"| {min(final):+.4f} | {max(final):+.4f} | {better} of {len(pairs)} "
-                f"| {mean_std(d['global_best'], sign='+')} | {mean_std(d['rho_rel'], sign='+')} |"
+                f"| {show(group)} | {method} | {n} | {np.mean(final):+.4f} | {std} "
+                f"| {min(final):+.4f} | {max(final):+.4f} | {better} of {n} "
+                f"| {show_interval(final)} | {mean_std(d['global_best'], sign='+')} "
+                f"| {show_interval(d['global_best'])} | {mean_std(d['rho_rel'], sign='+')} |"
+            )
+    return lines
+
+
+def dose_table(runs, groups, baseline: str, paired, metric: str, group_axis: str) -> list[str]:
+    """Per group: the baseline's own ``rho_rel``, and per method the relative reduction of
+    ``rho_rel`` against the baseline on the same seed with the paired gain in final and best
+    global ``metric`` (mean and 95% CI)."""
+    lines = [
+        f"| {axis_name(group_axis)} | {baseline} rho_rel | method | seeds "
+        f"| rho_rel reduction (share of {baseline}'s) | gain, final {metric} | 95% CI "
+        f"| gain, best {metric} | 95% CI |",
+        "|" + "---|" * 9,
+    ]
+    for group in groups:
+        base = [r.stats["rho_rel"] for r in by_group(runs, group).get(baseline, [])]
+        for method in paired:
+            d = differences(runs, group, baseline, method)
+            n = len(d["rho_rel"])
+            cut = -np.mean(d["rho_rel"]) / np.mean(base) if n and base else float("nan")
+            lines.append(
+                f"| {show(group)} | {mean_std(base)} | {method} | {n} "
+                f"| {reporting.format_value(cut)} "
+                f"| {mean_std(d['global_final'], sign='+')} | {show_interval(d['global_final'])} "
+                f"| {mean_std(d['global_best'], sign='+')} | {show_interval(d['global_best'])} |"
             )
     return lines
 
 
 def ordering_table(runs: list[Run], groups, group_axis: str) -> list[str]:
     lines = [
-        f"| {group_axis} | by rho_rel, lowest first | by global final, highest first "
+        f"| {axis_name(group_axis)} | by rho_rel, lowest first | by global final, highest first "
         "| Spearman over method means | Spearman over runs |",
         "|" + "---|" * 5,
     ]
@@ -155,7 +211,7 @@ def ordering_table(runs: list[Run], groups, group_axis: str) -> list[str]:
             [r.stats["rho_rel"] for r in mine], [r.stats["global_final"] for r in mine]
         )
         lines.append(
-            f"| {group} | {', '.join(sorted(rho, key=rho.get))} "
+            f"| {show(group)} | {', '.join(sorted(rho, key=rho.get))} "
             f"| {', '.join(sorted(acc, key=lambda m: -acc[m]))} "
             f"| {reporting.format_value(over_means)} "
             f"| {reporting.format_value(over_runs)} |"
