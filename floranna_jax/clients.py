@@ -291,7 +291,9 @@ def _sharded(mapped: Callable, mesh: Mesh, stacked: tuple[str, ...] = ()) -> Cal
         rows += [_pad_clients(step_mask, pad, True), _pad_clients(keys, pad, False)]
         base = jax.lax.with_sharding_constraint(base, fsdp.base_shardings(base, mesh, stacked))
         rows = jax.lax.with_sharding_constraint(rows, data)
-        out = jax.lax.with_sharding_constraint(mapped(base, *rows), data)
+        with fsdp.tracing(mesh):  # a model axis: gather the base one layer at a time
+            out = mapped(base, *rows)
+        out = jax.lax.with_sharding_constraint(out, data)
         return jax.tree.map(lambda x: x[:U], out)
 
     return run
