@@ -38,6 +38,7 @@ gathers activations at every matmul, which grow with the rows and tokens of a st
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import jax
@@ -74,8 +75,22 @@ def base_shardings(base: PyTree, mesh: Mesh, stacked: tuple[str, ...] = ()) -> P
 
 
 def place(base: PyTree, mesh: Mesh, stacked: tuple[str, ...] = ()) -> PyTree:
-    """``base`` moved leaf by leaf into :func:`base_shardings`: each device keeps its slices."""
-    return jax.tree.map(jax.device_put, base, base_shardings(base, mesh, stacked))
+    """``base`` moved leaf by leaf into :func:`base_shardings`: each device keeps its slices.
+    Shape structs (an abstract base, what a plan compiles) get the sharding instead."""
+
+    def one(x, sharding):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(one, base, base_shardings(base, mesh, stacked))
+
+
+def device_bytes(x) -> int:
+    """Bytes of array or shape struct ``x`` on one device: its shard when it is split."""
+    sharding = getattr(x, "sharding", None)
+    shape = x.shape if sharding is None else sharding.shard_shape(x.shape)
+    return math.prod(shape) * jax.numpy.dtype(x.dtype).itemsize
 
 
 def tracing(mesh: Mesh):

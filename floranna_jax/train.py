@@ -170,7 +170,7 @@ def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
     method = server_.method
     exp = experiment.build(config, keys.model_key(seed), abstract)
     mesh = client_mesh(config)
-    if not abstract and mesh is not None and fsdp.MODEL_AXIS in mesh.axis_names:
+    if mesh is not None and fsdp.MODEL_AXIS in mesh.axis_names:
         base = fsdp.place(exp.model.base, mesh, STACKED)  # each device keeps its slices
         exp = exp._replace(model=exp.model._replace(base=base))
     c = config.client

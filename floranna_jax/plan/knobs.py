@@ -10,8 +10,10 @@ suggestion is a plan, not a guess.
 The knobs, cheapest first: ``model.remat=True`` (a client step keeps one layer's
 activations instead of all of them), ``model.base_dtype=bfloat16`` (half the frozen base,
 an argument of every program), ``train.clients_per_chunk=1`` (one client at a time),
-``client.micro_batch_size`` (the same optimizer step, its batch run in parts: a divisor of
-``client.batch_size``) and only then ``client.batch_size``, which changes the training.
+``train.model_shards`` (the base split over every device of the plan, which then runs
+all clients at once: ``train.clients_per_chunk=0``), ``client.micro_batch_size`` (the
+same optimizer step, its batch run in parts: a divisor of ``client.batch_size``) and only
+then ``client.batch_size``, which changes the training.
 Only fields the config has are ever suggested.
 """
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+
+import jax
 
 from floranna_jax import train
 from floranna_jax.plan import programs
@@ -44,7 +48,17 @@ def _client(name: str) -> bool:
 def _chunk(config, fig, capacity):
     t = config.train
     one_at_a_time = t.client_mode == "loop" or t.clients_per_chunk == 1
-    return None if one_at_a_time or t.clients_per_round == 1 else 1
+    split = t.get("model_shards", 1) > 1  # a split base runs all clients on its mesh
+    return None if one_at_a_time or split or t.clients_per_round == 1 else 1
+
+
+def _shards(config, fig, capacity):
+    """Every device of the plan splits the base (:mod:`floranna_jax.fsdp`); its runner
+    takes all clients at once (a chunked runner runs on one device)."""
+    n, t = jax.device_count(), config.train
+    if n == 1 or t.model_shards == n or t.client_mode == "loop":
+        return None
+    return {"train.model_shards": n, "train.clients_per_chunk": 0}
 
 
 def _micro(config, fig, capacity):
@@ -56,13 +70,15 @@ def _micro(config, fig, capacity):
     return max(d for d in range(1, scaled + 1) if c.batch_size % d == 0)
 
 
-# (applies to the program named?, field, (config, figures, capacity) -> value or None)
+# (applies to the program named?, field, (config, figures, capacity) -> value, None, or a
+# dict of fields and values when the field needs others changed with it)
 Knob = tuple[Callable[[str], bool], str, Callable[..., object]]
 KNOBS: list[Knob] = [
     (_client, "model.remat", lambda c, f, cap: None if c.model.remat else True),
     (lambda name: True, "model.base_dtype",
      lambda c, f, cap: "bfloat16" if c.model.base_dtype == "float32" else None),
     (_client, "train.clients_per_chunk", _chunk),
+    (lambda name: True, "train.model_shards", _shards),
     (_client, "client.micro_batch_size", _micro),
     (_client, "client.batch_size", lambda c, f, cap: _scaled(c.client.batch_size, f, cap)),
     (lambda name: name.startswith("server"), "train.clients_per_round",
@@ -77,12 +93,13 @@ def _has(config, field: str) -> bool:
     return section in config and name in config[section]
 
 
-def _proposal(config, fig: Figures, capacity: int) -> tuple[str, object] | None:
+def _proposal(config, fig: Figures, capacity: int) -> dict[str, object] | None:
+    """The first applicable knob's changes, ``{field: value}``, or None."""
     for applies, field, propose in KNOBS:
         if applies(fig.name) and _has(config, field):
             value = propose(config, fig, capacity)
             if value is not None:
-                return field, value
+                return value if isinstance(value, dict) else {field: value}
     return None
 
 
@@ -103,9 +120,9 @@ def suggest(config, index: int, fig: Figures, capacity: int) -> str:
         proposal = _proposal(config, fig, capacity)
         if proposal is None:
             break
-        field, value = proposal
-        section, name = field.split(".")
-        config[section][name] = changes[field] = value
+        for field, value in proposal.items():
+            section, name = field.split(".")
+            config[section][name] = changes[field] = value
         fig = replan(config, index)
         if fig.peak <= capacity:
             break

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floranna_jax import keys, packing, progress, rounds, server, train
+from floranna_jax import fsdp, keys, packing, progress, rounds, server, train
 from floranna_jax.tasks import Program
 
 MERGE = "merge into base"
@@ -39,7 +39,8 @@ class Programs(NamedTuple):
 
 
 def nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    """Bytes of ``tree`` on one device (a split base counts its shards)."""
+    return sum(fsdp.device_bytes(x) for x in jax.tree.leaves(tree))
 
 
 def held(run, round_: list[Program], evaluation: list[Program]) -> dict[str, int]:
