@@ -52,6 +52,7 @@ class LeafSpecTest(absltest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         self.assertLess(report["max_abs_diff"], 1e-5)
+        self.assertLess(report["chunked_max_abs_diff"], 1e-5)
         # Each device holds a quarter of the base: its argument bytes fall about 1/4 (the
         # adapters, optimizer states and batches, split over clients alike, stay the same).
         ratio = report["arg_bytes_split"] / report["arg_bytes_replicated"]
@@ -104,8 +105,12 @@ def main():
     config = smoke_config(**{"train.model_shards": MESH[1]})
     split = train.make_client_runner(config, update)[0]
     many = split(split_base, *args)
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-               zip(jax.tree.leaves(one), jax.tree.leaves(many), strict=True))  # fmt: skip
+    diff = max_diff(one, many)
+    # Clients one at a time (train.clients_per_chunk=1), each on the base split 4 ways.
+    chunk_config = smoke_config(**{"train.model_shards": MESH[1], "train.clients_per_chunk": 1})
+    chunked = train.make_client_runner(chunk_config, update)[0]
+    chunk_base = fsdp.place(base, train.client_mesh(chunk_config), stacked=("layers",))
+    chunked_diff = max_diff(one, chunked(chunk_base, *args))
     whole = clients.make_runner(update, mesh=clients.make_mesh(MESH[0]))
     compiled = [run.lower(b, *args).compile() for run, b in ((split, split_base), (whole, base))]
     memory = [c.memory_analysis() for c in compiled]
@@ -119,6 +124,7 @@ def main():
         json.dumps(
             {
                 "max_abs_diff": diff,
+                "chunked_max_abs_diff": chunked_diff,
                 "arg_bytes_split": memory[0].argument_size_in_bytes,
                 "arg_bytes_replicated": memory[1].argument_size_in_bytes,
                 "split_leaves": sum(s.spec != P() for s in jax.tree.leaves(shardings)),
@@ -132,6 +138,12 @@ def main():
             }
         )
     )
+
+
+def max_diff(a, b) -> float:
+    """The largest absolute difference between the leaves of two trees."""
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)
 
 
 def gathers(hlo: str, shapes: set[tuple[int, ...]]) -> int:
@@ -149,8 +161,7 @@ def round_diff() -> float:
         split = [not x.is_fully_replicated for x in jax.tree.leaves(run.exp.model.base)]
         assert any(split) == (shards > 1), "the run's base is split over the model axis"
         states.append(run.round_fn(run.state)[0])
-    leaves = [jax.tree.leaves(s.lora) for s in states]
-    return max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*leaves, strict=True))
+    return max_diff(states[0].lora, states[1].lora)
 
 
 if __name__ == "__main__":

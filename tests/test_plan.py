@@ -204,7 +204,7 @@ def test_knobs_try_remat_dtype_and_micro_batches_before_the_batch():
         proposal = knobs._proposal(config, fig, capacity)
         seen.append(proposal)
         section, name = field.split(".")
-        config[section][name] = proposal[field]
-    assert seen == [{"model.remat": True}, {"model.base_dtype": "bfloat16"},
-                    {"client.micro_batch_size": 5}]  # fmt: skip
-    assert knobs._proposal(config, fig, capacity) == {"client.micro_batch_size": 2}
+        config[section][name] = proposal[1]
+    assert seen == [("model.remat", True), ("model.base_dtype", "bfloat16"),
+                    ("client.micro_batch_size", 5)]  # fmt: skip
+    assert knobs._proposal(config, fig, capacity) == ("client.micro_batch_size", 2)

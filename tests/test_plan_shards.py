@@ -38,7 +38,7 @@ class PlanShardsTest(absltest.TestCase):
         self.assertLess(report["split_peak"], report["whole_peak"])
         # On a device between the two peaks, the one knob that fits is the split, planned.
         self.assertTrue(report["suggestion"].startswith(
-            f"try train.model_shards={DEVICES} train.clients_per_chunk=0 (peak then "),
+            f"try train.model_shards={DEVICES} (peak then "),
             report["suggestion"])  # fmt: skip
         self.assertNotIn("still over", report["suggestion"])
 
@@ -68,7 +68,7 @@ def main():
             "data.tokenizer": "bytes", "train.clients_per_chunk": 1, **overrides})  # fmt: skip
         return report.for_device(c, h100)
 
-    split_config = config(**{"train.model_shards": DEVICES, "train.clients_per_chunk": 0})
+    split_config = config(**{"train.model_shards": DEVICES})
     with shared_compilation():
         split = report.make(split_config, h100, DEVICES)
         whole_config = config()

@@ -10,8 +10,8 @@ suggestion is a plan, not a guess.
 The knobs, cheapest first: ``model.remat=True`` (a client step keeps one layer's
 activations instead of all of them), ``model.base_dtype=bfloat16`` (half the frozen base,
 an argument of every program), ``train.clients_per_chunk=1`` (one client at a time),
-``train.model_shards`` (the base split over every device of the plan, which then runs
-all clients at once: ``train.clients_per_chunk=0``), ``client.micro_batch_size`` (the
+``train.model_shards`` (the base split over every device of the plan),
+``client.micro_batch_size`` (the
 same optimizer step, its batch run in parts: a divisor of ``client.batch_size``) and only
 then ``client.batch_size``, which changes the training.
 Only fields the config has are ever suggested.
@@ -48,17 +48,16 @@ def _client(name: str) -> bool:
 def _chunk(config, fig, capacity):
     t = config.train
     one_at_a_time = t.client_mode == "loop" or t.clients_per_chunk == 1
-    split = t.get("model_shards", 1) > 1  # a split base runs all clients on its mesh
-    return None if one_at_a_time or split or t.clients_per_round == 1 else 1
+    return None if one_at_a_time or t.clients_per_round == 1 else 1
 
 
 def _shards(config, fig, capacity):
-    """Every device of the plan splits the base (:mod:`floranna_jax.fsdp`); its runner
-    takes all clients at once (a chunked runner runs on one device)."""
+    """Every device of the plan splits the base (:mod:`floranna_jax.fsdp`); clients sharded
+    over devices (``train.shard_clients``) leave none to split it."""
     n, t = jax.device_count(), config.train
-    if n == 1 or t.model_shards == n or t.client_mode == "loop":
+    if n == 1 or t.model_shards == n or t.client_mode == "loop" or t.shard_clients:
         return None
-    return {"train.model_shards": n, "train.clients_per_chunk": 0}
+    return n
 
 
 def _micro(config, fig, capacity):
@@ -70,8 +69,7 @@ def _micro(config, fig, capacity):
     return max(d for d in range(1, scaled + 1) if c.batch_size % d == 0)
 
 
-# (applies to the program named?, field, (config, figures, capacity) -> value, None, or a
-# dict of fields and values when the field needs others changed with it)
+# (applies to the program named?, field, (config, figures, capacity) -> value or None)
 Knob = tuple[Callable[[str], bool], str, Callable[..., object]]
 KNOBS: list[Knob] = [
     (_client, "model.remat", lambda c, f, cap: None if c.model.remat else True),
@@ -93,13 +91,12 @@ def _has(config, field: str) -> bool:
     return section in config and name in config[section]
 
 
-def _proposal(config, fig: Figures, capacity: int) -> dict[str, object] | None:
-    """The first applicable knob's changes, ``{field: value}``, or None."""
+def _proposal(config, fig: Figures, capacity: int) -> tuple[str, object] | None:
     for applies, field, propose in KNOBS:
         if applies(fig.name) and _has(config, field):
             value = propose(config, fig, capacity)
             if value is not None:
-                return value if isinstance(value, dict) else {field: value}
+                return field, value
     return None
 
 
@@ -120,9 +117,9 @@ def suggest(config, index: int, fig: Figures, capacity: int) -> str:
         proposal = _proposal(config, fig, capacity)
         if proposal is None:
             break
-        for field, value in proposal.items():
-            section, name = field.split(".")
-            config[section][name] = changes[field] = value
+        field, value = proposal
+        section, name = field.split(".")
+        config[section][name] = changes[field] = value
         fig = replan(config, index)
         if fig.peak <= capacity:
             break

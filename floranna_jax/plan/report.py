@@ -111,8 +111,8 @@ def make(config, device: Device, count: int = 1) -> Report:
     config = for_device(config, device)
     run = train.build(config, abstract=True)
     progs = programs_lib.programs(config, run)
-    sharded = config.train.shard_clients or config.train.get("model_shards", 1) > 1
-    used = jax.device_count() if sharded and jax.device_count() > 1 else 1
+    mesh = train.client_mesh(config)
+    used = 1 if mesh is None else mesh.devices.size
     round_figs = [measure(p, progs.held[p.name]) for p in progs.round]
     eval_figs = [measure(p, progs.held[p.name]) for p in progs.evaluation]
     per_round = sum(f.flops * f.calls for f in round_figs)
