@@ -1,6 +1,7 @@
 """Per-device memory of a client step with the base split over devices, three ways.
 
-    python -m benchmarks.fsdp [--layers 4 8] [--hidden 128] [--rows 4] [--tokens 16]
+    python -m benchmarks.fsdp [--layers 4 8] [--hidden 128] [--rows 4] [--tokens 16] \
+        [--out bench_out/fsdp.json]
 
 On 8 CPU devices (``jax_num_cpu_devices``; a 2 x 4 ``("clients", "model")`` mesh) it
 compiles ahead of time the vmapped local update of 4 clients (2 SGD steps each, a random
@@ -16,12 +17,15 @@ temporaries) of:
   layer gathered whole inside the layer scan, the rows of a client split over the model
   axis.
 
-One layer's kernels, in bytes, are printed beside them. Asserts nothing.
+One layer's kernels, in bytes, are printed beside them; all of it, with the machine, is
+written as JSON to ``--out``. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -97,10 +101,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--rows", type=int, default=4, help="rows per client step")
     parser.add_argument("--tokens", type=int, default=16, help="tokens per row")
+    parser.add_argument("--out", default="bench_out/fsdp.json")
     a = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", MESH[0] * MESH[1])
-    print(machine.describe())
-    report = {}
+    report = {"machine": machine.describe(), "args": vars(a)}
+    print(report["machine"])
     for layers in a.layers:
         report[layers] = r = measure(a, layers)
         layer = r["layer_bytes"] / 1e6
@@ -110,6 +115,9 @@ def main(argv=None) -> dict:
             f = r[name]
             print(f"  {name:12}  arguments {f['arguments'] / 1e6:6.2f} MB  temporaries "
                   f"{f['temporaries'] / 1e6:6.2f} MB  peak {f['peak'] / 1e6:6.2f} MB")  # fmt: skip
+    path = pathlib.Path(a.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
     return report
 
 
