@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -61,17 +62,26 @@ def leaf_spec(shape: tuple[int, ...], shards: int, skip_first: bool) -> P:
     return P(*(MODEL_AXIS if i == best else None for i in range(len(shape))))
 
 
-def base_shardings(base: PyTree, mesh: Mesh, stacked: tuple[str, ...] = ()) -> PyTree:
-    """A :class:`NamedSharding` per leaf of ``base`` (arrays or shape structs): split over
-    ``mesh``'s ``"model"`` axis by :func:`leaf_spec`, replicated over the rest; leaves under
-    the top-level keys in ``stacked`` keep their leading layer axis whole."""
+def sharding_of(mesh: Mesh, stacked: tuple[str, ...] = ()) -> Callable[..., NamedSharding]:
+    """``(path, shape) -> NamedSharding`` of one base leaf, ``path`` its keys from the top:
+    split over ``mesh``'s ``"model"`` axis by :func:`leaf_spec`, replicated over the rest;
+    leaves under the top-level keys in ``stacked`` keep their leading layer axis whole.
+    What a checkpoint loads into, tensor by tensor (``models.load_pretrained``)."""
     shards = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)).get(MODEL_AXIS, 1)
 
-    def one(path, leaf):
-        top = getattr(path[0], "key", None) if path else None
-        return NamedSharding(mesh, leaf_spec(tuple(leaf.shape), shards, top in stacked))
+    def one(path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
+        top = path[0] if path else None
+        return NamedSharding(mesh, leaf_spec(tuple(shape), shards, top in stacked))
 
-    return jax.tree_util.tree_map_with_path(one, base)
+    return one
+
+
+def base_shardings(base: PyTree, mesh: Mesh, stacked: tuple[str, ...] = ()) -> PyTree:
+    """:func:`sharding_of` for every leaf of ``base`` (arrays or shape structs)."""
+    of = sharding_of(mesh, stacked)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: of(tuple(getattr(k, "key", None) for k in path), leaf.shape), base
+    )
 
 
 def place(base: PyTree, mesh: Mesh, stacked: tuple[str, ...] = ()) -> PyTree:

@@ -171,9 +171,12 @@ def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
     seed = config.train.seed
     server_ = server.serve(privacy.wrap(config, server.make(config.server.name, **hparams)))
     method = server_.method
-    exp = experiment.build(config, keys.model_key(seed), abstract)
     mesh = client_mesh(config)
-    if mesh is not None and fsdp.MODEL_AXIS in mesh.axis_names:
+    split = mesh is not None and fsdp.MODEL_AXIS in mesh.axis_names
+    # A split base loads straight into its shards; a random or quantized one is placed.
+    exp = experiment.build(config, keys.model_key(seed), abstract,
+                           fsdp.sharding_of(mesh, STACKED) if split else None)  # fmt: skip
+    if split:
         base = fsdp.place(exp.model.base, mesh, STACKED)  # each device keeps its slices
         exp = exp._replace(model=exp.model._replace(base=base))
     c = config.client

@@ -8,6 +8,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,10 @@ class LeafSpecTest(absltest.TestCase):
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         self.assertLess(report["max_abs_diff"], 1e-5)
         self.assertLess(report["chunked_max_abs_diff"], 1e-5)
+        # A checkpoint loads straight into the split: each leaf in its shards, values exact.
+        self.assertTrue(report["loaded_shardings_match"], report)
+        self.assertGreater(report["loaded_split_leaves"], 0)
+        self.assertEqual(report["loaded_max_abs_diff"], 0.0)
         # Each device holds a quarter of the base: its argument bytes fall about 1/4 (the
         # adapters, optimizer states and batches, split over clients alike, stay the same).
         ratio = report["arg_bytes_split"] / report["arg_bytes_replicated"]
@@ -71,13 +76,20 @@ class LeafSpecTest(absltest.TestCase):
         self.assertLess(report["temp_bytes_8_layers"], 3 * layer)
 
 
+LORA = models.LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+
+
+def llama(layers: int) -> dict:
+    """A tiny LLaMA config: ``layers`` layers, hidden 128."""
+    return dict(models.tiny_config("llama"), hidden_size=128, intermediate_size=256,
+                num_hidden_layers=layers, initializer_range=0.1)  # fmt: skip
+
+
 def problem(U: int = 4, S: int = 2, layers: int = 4, remat: bool = True):
     """A tiny random LLaMA (``layers`` layers, hidden 128) and ``U`` clients of ``S`` SGD
     steps; ``remat`` as ``model.remat``."""
-    config = dict(models.tiny_config("llama"), hidden_size=128, intermediate_size=256,
-                  num_hidden_layers=layers, initializer_range=0.1)  # fmt: skip
-    lora = models.LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
-    model = models.build_random(config, lora=lora, key=jax.random.key(0), remat=remat)
+    config = llama(layers)
+    model = models.build_random(config, lora=LORA, key=jax.random.key(0), remat=remat)
     rng = np.random.default_rng(0)
     b, L = 4, 16
     ids = rng.integers(3, config["vocab_size"], (U, S, b, L)).astype(np.int32)
@@ -135,9 +147,27 @@ def main():
                 "temp_bytes": memory[0].temp_size_in_bytes,
                 "temp_bytes_8_layers": deeper_memory.temp_size_in_bytes,
                 "layer_bytes": sum(x[0].nbytes for x in jax.tree.leaves(base["layers"])),
+                **loaded_into_shards(split_mesh),
             }
         )
     )
+
+
+def loaded_into_shards(mesh) -> dict:
+    """A saved tiny LLaMA loaded with ``fsdp.sharding_of``: whether every leaf came back
+    with its split sharding and its saved values."""
+    model = models.build_random(llama(2), lora=LORA, key=jax.random.key(1))
+    with tempfile.TemporaryDirectory() as folder:
+        models.save_pretrained(model, folder)
+        loaded = models.load_pretrained(folder, lora=LORA,
+                                        sharding=fsdp.sharding_of(mesh, ("layers",)))  # fmt: skip
+    want = fsdp.base_shardings(model.base, mesh, ("layers",))
+    leaves = jax.tree.leaves(loaded.base)
+    same = [x.sharding.is_equivalent_to(w, x.ndim)
+            for x, w in zip(leaves, jax.tree.leaves(want), strict=True)]  # fmt: skip
+    return {"loaded_shardings_match": all(same),
+            "loaded_split_leaves": sum(not x.is_fully_replicated for x in leaves),
+            "loaded_max_abs_diff": max_diff(loaded.base, model.base)}  # fmt: skip
 
 
 def max_diff(a, b) -> float:

@@ -234,7 +234,7 @@ def load_pretrained(
     *,
     load_head: bool = True,
     base_dtype=jnp.float32,
-    sharding: jax.sharding.Sharding | None = None,
+    sharding=None,
     **options,
 ) -> Model:
     """A model whose base comes from a Hugging Face folder (or hub id, when online).
@@ -242,7 +242,8 @@ def load_pretrained(
     Checkpoint and model must agree exactly (see :mod:`loading`); the task head is read
     when the checkpoint has one of the right size and ``load_head``, else fresh (logged).
     The base is read tensor by tensor in ``base_dtype`` straight onto ``sharding``'s
-    devices (default: the first device), never whole on the host.
+    devices (default: the first device; or per leaf, ``(path, shape) -> Sharding``, such
+    as ``fsdp.sharding_of``: each device gets its shards), never whole on the host.
     ``options``: the family's own keyword arguments (see :func:`architecture`).
     """
     folder = loading.resolve_folder(path_or_hub_id)
