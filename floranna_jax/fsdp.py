@@ -15,6 +15,9 @@ FSDP does. The gathered layer is never kept for the backward pass: the layer is
 recomputed, gathering it again, whether or not ``model.remat`` is set (see
 ``models/decoder/modules.run_layers``). Encoders have no layer scan: their split base is
 left to XLA's partitioner. So are the evaluation programs, which run outside the runner.
+Clients run in chunks (``train.clients_per_chunk > 0``) on a mesh of ``m`` devices whose
+clients axis is 1 (``train.client_mesh``). A checkpoint loads straight into the split
+(:func:`sharding_of`, ``models.load_pretrained(sharding=...)``), tensor by tensor.
 
 Measured on 8 CPU devices (2 x 4 mesh), one vmapped client step of 4 clients, a random
 LLaMA 128 wide, remat on (``python -m benchmarks.fsdp``), per device, in MB:

@@ -82,8 +82,9 @@ def _header(config, run, progs, device: Device, count: int, used: int) -> list[s
     ]
     shards = config.train.get("model_shards", 1)
     if shards > 1:
-        lines.append(f"base split over {shards} devices (train.model_shards), gathered one "
-                     "layer at a time: arguments and held bytes are one device's")  # fmt: skip
+        lines.append(f"base split over {shards} devices (train.model_shards; a decoder's "
+                     "gathered one layer at a time): arguments and held bytes are one "
+                     "device's")  # fmt: skip
     if used < count:
         lines.append(f"note: the run trains on {used} of the {count} devices: clients are "
                      "sharded over devices only with train.shard_clients=True and "
