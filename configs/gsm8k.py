@@ -134,7 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         clients_per_round=10,  # clients sampled per round (U)
         client_mode="vmap",  # how clients run: "vmap" (stacked) or "loop"
         shard_clients=False,  # shard the client axis over devices when more than one
-        model_shards=1,  # >1: split the frozen base over that many devices (fsdp.py)
+        model_shards=1,  # >1: the frozen base split over that many devices, FSDP (fsdp.py)
         clients_per_chunk=1,  # vmap: clients trained at once (0 = all); a 7B client is big
     )
     c.dist = distributed.section()  # processes of the run: one, or a pod / cluster (BUILD.md)

@@ -291,7 +291,9 @@ def _sharded(mapped: Callable, mesh: Mesh, stacked: tuple[str, ...] = ()) -> Cal
         rows += [_pad_clients(step_mask, pad, True), _pad_clients(keys, pad, False)]
         base = jax.lax.with_sharding_constraint(base, fsdp.base_shardings(base, mesh, stacked))
         rows = jax.lax.with_sharding_constraint(rows, data)
-        out = jax.lax.with_sharding_constraint(mapped(base, *rows), data)
+        with fsdp.tracing(mesh):  # a model axis: gather the base one layer at a time
+            out = mapped(base, *rows)
+        out = jax.lax.with_sharding_constraint(out, data)
         return jax.tree.map(lambda x: x[:U], out)
 
     return run
@@ -333,15 +335,18 @@ def _from_processes(mapped: Callable, mesh: Mesh) -> Callable:
     return runner
 
 
-def check_runner(mode: str, chunk: int, sharded: bool) -> None:
-    """Raise :class:`BadValue` for an unknown mode, a bad chunk, or a one-device runner
-    (``"loop"``, ``chunk > 0``) asked to shard."""
+def check_runner(mode: str, chunk: int, sharded: bool, split: bool = False) -> None:
+    """Raise :class:`BadValue` for an unknown mode, a bad chunk, a runner that takes its
+    clients one after another (``"loop"``, ``chunk > 0``) asked to spread them over devices
+    (``sharded``), or a ``"loop"`` runner asked to split the base (``split``)."""
     if mode not in MODES:
         raise BadValue("mode", f"unknown {mode!r}; valid: {', '.join(MODES)}")
     if isinstance(chunk, bool) or not (isinstance(chunk, int) and chunk >= 0):
         raise BadValue("chunk", f"must be an int >= 0 (0: all clients at once), got {chunk!r}")
     if sharded and (mode == "loop" or chunk):
         raise BadValue("chunk", "loop and chunked runners use one device; use 0 to shard clients")
+    if split and mode == "loop":
+        raise BadValue("mode", "a split base runs vmapped clients; use vmap")
 
 
 def make_runner(
@@ -362,14 +367,18 @@ def make_runner(
     ``chunk`` clients at a time when ``chunk > 0``) and ``"loop"`` (one jitted client call
     after another, single device). With a multi-process ``mesh`` the stacked inputs are this
     process's rows (:func:`local_rows`) and the outputs all rows, on every process. A
-    mesh with a ``"model"`` axis (single process) splits the base over it; ``stacked``
-    names the base's top-level subtrees whose leading axis is the layer scan's.
+    mesh with a ``"model"`` axis (single process) splits the base over it, and may run
+    ``chunk`` clients at a time if its clients axis is 1; ``stacked`` names the base's
+    top-level subtrees whose leading axis is the layer scan's.
     """
-    check_runner(mode, chunk, sharded=mesh is not None)
+    split = mesh is not None and fsdp.MODEL_AXIS in mesh.axis_names
+    spread = mesh is not None and mesh.shape[CLIENTS_AXIS] > 1
+    check_runner(mode, chunk, sharded=spread or (mesh is not None and not split), split=split)
     if mode == "loop":
         return _loop_runner(jax.jit(local_update))
-    if chunk:
-        return jax.jit(_chunked(local_update, chunk))
+    if chunk:  # with a split base: on a mesh whose clients axis is 1, chunk after chunk
+        chunked = _chunked(local_update, chunk)
+        return jax.jit(_sharded(chunked, mesh, stacked) if split else chunked)
     mapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0, 0))
     if mesh is not None and mesh.is_multi_process:
         if fsdp.MODEL_AXIS in mesh.axis_names:

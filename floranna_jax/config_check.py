@@ -224,7 +224,7 @@ def validate(config) -> dict[str, Any]:
             _fail("train.model_shards", "a split base runs in one process only; use 1")
     split = t.get("model_shards", 1) > 1
     _owned("train", lambda: clients.check_runner(t.client_mode, t.clients_per_chunk,
-                                                 t.shard_clients or several or split),
+                                                 t.shard_clients or several, split),
            {"mode": "client_mode", "chunk": "clients_per_chunk"})  # fmt: skip
     _int(config, "ckpt.every_rounds", 0)
     _int(config, "ckpt.keep")

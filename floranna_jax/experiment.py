@@ -39,12 +39,14 @@ def lora_spec(config) -> models.LoraSpec:
     )
 
 
-def build_model(config, num_labels: int, key: jax.Array, abstract: bool = False) -> Any:
+def build_model(config, num_labels: int, key: jax.Array, abstract: bool = False,
+                sharding=None) -> Any:  # fmt: skip
     """The model with fresh adapters and head, or those of ``lora.init_from``; pretrained
     from model.path or tiny random, its base in ``model.base_dtype``. ``model.remat``
     (decoder configs only) reaches the decoder family. ``abstract``: the base as shapes
     only (``models.build_abstract``), read from the folder's config.json alone: no weight is
-    read or made."""
+    read or made. ``sharding``: where a pretrained base loads, tensor by tensor
+    (``models.load_pretrained``)."""
     kwargs = dict(
         num_labels=num_labels, lora=lora_spec(config), key=key,
         compute_dtype=jnp.dtype(config.model.compute_dtype),
@@ -56,7 +58,7 @@ def build_model(config, num_labels: int, key: jax.Array, abstract: bool = False)
         build = models.build_abstract if abstract else models.build_random
         model = build(models.tiny_config(config.model.model_type), **kwargs)
     else:
-        model = _load_pretrained(config, kwargs, abstract)
+        model = _load_pretrained(config, kwargs, abstract, sharding)
     if config.model.get("quantize"):
         model = _quantize(config, model, abstract)
     if config.lora.get("init_from"):
@@ -85,13 +87,14 @@ def _init_from(config, model, num_labels: int):
     return model._replace(trainable=trainable)
 
 
-def _load_pretrained(config, kwargs: dict, abstract: bool = False):
+def _load_pretrained(config, kwargs: dict, abstract: bool = False, sharding=None):
     try:
         if abstract:
             path = os.path.expanduser(config.model.path)
             folder = models.loading.resolve_folder(path, weights=False)
             return models.build_abstract(models.loading.read_config(folder), **kwargs)
-        return models.load_pretrained(os.path.expanduser(config.model.path), **kwargs)
+        path = os.path.expanduser(config.model.path)
+        return models.load_pretrained(path, sharding=sharding, **kwargs)
     except BadValue as e:  # the checkpoint's family does not know a LoRA setting
         raise ConfigError(f"config field lora.{e.param}: {e.message}") from e
     except ValueError as e:  # e.g. an unsupported model_type or a checkpoint mismatch
@@ -133,9 +136,10 @@ def load_data(config) -> tuple[tasks.Task, dict, dict, partition.Partition]:
     return task, train, validation, part
 
 
-def build(config, key: jax.Array, abstract: bool = False) -> Experiment:
+def build(config, key: jax.Array, abstract: bool = False, sharding=None) -> Experiment:
     """Data first (cheap to fail), then the partition, then the model (``key`` inits it;
-    ``abstract``: its base as shapes only, see :func:`build_model`)."""
+    ``abstract``: its base as shapes only; ``sharding``: where a pretrained base loads; see
+    :func:`build_model`)."""
     task, train, validation, part = load_data(config)
-    model = build_model(config, task.num_labels, key, abstract)
+    model = build_model(config, task.num_labels, key, abstract, sharding)
     return Experiment(task, model, train, validation, part)

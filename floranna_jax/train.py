@@ -97,7 +97,8 @@ def make_client_runner(config, local_update, one_client: bool = False):
 
 def client_mesh(config):
     """The mesh the clients run on (``clients.make_mesh``), None for one device: with
-    ``train.model_shards > 1`` its model axis splits the base (:mod:`floranna_jax.fsdp`)."""
+    ``train.model_shards > 1`` its model axis splits the base (:mod:`floranna_jax.fsdp`),
+    over the first ``model_shards`` devices alone when clients run in chunks."""
     t = config.train
     # Several processes always shard: each feeds its own clients to the global mesh.
     multi = jax.process_count() > 1
@@ -106,6 +107,8 @@ def client_mesh(config):
         config_check.check_devices(config)
     if not (multi or ((t.shard_clients or split) and jax.device_count() > 1)):
         return None
+    if split and t.clients_per_chunk:  # chunks one after another on one split base
+        return clients.make_mesh(t.model_shards, model_shards=t.model_shards)
     return clients.make_mesh(model_shards=t.model_shards if split else 1)
 
 
@@ -168,9 +171,12 @@ def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
     seed = config.train.seed
     server_ = server.serve(privacy.wrap(config, server.make(config.server.name, **hparams)))
     method = server_.method
-    exp = experiment.build(config, keys.model_key(seed), abstract)
     mesh = client_mesh(config)
-    if not abstract and mesh is not None and fsdp.MODEL_AXIS in mesh.axis_names:
+    split = mesh is not None and fsdp.MODEL_AXIS in mesh.axis_names
+    # A split base loads straight into its shards; a random or quantized one is placed.
+    exp = experiment.build(config, keys.model_key(seed), abstract,
+                           fsdp.sharding_of(mesh, STACKED) if split else None)  # fmt: skip
+    if split:
         base = fsdp.place(exp.model.base, mesh, STACKED)  # each device keeps its slices
         exp = exp._replace(model=exp.model._replace(base=base))
     c = config.client

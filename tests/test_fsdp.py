@@ -8,6 +8,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -52,24 +53,43 @@ class LeafSpecTest(absltest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         self.assertLess(report["max_abs_diff"], 1e-5)
+        self.assertLess(report["chunked_max_abs_diff"], 1e-5)
+        # A checkpoint loads straight into the split: each leaf in its shards, values exact.
+        self.assertTrue(report["loaded_shardings_match"], report)
+        self.assertGreater(report["loaded_split_leaves"], 0)
+        self.assertEqual(report["loaded_max_abs_diff"], 0.0)
         # Each device holds a quarter of the base: its argument bytes fall about 1/4 (the
         # adapters, optimizer states and batches, split over clients alike, stay the same).
         ratio = report["arg_bytes_split"] / report["arg_bytes_replicated"]
         self.assertLess(ratio, 0.35, report)
         self.assertGreater(report["split_leaves"], 0)
         self.assertLess(report["round_max_abs_diff"], 1e-5)
-        # XLA splits the matmuls with the kernels (it gathers activations): no device ever
-        # gathers a whole kernel, not even one layer's.
-        self.assertGreater(report["all_gathers"], 0)
-        self.assertEqual(report["base_gathers"], 0)
+        # FSDP: each stacked kernel is gathered one layer at a time, in the forward pass and
+        # again in the recomputation of the backward pass; none is gathered whole.
+        self.assertEqual(report["stack_gathers"], 0)
+        self.assertEqual(report["layer_gathers"], 2 * report["stacked_kernels"])
+        # Temporaries stay about one layer: 4 more layers add far less than one layer (each
+        # layer's input is kept, its gathered kernels are not), and 8 layers hold under 3
+        # layers' worth where the whole base is nearly 9.
+        layer = report["layer_bytes"]
+        self.assertLess(report["temp_bytes_8_layers"] - report["temp_bytes"], layer)
+        self.assertLess(report["temp_bytes_8_layers"], 3 * layer)
 
 
-def problem(U: int = 4, S: int = 2):
-    """A tiny random LLaMA (4 layers, hidden 128) and ``U`` clients of ``S`` SGD steps."""
-    config = dict(models.tiny_config("llama"), hidden_size=128, intermediate_size=256,
-                  num_hidden_layers=4, initializer_range=0.1)  # fmt: skip
-    lora = models.LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
-    model = models.build_random(config, lora=lora, key=jax.random.key(0))
+LORA = models.LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+
+
+def llama(layers: int) -> dict:
+    """A tiny LLaMA config: ``layers`` layers, hidden 128."""
+    return dict(models.tiny_config("llama"), hidden_size=128, intermediate_size=256,
+                num_hidden_layers=layers, initializer_range=0.1)  # fmt: skip
+
+
+def problem(U: int = 4, S: int = 2, layers: int = 4, remat: bool = True):
+    """A tiny random LLaMA (``layers`` layers, hidden 128) and ``U`` clients of ``S`` SGD
+    steps; ``remat`` as ``model.remat``."""
+    config = llama(layers)
+    model = models.build_random(config, lora=LORA, key=jax.random.key(0), remat=remat)
     rng = np.random.default_rng(0)
     b, L = 4, 16
     ids = rng.integers(3, config["vocab_size"], (U, S, b, L)).astype(np.int32)
@@ -97,32 +117,67 @@ def main():
     config = smoke_config(**{"train.model_shards": MESH[1]})
     split = train.make_client_runner(config, update)[0]
     many = split(split_base, *args)
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-               zip(jax.tree.leaves(one), jax.tree.leaves(many), strict=True))  # fmt: skip
+    diff = max_diff(one, many)
+    # Clients one at a time (train.clients_per_chunk=1), each on the base split 4 ways.
+    chunk_config = smoke_config(**{"train.model_shards": MESH[1], "train.clients_per_chunk": 1})
+    chunked = train.make_client_runner(chunk_config, update)[0]
+    chunk_base = fsdp.place(base, train.client_mesh(chunk_config), stacked=("layers",))
+    chunked_diff = max_diff(one, chunked(chunk_base, *args))
     whole = clients.make_runner(update, mesh=clients.make_mesh(MESH[0]))
     compiled = [run.lower(b, *args).compile() for run, b in ((split, split_base), (whole, base))]
-    arg_bytes = [c.memory_analysis().argument_size_in_bytes for c in compiled]
-    split_leaves = sum(s.spec != P() for s in jax.tree.leaves(shardings))
+    memory = [c.memory_analysis() for c in compiled]
+    deeper, deeper_update, deeper_args = problem(layers=8)
+    deeper_split = train.make_client_runner(config, deeper_update)[0]
+    deeper_base = fsdp.place(deeper, split_mesh, stacked=("layers",))
+    deeper_memory = deeper_split.lower(deeper_base, *deeper_args).compile().memory_analysis()
+    hlo = compiled[0].as_text()
+    kernels = [x for x in jax.tree.leaves(base["layers"]) if x.ndim == 3]  # [N, d_in, d_out]
     print(
         json.dumps(
             {
                 "max_abs_diff": diff,
-                "arg_bytes_split": arg_bytes[0],
-                "arg_bytes_replicated": arg_bytes[1],
-                "split_leaves": split_leaves,
+                "chunked_max_abs_diff": chunked_diff,
+                "arg_bytes_split": memory[0].argument_size_in_bytes,
+                "arg_bytes_replicated": memory[1].argument_size_in_bytes,
+                "split_leaves": sum(s.spec != P() for s in jax.tree.leaves(shardings)),
                 "round_max_abs_diff": round_diff(),
-                "base_gathers": base_gathers(compiled[0].as_text(), base),
-                "all_gathers": compiled[0].as_text().count(" all-gather("),
+                "stack_gathers": gathers(hlo, {x.shape for x in kernels}),
+                "layer_gathers": gathers(hlo, {x.shape[1:] for x in kernels}),
+                "stacked_kernels": len(kernels),
+                "temp_bytes": memory[0].temp_size_in_bytes,
+                "temp_bytes_8_layers": deeper_memory.temp_size_in_bytes,
+                "layer_bytes": sum(x[0].nbytes for x in jax.tree.leaves(base["layers"])),
+                **loaded_into_shards(split_mesh),
             }
         )
     )
 
 
-def base_gathers(hlo: str, base) -> int:
-    """All-gathers in the compiled ``hlo`` whose result is a whole base leaf or one layer of
-    a stacked leaf: none means no device ever holds a whole kernel."""
-    shapes = {tuple(x.shape) for x in jax.tree.leaves(base)}
-    shapes |= {tuple(x.shape[1:]) for x in jax.tree.leaves(base["layers"])}
+def loaded_into_shards(mesh) -> dict:
+    """A saved tiny LLaMA loaded with ``fsdp.sharding_of``: whether every leaf came back
+    with its split sharding and its saved values."""
+    model = models.build_random(llama(2), lora=LORA, key=jax.random.key(1))
+    with tempfile.TemporaryDirectory() as folder:
+        models.save_pretrained(model, folder)
+        loaded = models.load_pretrained(folder, lora=LORA,
+                                        sharding=fsdp.sharding_of(mesh, ("layers",)))  # fmt: skip
+    want = fsdp.base_shardings(model.base, mesh, ("layers",))
+    leaves = jax.tree.leaves(loaded.base)
+    same = [x.sharding.is_equivalent_to(w, x.ndim)
+            for x, w in zip(leaves, jax.tree.leaves(want), strict=True)]  # fmt: skip
+    return {"loaded_shardings_match": all(same),
+            "loaded_split_leaves": sum(not x.is_fully_replicated for x in leaves),
+            "loaded_max_abs_diff": max_diff(loaded.base, model.base)}  # fmt: skip
+
+
+def max_diff(a, b) -> float:
+    """The largest absolute difference between the leaves of two trees."""
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)
+
+
+def gathers(hlo: str, shapes: set[tuple[int, ...]]) -> int:
+    """All-gathers in the compiled ``hlo`` whose result has one of ``shapes``."""
     found = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo)
     return sum(tuple(int(n) for n in f.split(",") if n) in shapes for f in found)
 
@@ -136,8 +191,7 @@ def round_diff() -> float:
         split = [not x.is_fully_replicated for x in jax.tree.leaves(run.exp.model.base)]
         assert any(split) == (shards > 1), "the run's base is split over the model axis"
         states.append(run.round_fn(run.state)[0])
-    leaves = [jax.tree.leaves(s.lora) for s in states]
-    return max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*leaves, strict=True))
+    return max_diff(states[0].lora, states[1].lora)
 
 
 if __name__ == "__main__":

@@ -147,22 +147,33 @@ def _write_layer(stacked: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Arra
     return stacked.at[i].set(layer)
 
 
+def _one_layer(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer of a stacked leaf placed on ``sharding``."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+            *sharding.spec[1:]))  # fmt: skip
+    return sharding
+
+
 def read_leaves(index: dict, canon: dict, names: dict, dtype, sharding) -> Params:
     """The leaves ``names`` (:func:`_expected`) as a tree of ``dtype`` arrays on
-    ``sharding``, one checkpoint tensor at a time: read, transposed if a kernel, cast on the
-    host, put on the devices, then dropped; a stacked leaf is filled layer by layer."""
+    ``sharding`` (one for every leaf, or ``(path, shape) -> Sharding`` per leaf), one
+    checkpoint tensor at a time: read, transposed if a kernel, cast on the host, put on the
+    devices (each its shards), then dropped; a stacked leaf is filled layer by layer."""
     layers = collections.Counter(path for path, i, _ in names.values() if i is not None)
+    where = sharding if callable(sharding) else lambda path, shape: sharding
     flat = {}
     for name, (path, i, _) in names.items():
         value = read_tensor(index[canon[name]][0], canon[name])
-        value = value.T if path[-1] == "kernel" else value
-        value = jax.device_put(np.asarray(value, dtype), sharding)
+        value = np.asarray(value.T if path[-1] == "kernel" else value, dtype)
+        shape = value.shape if i is None else (layers[path], *value.shape)
+        leaf = where(path, shape)
         if i is None:
-            flat[path] = value
+            flat[path] = jax.device_put(value, leaf)
             continue
         if path not in flat:
-            flat[path] = jnp.zeros((layers[path], *value.shape), dtype, device=sharding)
-        flat[path] = _write_layer(flat[path], value, i)
+            flat[path] = jnp.zeros(shape, dtype, device=leaf)
+        flat[path] = _write_layer(flat[path], jax.device_put(value, _one_layer(leaf)), i)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -218,7 +229,9 @@ def load_params(
     ``*ForSequenceClassification``) and ``load_head``; when none is there, or with
     ``load_head=False``, it is initialized from ``head_key`` and that is logged.
     ``base_dtype``: the base's dtype; the head is float32. ``sharding``: where every leaf
-    goes, whole (default: the first device).
+    goes (default: the first device), or ``(path, shape) -> Sharding`` for each leaf of
+    the base (``fsdp.sharding_of``: each device gets its shards as a tensor is read; the
+    head then goes to the first device).
     """
     index = checkpoint_index(folder)
     canon = _canonical(arch, index)
@@ -250,10 +263,12 @@ def load_params(
             parts.append("the checkpoint's task head differs: load_head=False starts a fresh one")
         raise ValueError("\n  ".join(parts))
 
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or first
     base = read_leaves(index, canon, base_want, base_dtype, sharding)
     if head_found:
-        return base, read_leaves(index, canon, head_want, jnp.float32, sharding)
+        head_on = first if callable(sharding) else sharding
+        return base, read_leaves(index, canon, head_want, jnp.float32, head_on)
     if not head_want:  # a family without a task head (decoders)
         return base, arch.init_head(head_key)
     logging.warning("task head %s is not in %s: initialized fresh", _listing(head_want), folder)

@@ -10,8 +10,10 @@ suggestion is a plan, not a guess.
 The knobs, cheapest first: ``model.remat=True`` (a client step keeps one layer's
 activations instead of all of them), ``model.base_dtype=bfloat16`` (half the frozen base,
 an argument of every program), ``train.clients_per_chunk=1`` (one client at a time),
-``client.micro_batch_size`` (the same optimizer step, its batch run in parts: a divisor of
-``client.batch_size``) and only then ``client.batch_size``, which changes the training.
+``train.model_shards`` (the base split over every device of the plan),
+``client.micro_batch_size`` (the
+same optimizer step, its batch run in parts: a divisor of ``client.batch_size``) and only
+then ``client.batch_size``, which changes the training.
 Only fields the config has are ever suggested.
 """
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+
+import jax
 
 from floranna_jax import train
 from floranna_jax.plan import programs
@@ -47,6 +51,15 @@ def _chunk(config, fig, capacity):
     return None if one_at_a_time or t.clients_per_round == 1 else 1
 
 
+def _shards(config, fig, capacity):
+    """Every device of the plan splits the base (:mod:`floranna_jax.fsdp`); clients sharded
+    over devices (``train.shard_clients``) leave none to split it."""
+    n, t = jax.device_count(), config.train
+    if n == 1 or t.model_shards == n or t.client_mode == "loop" or t.shard_clients:
+        return None
+    return n
+
+
 def _micro(config, fig, capacity):
     """A smaller micro-batch: the largest divisor of the batch size at most the scaled one."""
     c = config.client
@@ -63,6 +76,7 @@ KNOBS: list[Knob] = [
     (lambda name: True, "model.base_dtype",
      lambda c, f, cap: "bfloat16" if c.model.base_dtype == "float32" else None),
     (_client, "train.clients_per_chunk", _chunk),
+    (lambda name: True, "train.model_shards", _shards),
     (_client, "client.micro_batch_size", _micro),
     (_client, "client.batch_size", lambda c, f, cap: _scaled(c.client.batch_size, f, cap)),
     (lambda name: name.startswith("server"), "train.clients_per_round",

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floranna_jax import keys, packing, progress, rounds, server, train
+from floranna_jax import fsdp, keys, packing, progress, rounds, server, train
 from floranna_jax.tasks import Program
 
 MERGE = "merge into base"
@@ -39,7 +39,8 @@ class Programs(NamedTuple):
 
 
 def nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    """Bytes of ``tree`` on one device (a split base counts its shards)."""
+    return sum(fsdp.device_bytes(x) for x in jax.tree.leaves(tree))
 
 
 def held(run, round_: list[Program], evaluation: list[Program]) -> dict[str, int]:
@@ -115,8 +116,10 @@ def _server_programs(run, ids, uploads) -> list[Program]:
            Program("server apply", jax.jit(apply), (state, agg, uploads), 1)]  # fmt: skip
     _, after = jax.eval_shape(apply, run.state.method, agg, uploads)
     delta = jax.eval_shape(method.base_delta, after)
-    if delta:
-        out.append(Program(MERGE, rounds.make_merge(model), (model.base, delta), 1))
+    if delta:  # round 2 on: written into round 1's merged kernels (make_effective_base)
+        into = jax.eval_shape(rounds.make_merge(model), model.base, delta)
+        out.append(Program(MERGE, rounds.make_merge(model, donate=True),
+                           (model.base, delta, into), 1))  # fmt: skip
     return out
 
 

@@ -80,10 +80,15 @@ def _header(config, run, progs, device: Device, count: int, used: int) -> list[s
         f"{jax.default_backend()} for {used} device(s)",
         f"round 1: {s['clients']} clients x {s['steps']} steps x {s['examples']} examples{packed}",
     ]
+    shards = config.train.get("model_shards", 1)
+    if shards > 1:
+        lines.append(f"base split over {shards} devices (train.model_shards; a decoder's "
+                     "gathered one layer at a time): arguments and held bytes are one "
+                     "device's")  # fmt: skip
     if used < count:
         lines.append(f"note: the run trains on {used} of the {count} devices: clients are "
                      "sharded over devices only with train.shard_clients=True and "
-                     "train.clients_per_chunk=0")  # fmt: skip
+                     "train.clients_per_chunk=0, the base with train.model_shards")  # fmt: skip
     if jax.default_backend() == "cpu" and config.model.compute_dtype != "float32":
         lines.append("note: compiled on a CPU: arguments and autodiff residuals are as on the "
                      "device; temporaries read high: XLA:CPU computes bfloat16 in float32 and "
@@ -107,8 +112,8 @@ def make(config, device: Device, count: int = 1) -> Report:
     config = for_device(config, device)
     run = train.build(config, abstract=True)
     progs = programs_lib.programs(config, run)
-    sharded = config.train.shard_clients and jax.device_count() > 1
-    used = jax.device_count() if sharded else 1
+    mesh = train.client_mesh(config)
+    used = 1 if mesh is None else mesh.devices.size
     round_figs = [measure(p, progs.held[p.name]) for p in progs.round]
     eval_figs = [measure(p, progs.held[p.name]) for p in progs.evaluation]
     per_round = sum(f.flops * f.calls for f in round_figs)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from floranna_jax import fsdp
 from floranna_jax.models import quant
 from floranna_jax.models.architecture import Params, split_stacked
 from floranna_jax.models.decoder import rotary as rotary_lib
@@ -352,15 +353,20 @@ def run_layers(cfg, ctx, layers, adapters, x, *, key=None, cache=None, remat=Fal
     def layer(x, p, a, k, c, info, shared):  # every array an argument: jax.checkpoint needs it
         values, index = shared
         here = _layer_view(cfg, ctx._replace(**dict(zip(arrays, values, strict=True))), *info)
+        p = fsdp.gather_layer(p)  # a split base: this layer whole, one layer at a time
         x, kv = block(cfg, here, x, p, a, k, None if c is None else (*c, index))
         return x, (kv if keep_kv else None)
 
-    if remat:
+    # A gathered layer kept for the backward pass would put the whole base on every device
+    # (measured: a policy saving all but the gathered kernels still kept their uses), so a
+    # split base recomputes each layer, gathering it again, whatever ``remat`` says.
+    if remat or fsdp.gathering():
         layer = jax.checkpoint(layer, prevent_cse=False)
 
     def body(x, xs):
         return layer(x, *xs, shared)
 
+    x = fsdp.split_rows(x)
     return jax.lax.scan(body, x, (layers, adapters, keys, caches, _per_layer(cfg)), length=n)
 
 
