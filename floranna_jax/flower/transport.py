@@ -27,6 +27,7 @@ beside the method's formula (``server/bytes_up``, ``server/bytes_down``).
 
 from __future__ import annotations
 
+import os
 import time
 from logging import INFO, WARNING
 from typing import NamedTuple
@@ -52,6 +53,7 @@ def make(grid: Grid, config, opts, exp, method, evaluator) -> transport.Clients:
             f"config field eval.local: task {exp.task.name} has no sufficient statistics for "
             "federated evaluation (counts and sums); use --config.eval.local=False over Flower"
         )
+    _check_resumable(config, opts.workdir, exp.model.trainable, method)
     nodes = connect(grid, config.partition.num_clients, opts.connect_timeout_s)
     row_length = exp.rows.train or 0  # decided once, by the run: every client packs with it
 
@@ -104,6 +106,23 @@ def make(grid: Grid, config, opts, exp, method, evaluator) -> transport.Clients:
         return evaluator.combine(stats)
 
     return transport.Clients(train, evaluate)
+
+
+def _check_resumable(config, workdir: str, trainable, method) -> None:
+    """A method whose clients train leaves of their own (FedSA's ``B``) keeps them in each
+    node's state of one Flower run, which a new run starts empty: resuming a checkpoint
+    would restart them, so it raises ``ConfigError``."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
+        return
+    own = [k for k in wire.leaves(trainable)
+           if method.private(wire.split(k)) and not method.frozen(wire.split(k))]  # fmt: skip
+    if own:
+        raise ConfigError(
+            f"{ckpt_dir}: cannot resume {config.server.name} over Flower: its clients keep "
+            f"their own {own[0]} (and the like) in the node state of one Flower run only, so a "
+            "resumed run would restart them; use another workdir"
+        )
 
 
 def _uploads(number, ids, starts, got, opts) -> transport.Uploads:
