@@ -390,7 +390,10 @@ def plan(state: RoundState, num_clients: int, clients_per_round: int):
 
 
 def train_metrics(loss: np.ndarray, steps: np.ndarray, examples: np.ndarray) -> dict[str, float]:
-    """The round's training loss (weighted by real examples), mean real steps, examples."""
+    """The round's training loss (weighted by real examples), mean real steps, examples;
+    summed in float64, so that clients' figures that arrived as float64 (over Flower) give
+    the same row."""
+    loss, examples = np.asarray(loss, np.float64), np.asarray(examples, np.float64)
     return {
         "train/loss": float(np.sum(loss * examples) / max(examples.sum(), 1.0)),
         "train/real_steps": float(np.mean(steps)),
