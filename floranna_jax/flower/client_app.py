@@ -151,7 +151,8 @@ def _copy(record: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in wire.from_record(record).items()})
 
 
-@functools.lru_cache(maxsize=1)
+# A node's process serves one shard; the tests' one process serves every client's.
+@functools.lru_cache(maxsize=8)
 def local_evaluator(experiment_json: str, data_path: str, row_length: int | None):
     """The task's evaluator of this client's held-out rows (no validation split), packing
     in rows of the run's ``row_length``; built once per process, shard and layout."""
