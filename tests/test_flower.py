@@ -1,15 +1,16 @@
 """Tests of the Flower federation (floranna_jax/flower/): what crosses the network, the
 server's gate on uploads, faults, and rounds through Flower equal to the in-process rounds.
 
-Fast tests (about 60 s on a 2-core CPU) route Flower ``Message``s through the real
-ServerApp and ClientApp in one process (:class:`FakeGrid`, Flower's ``Grid`` interface),
-among them one run both ways, every metrics row compared (training and evaluation).
-Slow ones: every other method through the same (about 60 s), and a SuperLink with three
-SuperNodes as separate processes on Flower's deployment runtime (insecure, localhost):
-FedIT and FLoRA-NA equal to the in-process run (about 4 min), a SuperNode killed
-mid-round (about 2 min; every node with its warm ClientApp process, warm_node.py), and
-Ctrl-C on ``flower.local`` (about 1 min). The slow ones run only when asked for
-(``-m slow``), so the suite's plain ``pytest -q`` (CI) spends about 30 s here."""
+Fast tests (3.5 min on a shared 2-core CPU at load average 10) route Flower ``Message``s
+through the real ServerApp and ClientApp in one process (:class:`FakeGrid`, Flower's
+``Grid`` interface), among them one run both ways, every metrics row compared (training and
+evaluation). Slow ones: every other method through the same (about 60 s), FedSA's rows
+both ways (about 60 s), and a SuperLink with three SuperNodes as separate processes on
+Flower's deployment runtime (insecure, localhost): FedIT and FLoRA-NA equal to the
+in-process run (about 4 min), a SuperNode killed mid-round (about 2 min; every node with
+its warm ClientApp process, warm_node.py), and Ctrl-C on ``flower.local`` (about 1 min).
+The slow ones run only when asked for (``-m slow``), so the suite's plain ``pytest -q``
+(CI) spends the fast tests' time here."""
 
 import contextlib
 import json
