@@ -9,9 +9,12 @@ from its newest checkpoint and, on CPU, ends bit-identical to an uninterrupted r
 randomness is a function of (seed, round, client) (see ``keys``), and the metrics rows
 after the checkpoint are rewritten.
 
-With several processes (``dist``, :mod:`floranna_jax.distributed`) every process runs this
-same loop on the same state; only process 0 writes the workdir's files, all of them save
-and restore the checkpoints together.
+The clients are reached through ``transport.Clients``: in this process by default, or over
+Flower, whose ServerApp runs this very loop (``run(config, workdir, make_clients)``;
+:mod:`floranna_jax.flower.transport`), so both write the same rows, evaluation, summary,
+plots and checkpoints. With several processes (``dist``, :mod:`floranna_jax.distributed`)
+every process runs this same loop on the same state; only process 0 writes the workdir's
+files, all of them save and restore the checkpoints together.
 
 Nothing in the workdir changes until the config, the data, the model and (when resuming)
 the checkpoint have all been read: a bad input or a failed resume leaves it as it was.
