@@ -123,6 +123,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         local=True,  # also evaluate each sampled client on its held-out split
         at_start=False,  # also evaluate before round 1 (row "round": 0; local: every client)
         max_local_examples=0,  # held-out rows per client in the local evaluation (0 = all)
+        # Evaluate the global model on the validation split, which the server holds; False:
+        # a server without data (a federation), whose summary says it has no global split.
+        global_split=True,
     )
 
     if arg == "smoke":

@@ -149,6 +149,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         local=True,  # also evaluate each sampled client on its held-out split
         at_start=False,  # also evaluate before round 1 (row "round": 0; local: every client)
         max_local_examples=32,  # held-out rows per client in the local evaluation (0 = all)
+        # Evaluate the global model on the validation split, which the server holds; False:
+        # a server without data (a federation), whose summary says it has no global split.
+        global_split=True,
         max_examples=0,  # test problems in the global evaluation, the first ones (0 = all)
         max_new_tokens=256,  # greedy tokens generated per prompt (fixed: compiles once)
         # A row also ends at these strings; the scorer sees the text before them. This is

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floranna_jax import models, partition, peft_folder, tasks
+from floranna_jax import models, packing, partition, peft_folder, tasks
 from floranna_jax.errors import BadValue, ConfigError, first_line
 from floranna_jax.models import quant
 from floranna_jax.tasks.classification import OFFLINE_HINT
@@ -23,13 +23,15 @@ from floranna_jax.tasks.classification import OFFLINE_HINT
 
 class Experiment(NamedTuple):
     """task: tasks.Task; model: models.Model; train / validation: the task's numpy arrays
-    ``{key: [N, ...]}``; part: partition.Partition (train / holdout rows of each client)."""
+    ``{key: [N, ...]}``; part: partition.Partition (train / holdout rows of each client);
+    rows: packing.Rows, the run's packing layout (decided here, once)."""
 
     task: tasks.Task
     model: Any
     train: dict[str, np.ndarray]
     validation: dict[str, np.ndarray]
     part: partition.Partition
+    rows: packing.Rows
 
 
 def lora_spec(config) -> models.LoraSpec:
@@ -142,4 +144,5 @@ def build(config, key: jax.Array, abstract: bool = False, sharding=None) -> Expe
     :func:`build_model`)."""
     task, train, validation, part = load_data(config)
     model = build_model(config, task.num_labels, key, abstract, sharding)
-    return Experiment(task, model, train, validation, part)
+    rows = packing.decide(config.data.packing, train, validation)
+    return Experiment(task, model, train, validation, part, rows)

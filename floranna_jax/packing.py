@@ -19,9 +19,15 @@ Examples per step stay exactly ``b`` (``client.batch_size`` keeps its meaning); 
 varies is ``R``. Shapes stay static: ``R`` is the most rows any batch of the call needs,
 rounded up to a multiple of ``ceil(b / 16)``, so at most 16 programs per ``b`` are ever
 compiled, and ``R <= b`` (one example per row, never worse than padding).
+
+``T`` is decided once per run, by :func:`decide` (:class:`Rows`, held by the run's
+``experiment.Experiment``): the round, the evaluators and every Flower client (which
+packs its own rows with the ``T`` the server sends) use it.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -44,10 +50,29 @@ def row_length(lengths: np.ndarray, full: int, multiple: int = 16) -> int:
     return min(full, -(-longest // multiple) * multiple)
 
 
-def layout(arrays: Arrays) -> tuple[np.ndarray, int]:
-    """``(lengths [N], T)``: what :func:`batches` needs to pack rows of ``arrays``."""
+def layout(arrays: Arrays, T: int | None = None) -> tuple[np.ndarray, int]:
+    """``(lengths [N], T)``: what :func:`batches` needs to pack rows of ``arrays``;
+    ``T``: the run's row length (:class:`Rows`), else that of ``arrays`` alone."""
     lengths = token_lengths(arrays)
-    return lengths, row_length(lengths, np.shape(arrays["attention_mask"])[1])
+    return lengths, T or row_length(lengths, np.shape(arrays["attention_mask"])[1])
+
+
+class Rows(NamedTuple):
+    """Tokens per packed row ``T`` of a run's training split (client batches and the
+    clients' held-out rows, which are training rows) and of its validation split; ``None``:
+    padded rows (``data.packing`` off)."""
+
+    train: int | None
+    validation: int | None
+
+
+def decide(packed: bool, train: Arrays, validation: Arrays | None) -> Rows:
+    """The run's :class:`Rows`: each split's longest example rounded up to 16 tokens
+    (:func:`row_length`) when ``packed``, else padded."""
+    if not packed:
+        return Rows(None, None)
+    T = lambda a: None if a is None else layout(a)[1]  # noqa: E731
+    return Rows(T(train), T(validation))
 
 
 def place(lengths: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -88,13 +88,15 @@ class Reporter:
 
     def __init__(
         self, workdir: str, *, start_round: int, num_rounds: int, main_metric: str,
-        primary: bool = True, loss_metric: str = "",
+        primary: bool = True, loss_metric: str = "", global_split: bool = True,
     ):  # fmt: skip
         """``primary=False``: a process of a multi-process run other than process 0, which
         writes nothing and keeps its rows for :meth:`finish`'s table. ``loss_metric``: the
-        task's continuous metric, also in the table (``Task.loss_metric``)."""
+        task's continuous metric, also in the table (``Task.loss_metric``).
+        ``global_split=False``: the run has no split to evaluate its global model on, which
+        the table says."""
         self.workdir, self.main_metric, self.primary = workdir, main_metric, primary
-        self.loss_metric = loss_metric
+        self.loss_metric, self.global_split = loss_metric, global_split
         self.path = os.path.join(workdir, METRICS_FILE)
         if not primary:
             self.kept = [r for r in read_rows(self.path) if r["round"] <= start_round]
@@ -158,11 +160,12 @@ class Reporter:
     def finish(self, title: str) -> str:
         """Write summary.md and the plots; return the summary table."""
         if not self.primary:
-            return summary_table(self.rows, self.main_metric, title, self.loss_metric)
+            return summary_table(self.rows, self.main_metric, title, self.loss_metric,
+                                 self.global_split)  # fmt: skip
         self.bar.close()
         self.writer.close()
         rows = read_rows(self.path)
-        text = summary_table(rows, self.main_metric, title, self.loss_metric)
+        text = summary_table(rows, self.main_metric, title, self.loss_metric, self.global_split)
         with open(os.path.join(self.workdir, SUMMARY_FILE), "w") as f:
             f.write(text + "\n")
         plot_rows(rows, self.main_metric, self.workdir)
@@ -185,13 +188,24 @@ def format_value(value: float | None, kind: str = "g") -> str:
     return f"{value:.4g}"
 
 
-def _metric_lines(rows: list[dict[str, Any]], m: str) -> list[tuple[str, str]]:
-    """Global (and before round 1, with ``eval.at_start``), local and gap of metric ``m``."""
+NO_GLOBAL_SPLIT = "none: no global split (eval.global_split=False)"
+
+
+def _metric_lines(
+    rows: list[dict[str, Any]], m: str, global_split: bool = True
+) -> list[tuple[str, str]]:
+    """Global (and before round 1, with ``eval.at_start``), local and gap of metric ``m``;
+    without a ``global_split`` the global lines say so."""
+    if global_split:
+        glob = format_value(_last(rows, f"eval/global/{m}"))
+        gap = format_value(_last(rows, f"eval/gap/{m}"))
+    else:
+        glob = gap = NO_GLOBAL_SPLIT
     lines = [
-        (f"global {m}", format_value(_last(rows, f"eval/global/{m}"))),
+        (f"global {m}", glob),
         (f"local {m} (mean over clients)", format_value(_last(rows, f"eval/local/{m}"))),
-        (f"gap local - global {m}", format_value(_last(rows, f"eval/gap/{m}"))),
-    ]  # fmt: skip
+        (f"gap local - global {m}", gap),
+    ]
     before = [r[f"eval/global/{m}"] for r in rows if r["round"] == 0 and f"eval/global/{m}" in r]
     if before:  # eval.at_start: the global model before training
         lines.insert(0, (f"global {m} before round 1", format_value(before[0])))
@@ -199,16 +213,18 @@ def _metric_lines(rows: list[dict[str, Any]], m: str) -> list[tuple[str, str]]:
 
 
 def summary_table(
-    rows: list[dict[str, Any]], main_metric: str, title: str, loss_metric: str = ""
-) -> str:
+    rows: list[dict[str, Any]], main_metric: str, title: str, loss_metric: str = "",
+    global_split: bool = True,
+) -> str:  # fmt: skip
     """A markdown table of the run's final figures (metric, gap, rho, bytes, time), and
-    those of the task's ``loss_metric`` (``Task.loss_metric``) when it has one."""
+    those of the task's ``loss_metric`` (``Task.loss_metric``) when it has one;
+    ``global_split=False``: the global lines say the run has none."""
     rho_rel = [r["server/rho_rel"] for r in rows if "server/rho_rel" in r]
     last_rho, mean_rho = (rho_rel[-1], float(np.mean(rho_rel))) if rho_rel else (None, None)
     lines = [
         ("rounds", str(_last(rows, "round") or 0)),
-        *_metric_lines(rows, main_metric),
-        *(_metric_lines(rows, loss_metric) if loss_metric else []),
+        *_metric_lines(rows, main_metric, global_split),
+        *(_metric_lines(rows, loss_metric, global_split) if loss_metric else []),
         ("train loss (last round)", format_value(_last(rows, "train/loss"))),
         ("rho_rel (last / mean)", f"{format_value(last_rho)} / {format_value(mean_rho)}"),
         ("bytes up (total)", format_value(_last(rows, "comm/bytes_up_total"), "bytes")),

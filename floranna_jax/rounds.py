@@ -8,10 +8,12 @@ the rest is host-side bookkeeping. The round itself is not one jit on purpose: b
 are gathered from host numpy (clients differ in size), and the finiteness checks run
 eagerly between the phases so that a failure names the round, the client and the layer.
 
-The round knows no method and no task. What a method does to the state (frozen factors,
-personal factors, merges into the base, history) lives in ``RoundState.method`` and the
-method's pure functions (:mod:`floranna_jax.server.method`); what the loss is lives in
-the runner the caller built from the task. Every key comes from :mod:`floranna_jax.keys`.
+The round knows no method, no task and no transport: the clients are reached through
+``transport.Clients`` (in this process or over Flower). What a method does to the state
+(frozen factors, personal factors, merges into the base, history) lives in
+``RoundState.method`` and the method's pure functions (:mod:`floranna_jax.server.method`);
+what the loss is lives in the runner the caller built from the task. Every key comes from
+:mod:`floranna_jax.keys`.
 
 Batches: a client shuffles its training indices and takes the first ``S * b`` of them
 (``S`` local steps, ``b`` examples each); a client with fewer examples goes on with a
@@ -21,7 +23,8 @@ clients axis) has ``step_mask`` ``[U, S]`` zero, which changes nothing. Tokens a
 ``b`` examples of a step share ``R`` rows, :mod:`floranna_jax.packing`) or padded. The
 trainable head is averaged with weights ``p_u = n_u / sum n`` (client training sizes)
 by every method (``Method.aggregate_head``; DP-FedAvg, ``server.dp``, weighs clients
-equally and adds noise). What leaves the clients is ``Method.upload`` of what they trained.
+equally and adds noise). What leaves the clients is ``Method.upload`` of what they trained,
+applied where they train (``transport``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from floranna_jax import clients, distributed, keys, models, packing, server
+from floranna_jax import clients, distributed, keys, models, packing, server, transport
 from floranna_jax.errors import RoundError
 
 PyTree = Any
@@ -63,8 +66,9 @@ class RoundState(NamedTuple):
 
 
 class RoundOutput(NamedTuple):
-    """What a round reports: ids ``[U]`` of the sampled clients, their trained trainable
-    trees ``[U, ...]``, the base they trained on, and host metrics (floats)."""
+    """What a round reports: ids ``[U]`` of the clients it aggregated, their trained
+    trainable trees ``[U, ...]`` and the base they trained on (``None`` where the clients
+    keep them: over Flower), and host metrics (floats)."""
 
     client_ids: np.ndarray
     trainable: PyTree
@@ -345,64 +349,48 @@ def _next_state(state, method, ids, p, trained, opt_state, agg) -> RoundState:
 
 def make_round(
     *,
-    model,
-    runner: Callable,
+    clients_: transport.Clients,
     opt,
     server_: server.Server,
-    arrays: dict[str, np.ndarray],
-    train_index: list[np.ndarray],
-    local_steps: int,
-    batch_size: int,
+    num_clients: int,
     clients_per_round: int,
     persistent_opt_state: bool = False,
     compare: Callable | None = None,
-    packed: bool = False,
-    micro_batches: int = 1,
 ) -> Callable[[RoundState], tuple[RoundState, RoundOutput]]:
     """Build ``round_fn(state) -> (state, RoundOutput)`` for one run.
 
-    ``arrays``: the training split ``{key: [N_examples, ...]}``; ``train_index[u]``: client
-    ``u``'s rows. ``server_``: the run's method, built once (``server.build``).
+    ``clients_``: how the sampled clients are reached (``transport.Clients``: in this
+    process, or over Flower). ``opt``: the clients' optimizer (their fresh states).
+    ``server_``: the run's method, built once (``server.build``).
     ``compare``: ``server.make_compare(labels)``, whose ``rho_rel`` on this round's very
     uploads is logged as ``compare/<label>/rho_rel`` (the run itself still uses its method).
-    ``packed``: each step's examples share rows of the longest training example's length
-    (rounded up to 16 tokens; :mod:`floranna_jax.packing`), else each is padded to ``L``.
-    ``micro_batches``: a step's ``batch_size`` examples run as this many micro-batches
-    (the runner's ``local_update`` built with ``micro_batched`` when more than 1).
     """
-    num_clients = len(train_index)
-    layout = packing.layout(arrays) if packed else None
-    sizes = np.asarray([len(i) for i in train_index], np.float64)
     method = server_.method
-    effective_base = make_effective_base(model)
 
     def round_fn(state: RoundState) -> tuple[RoundState, RoundOutput]:
         number, t0 = int(state.round) + 1, time.perf_counter()
         rkey, ids = plan(state, num_clients, clients_per_round)
         trainable, opt_state = _start(state, method, rkey, ids, opt, persistent_opt_state)
-        base = effective_base(model.base, method.base_delta(state.method))
-        out = train_clients(
-            runner, base, trainable, opt_state, rkey, ids, arrays, train_index,
-            local_steps, batch_size, layout, micro_batches,
-        )  # fmt: skip
-        uploads = method.upload(trainable, out.trainable)  # what leaves the clients
-        check_uploads(number, ids, out.loss, uploads)
+        delta = method.base_delta(state.method)
+        up = clients_.train(transport.Start(number, rkey, ids, trainable, opt_state, delta))
         t1 = time.perf_counter()
 
-        p = client_weights(sizes[ids])
-        new_state, agg = server_step(number, state, server_, ids, p, uploads, out.opt_state)
+        p = client_weights(up.sizes)
+        new_state, agg = server_step(number, state, server_, up.ids, p, up.trainable,
+                                     up.opt_state)  # fmt: skip
         metrics = {
-            **train_metrics(out.loss, out.steps, out.examples),
+            **train_metrics(up.loss, up.steps, up.examples),
             **server_metrics(agg.metrics),
             "comm/bytes_up_total": float(new_state.bytes_up),
             "comm/bytes_down_total": float(new_state.bytes_down),
+            **up.metrics,
             "time/clients_s": t1 - t0,
             "time/server_s": time.perf_counter() - t1,
         }
         if compare is not None:
-            for label, rho_rel in compare(uploads["lora"], p).items():
+            for label, rho_rel in compare(up.trainable["lora"], p).items():
                 metrics[f"compare/{label}/rho_rel"] = rho_rel
-        return new_state, RoundOutput(ids, out.trainable, base, metrics)
+        return new_state, RoundOutput(up.ids, up.trained, up.base, metrics)
 
     return round_fn
 
@@ -414,7 +402,10 @@ def plan(state: RoundState, num_clients: int, clients_per_round: int):
 
 
 def train_metrics(loss: np.ndarray, steps: np.ndarray, examples: np.ndarray) -> dict[str, float]:
-    """The round's training loss (weighted by real examples), mean real steps, examples."""
+    """The round's training loss (weighted by real examples), mean real steps, examples;
+    summed in float64, so that clients' figures that arrived as float64 (over Flower) give
+    the same row."""
+    loss, examples = np.asarray(loss, np.float64), np.asarray(examples, np.float64)
     return {
         "train/loss": float(np.sum(loss * examples) / max(examples.sum(), 1.0)),
         "train/real_steps": float(np.mean(steps)),

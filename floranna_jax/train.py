@@ -9,9 +9,12 @@ from its newest checkpoint and, on CPU, ends bit-identical to an uninterrupted r
 randomness is a function of (seed, round, client) (see ``keys``), and the metrics rows
 after the checkpoint are rewritten.
 
-With several processes (``dist``, :mod:`floranna_jax.distributed`) every process runs this
-same loop on the same state; only process 0 writes the workdir's files, all of them save
-and restore the checkpoints together.
+The clients are reached through ``transport.Clients``: in this process by default, or over
+Flower, whose ServerApp runs this very loop (``run(config, workdir, make_clients)``;
+:mod:`floranna_jax.flower.transport`), so both write the same rows, evaluation, summary,
+plots and checkpoints. With several processes (``dist``, :mod:`floranna_jax.distributed`)
+every process runs this same loop on the same state; only process 0 writes the workdir's
+files, all of them save and restore the checkpoints together.
 
 Nothing in the workdir changes until the config, the data, the model and (when resuming)
 the checkpoint have all been read: a bad input or a failed resume leaves it as it was.
@@ -20,7 +23,6 @@ This module knows no method and no task by name: both are plug-ins (``server``, 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, NamedTuple
@@ -37,30 +39,30 @@ from floranna_jax import (
     experiment,
     fsdp,
     keys,
-    models,
     partition,
     privacy,
     progress,
     reporting,
+    resume,
     rounds,
     server,
     tasks,
+    transport,
     workdir_lock,
 )
 from floranna_jax.errors import ConfigError, WriteError
 
-# Fields a resumed run may change (dist: how many processes run it).
 # The base's subtrees whose leading axis is the layer scan's: the decoders' stack (their
 # Architecture.stacked); an encoder has none. fsdp never splits that axis.
 STACKED = ("layers",)
-RESUMABLE_CHANGES = ("train.num_rounds", "eval", "ckpt", "dist")
 
 
 class Run(NamedTuple):
     """A built run: ``round_fn(state) -> (state, RoundOutput)``, the round-0 ``state``,
-    the task's ``evaluator``, the experiment (task, model, data, partition), the
-    ``server_`` (the method, built once), ``base_of(state)``, the frozen base a state's
-    global model runs on, and the clients' ``loss_fn``."""
+    the task's ``evaluator`` (its ``global_eval`` ``None`` without a global split), the
+    experiment (task, model, data, partition, packing rows), the ``server_`` (the method,
+    built once), ``base_of(state)``, the frozen base a state's global model runs on, the
+    clients' ``loss_fn`` and the run's ``clients_`` (``transport.Clients``)."""
 
     round_fn: Any
     state: rounds.RoundState
@@ -69,6 +71,7 @@ class Run(NamedTuple):
     server_: server.Server
     base_of: Any
     loss_fn: Any
+    clients_: transport.Clients
 
 
 def make_local_update(config, loss_fn, method: server.Method, on_step=None):
@@ -163,10 +166,12 @@ def micro_batches(config) -> int:
     return c.batch_size // c.micro_batch_size if c.micro_batch_size else 1
 
 
-def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
+def build(config, *, loss_wrapper=None, abstract: bool = False, make_clients=None) -> Run:
     """Everything but the loop; touches no file. ``loss_wrapper`` (tests) wraps the loss.
     ``abstract`` (a plan): the frozen base, the method's state and the optimizer states
-    are ``jax.ShapeDtypeStruct`` trees; no weight is read (:mod:`floranna_jax.plan`)."""
+    are ``jax.ShapeDtypeStruct`` trees; no weight is read (:mod:`floranna_jax.plan`).
+    ``make_clients(exp, method, evaluator) -> transport.Clients``: how the clients are
+    reached (default: :func:`transport.in_process`; Flower: ``flower.transport.make``)."""
     hparams = config_check.validate(config)
     seed = config.train.seed
     server_ = server.serve(privacy.wrap(config, server.make(config.server.name, **hparams)))
@@ -179,38 +184,53 @@ def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
     if split:
         base = fsdp.place(exp.model.base, mesh, STACKED)  # each device keeps its slices
         exp = exp._replace(model=exp.model._replace(base=base))
-    c = config.client
     loss_fn = exp.task.make_loss(exp.model)
     if loss_wrapper is not None:
         loss_fn = loss_wrapper(loss_fn)
+    evaluator = make_evaluator(config, exp)
     runner, opt = make_runner(config, loss_fn, method)
+    if make_clients is None:
+        c = config.client
+        clients_ = transport.in_process(
+            model=exp.model, runner=runner, evaluator=evaluator, method=method,
+            arrays=exp.train, train_index=exp.part.train, local_steps=c.local_steps,
+            batch_size=c.batch_size, row_length=exp.rows.train,
+            micro_batches=micro_batches(config),
+        )  # fmt: skip
+    else:
+        clients_ = make_clients(exp, method, evaluator)
     compare = tuple(config.server.compare)
     round_fn = rounds.make_round(
-        model=exp.model, runner=runner, opt=opt, server_=server_, arrays=exp.train,
-        train_index=exp.part.train, local_steps=c.local_steps, batch_size=c.batch_size,
+        clients_=clients_, opt=opt, server_=server_, num_clients=config.partition.num_clients,
         clients_per_round=config.train.clients_per_round,
-        persistent_opt_state=c.persistent_opt_state,
+        persistent_opt_state=config.client.persistent_opt_state,
         compare=server.make_compare(compare) if compare else None,
-        packed=config.data.packing, micro_batches=micro_batches(config),
     )  # fmt: skip
     state = initial_state(config, exp.model, method, abstract)
     if config.lora.get("init_from"):
         check_import_kept(config.server.name, method, state)
-    evaluator = exp.task.make_evaluator(
-        exp.model, exp.train, exp.validation, exp.part.holdout, config
-    )
     effective_base = rounds.make_effective_base(exp.model)
 
     def base_of(state: rounds.RoundState):
         return effective_base(exp.model.base, method.base_delta(state.method))
 
-    return Run(round_fn, state, evaluator, exp, server_, base_of, loss_fn)
+    return Run(round_fn, state, evaluator, exp, server_, base_of, loss_fn, clients_)
+
+
+def make_evaluator(config, exp: experiment.Experiment) -> tasks.Evaluator:
+    """The task's evaluator, packing as the run does; without a global split
+    (``eval.global_split=False``: a server that holds no data) its ``global_eval`` is
+    ``None``."""
+    split = config.eval.get("global_split", True)
+    evaluator = exp.task.make_evaluator(exp.model, exp.train, exp.validation if split else None,
+                                        exp.part.holdout, config, exp.rows)  # fmt: skip
+    return evaluator if split else evaluator._replace(global_eval=None)
 
 
 def _eval_row(run: Run, config, state, out, record) -> dict[str, float]:
-    """Global model on validation, sampled clients on their holdout, and their gap;
-    ``record``: receives the global evaluation's generations (``global_eval``)."""
-    return _scores(run, config, state, out.base, out.trainable, out.client_ids, record)
+    """Global model on validation, the round's clients on their holdout (each its own
+    model), and their gap; ``record``: receives the global evaluation's generations."""
+    return _scores(run, config, state, out.client_ids, (out.trainable, out.base, None), record)
 
 
 def _start_row(run: Run, config, state, record) -> dict[str, float]:
@@ -218,91 +238,29 @@ def _start_row(run: Run, config, state, record) -> dict[str, float]:
     client's model then, on every client's holdout."""
     ids = np.arange(config.partition.num_clients)
     trainable = clients.broadcast({"lora": state.lora, "head": state.head}, len(ids))
-    return _scores(run, config, state, run.base_of(state), trainable, ids, record)
+    delta = run.server_.method.base_delta(state.method)
+    return _scores(run, config, state, ids, (trainable, run.base_of(state), delta), record)
 
 
-def _scores(run: Run, config, state, base, trainable, client_ids, record) -> dict[str, float]:
-    glob = run.evaluator.global_eval(
-        run.base_of(state), {"lora": state.lora, "head": state.head}, record=record
-    )
-    row = {f"eval/global/{k}": v for k, v in glob.items()}
+def _scores(run: Run, config, state, client_ids, scored, record) -> dict[str, float]:
+    """``scored``: what the clients evaluate, ``(trainable, base, delta)``
+    (``transport.Clients.evaluate``)."""
+    row, glob = {}, {}
+    if run.evaluator.global_eval is not None:
+        glob = run.evaluator.global_eval(
+            run.base_of(state), {"lora": state.lora, "head": state.head}, record=record
+        )
+        row = {f"eval/global/{k}": v for k, v in glob.items()}
     if config.eval.local:
-        local = run.evaluator.local_eval(base, trainable, client_ids)
+        local = run.clients_.evaluate(client_ids, *scored)
         row |= {f"eval/local/{k}": v for k, v in local.items()}
         row |= {f"eval/gap/{k}": local[k] - glob[k] for k in local if k in glob}
     return row
 
 
-# Fields added after runs were saved, each with a test of a new value that runs as the
-# saved runs did (their config.json lacks the field): such a run resumes, and a committed
-# study cell still counts, under the new defaults.
-ADDED_FIELDS = {
-    "model.base_dtype": lambda v: models.resolve_base_dtype(v) == np.float32,
-    "model.remat": lambda v: True,  # memory against time only: the numbers are the same
-    "client.micro_batch_size": lambda v: v == 0,
-    "lora.init_from": lambda v: not v,
-    "privacy.clip_norm": lambda v: v == 0,
-    "privacy.noise_multiplier": lambda v: v == 0,
-    "privacy.delta": lambda v: True,  # only names the reported epsilon; none without noise
-    "model.quantize": lambda v: not v,
-    "train.model_shards": lambda v: v == 1,
-}
-
-
-def _comparable(config_dict: dict) -> dict:
-    out = {k: dict(v) for k, v in config_dict.items() if k not in ("eval", "ckpt", "dist")}
-    out.get("train", {}).pop("num_rounds", None)
-    return out
-
-
-def _fill_added(old: dict, new: dict) -> None:
-    """Gives ``old`` each :data:`ADDED_FIELDS` field it lacks, as ``new`` has it, where
-    ``new``'s value runs as the old run did."""
-    for path, same_as_before in ADDED_FIELDS.items():
-        section, field = path.split(".")
-        value = new.get(section, {}).get(field)
-        if field not in old.get(section, {}) and field in new.get(section, {}):
-            if same_as_before(value):
-                old.setdefault(section, {})[field] = value
-
-
-def changed_fields(old: dict, new: dict) -> list[str]:
-    """The ``section.field`` paths, sorted, where two configs (as config.json holds them)
-    differ beyond :data:`RESUMABLE_CHANGES`: empty when ``new`` may resume a run of ``old``."""
-    old, new = _comparable(old), _comparable(new)
-    _fill_added(old, new)
-    return sorted(
-        f"{s}.{k}" for s in set(old) | set(new)
-        for k in set(old.get(s, {})) | set(new.get(s, {}))
-        if old.get(s, {}).get(k) != new.get(s, {}).get(k)
-    )  # fmt: skip
-
-
 def _check_workdir(workdir: str) -> None:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir}: is a file, not a folder; choose another path")
-
-
-def check_same_run(config, workdir: str) -> None:
-    """A workdir with a checkpoint resumes only the same experiment (up to num_rounds),
-    which its config.json names: without it, nothing says what the checkpoint holds."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise ConfigError(
-            f"{path}: missing, so nothing says which run {workdir}/checkpoints holds; put "
-            "config.json back, or choose another --workdir"
-        )
-    try:
-        with open(path) as f:
-            diff = changed_fields(json.load(f), json.loads(config.to_json()))
-    except (OSError, ValueError, AttributeError) as e:
-        raise ConfigError(f"{path}: unreadable ({e}); it says which run the workdir holds") from e
-    if diff:
-        raise ConfigError(
-            f"config field {diff[0]}: {workdir} holds a checkpoint of a run with other values "
-            f"of {', '.join(diff)}; use another --workdir (only {', '.join(RESUMABLE_CHANGES)} "
-            "may change on resume)"
-        )
 
 
 def _restore(ckpt: checkpoint.Checkpointer, state: rounds.RoundState, workdir: str):
@@ -331,8 +289,9 @@ def _write_inputs(config, workdir: str, exp: experiment.Experiment) -> None:
     partition.plot(labels, exp.part, os.path.join(workdir, "partition.png"))
 
 
-def run(config, workdir: str) -> str:
-    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint).
+def run(config, workdir: str, make_clients=None) -> str:
+    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint); ``make_clients``:
+    how the clients are reached (:func:`build`; default: in this process).
 
     Returns the summary table (also in ``workdir/summary.md``). Raises ``ConfigError`` for
     a bad input and ``RoundError`` for a non-finite round, both one line.
@@ -343,19 +302,19 @@ def run(config, workdir: str) -> str:
     # two-process run of tests/test_multihost.py fail at jax.distributed's shutdown barrier
     # (cause not found yet), so a multi-process run takes no lock.
     with workdir_lock.hold(workdir, jax.process_count() == 1):
-        return _run(config, workdir)
+        return _run(config, workdir, make_clients)
 
 
-def _run(config, workdir: str) -> str:
+def _run(config, workdir: str, make_clients) -> str:
     """:func:`run` in a workdir this process holds."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):  # checked before building anything
-        check_same_run(config, workdir)
+        resume.check_same_run(config, workdir)
     try:  # a corrupt metrics.jsonl is named before anything changes (a torn last row is fine)
         reporting.read_rows(os.path.join(workdir, reporting.METRICS_FILE))
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    run_ = build(config)
+    run_ = build(config, make_clients=make_clients)
     c, ckpt = config.ckpt, None
     try:
         if os.path.isdir(ckpt_dir) or c.every_rounds > 0:  # something to restore or save
@@ -393,6 +352,7 @@ def _train(config, workdir: str, run_: Run, state, ckpt) -> str:
         workdir, start_round=start, num_rounds=num_rounds,
         main_metric=run_.exp.task.main_metric, primary=primary,
         loss_metric=run_.exp.task.loss_metric,
+        global_split=run_.evaluator.global_eval is not None,
     ) as reporter:  # fmt: skip
         if config.eval.at_start and start == 0 and not reporter.kept:
             t0, samples = time.perf_counter(), []

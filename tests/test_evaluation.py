@@ -59,3 +59,35 @@ def test_global_eval_covers_every_validation_row(run, packed):
     rows = np.arange(len(exp.validation["label"]))
     want = _direct_accuracy(exp.model, exp.model.base, exp.model.trainable, exp.validation, rows)
     assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_clients_scored_alone_merge_into_the_in_process_local_metric(run, packed):
+    """Federated evaluation: each client scores its own held-out rows in an evaluator of
+    its own (as a Flower client does: its rows alone, the run's packing rows, no
+    validation split) and sends confusion counts; ``combine`` of them is the in-process
+    ``local_eval`` of all the clients at once."""
+    exp = run.exp
+    ids = np.asarray([0, 1, 2])
+    trainable_U = clients.broadcast(exp.model.trainable, len(ids))
+    head = trainable_U["head"]["classifier"]
+    head["kernel"] = head["kernel"] + jax.random.normal(jax.random.key(1), head["kernel"].shape)
+    config = smoke_config(**{"eval.batch_size": 8, "train.clients_per_round": len(ids),
+                              "data.packing": packed})  # fmt: skip
+    ev = exp.task.make_evaluator(exp.model, exp.train, exp.validation, exp.part.holdout, config,
+                                 exp.rows)  # fmt: skip
+    want = ev.local_eval(exp.model.base, trainable_U, ids)
+    stats = []
+    for i, u in enumerate(ids):
+        held = {k: v[exp.part.holdout[u]] for k, v in exp.train.items()}
+        alone = exp.task.make_evaluator(exp.model, held, None, [np.arange(len(held["label"]))],
+                                        config, exp.rows._replace(validation=None))  # fmt: skip
+        assert alone.global_eval is None
+        one = jax.tree.map(lambda x, i=i: x[i : i + 1], trainable_U)
+        (s,) = alone.local_stats(exp.model.base, one, np.arange(1))
+        assert int(s["confusion"].sum()) == len(exp.part.holdout[u])  # every row, once
+        stats.append(s)
+    got = ev.combine(stats)
+    assert set(got) == set(want) == {"accuracy"}
+    # Accuracy is a ratio of counts: a row scored twice, missed, mixed up or predicted
+    # otherwise (another batch shape turning a near-tie) changes it by 1/54 at least.
+    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)

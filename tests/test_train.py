@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from smoke_setup import shared_compilation, smoke_config
 
-from floranna_jax import clients, reporting, server, train
+from floranna_jax import clients, reporting, resume, server, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -182,11 +182,11 @@ def test_compare_runs_other_estimators_on_the_same_uploads(tmp_path):
 def test_a_run_saved_before_a_field_existed_resumes_under_its_default():
     new = json.loads(smoke_config().to_json())
     old = json.loads(smoke_config().to_json())
-    for path in train.ADDED_FIELDS:
+    for path in resume.ADDED_FIELDS:
         section, field = path.split(".")
         old.get(section, {}).pop(field, None)
     del old["privacy"]  # a section added whole
-    assert train.changed_fields(old, new) == []
+    assert resume.changed_fields(old, new) == []
     # A new value that would run differently from the saved run is still a change.
     new["client"]["micro_batch_size"] = 2
-    assert train.changed_fields(old, new) == ["client.micro_batch_size"]
+    assert resume.changed_fields(old, new) == ["client.micro_batch_size"]

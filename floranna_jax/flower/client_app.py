@@ -2,19 +2,25 @@
 
 A SuperNode names its data in its node config (``data-path``, a file written by
 :mod:`floranna_jax.flower.shards` or by the site itself); the file says which client of
-the federation it is. Two message types:
+the federation it is. Three message types:
 
 - ``query``: reply ``{"client": {"client-id"}}`` so the server can map client ids to
   nodes.
-- ``train``: the round number (0-based rounds done), the start adapter and head (without
-  the method's ``private`` leaves) and, for methods that merge into the frozen weight, the
-  whole ``base_delta`` so far. The client builds the model from the experiment config (the
-  same seed, hence the same base and initial adapter as the server), fills its private
-  leaves from its own state (initially the model's), folds the delta into its base, and
-  runs ``rounds.train_clients`` on its own rows: the very batches, dropout keys and steps
-  the in-process round would give it. It replies with its trained shared leaves and
-  ``{"loss", "steps", "examples", "num-examples"}``, and keeps its private leaves in the
-  node's context state for its next round.
+- ``train``: the round number (0-based rounds done), the run's packing row length
+  (``row-length``, 0: padded; the server decides it, ``packing.Rows``), the start adapter
+  and head (without the method's ``private`` leaves) and, for methods that merge into the
+  frozen weight, the whole ``base_delta`` so far. The client builds the model from the
+  experiment config (the same seed, hence the same base and initial adapter as the
+  server), fills its private leaves from its own state (initially the model's), folds the
+  delta into its base, and runs ``rounds.train_clients`` on its own rows: the very
+  batches, dropout keys and steps the in-process round would give it. It replies with its
+  trained shared leaves and ``{"loss", "steps", "examples", "num-examples"}``, and keeps its
+  private leaves, and the model it trained with that round's delta, in the node's context
+  state.
+- ``evaluate``: the row length and a model (all its leaves, and the base delta), or none:
+  then the model the client trained last. The client scores it on its held-out rows with
+  the task's evaluator and replies with the sufficient statistics (``stats``:
+  ``Evaluator.local_stats``, counts and sums; never a row).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from floranna_jax import (
@@ -87,26 +93,37 @@ def build_job(experiment_json: str) -> Job:
     return Job(config, method, model, runner, opt, rounds.make_effective_base(model))
 
 
+def _client_id(msg: Message, shard: shards.Shard) -> int:
+    """This node's client, the one the server addressed (else ``ConfigError``)."""
+    asked = int(msg.content["config"]["client-id"])
+    if asked != shard.client_id:
+        raise ConfigError(f"node config data-path: holds client {shard.client_id}, the server "
+                          f"asked for client {asked}")  # fmt: skip
+    return asked
+
+
+def _row_length(msg: Message) -> int | None:
+    return int(msg.content["config"]["row-length"]) or None
+
+
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
     """One round of ``local_update`` from the received start on this client's data."""
     job = build_job(context.run_config.get("experiment"))
     config, method, model = job.config, job.method, job.model
     shard = _shard(context)
-    u, n = shard.client_id, shards.num_examples(shard)
-    if int(msg.content["config"]["client-id"]) != u:
-        raise ConfigError(f"node config data-path: holds client {u}, the server asked for "
-                          f"client {msg.content['config']['client-id']}")  # fmt: skip
+    u, n = _client_id(msg, shard), shards.num_examples(shard)
 
     received = wire.from_record(msg.content["start"])
     own = wire.from_record(context.state["private"]) if "private" in context.state else {}
     start = clients.broadcast(wire.fill(model.trainable, {**own, **received}), 1)
-    delta = wire.from_record(msg.content["base"]) if "base" in msg.content else {}
-    base = job.effective_base(model.base, delta)
+    delta = msg.content["base"] if "base" in msg.content else ArrayRecord()
+    base = job.effective_base(model.base, wire.from_record(delta))
 
     root = jax.random.key_data(keys.root(config.train.seed))
     rkey = keys.round_key(root, int(msg.content["config"]["round"]))
-    layout = packing.layout(shard.train) if config.data.packing else None
+    T = _row_length(msg)
+    layout = packing.layout(shard.train, T) if T else None
     out = rounds.train_clients(
         job.runner, base, start, rounds.fresh_opt_state(job.opt, start), rkey, np.asarray([u]),
         shard.train, {u: np.arange(n)}, config.client.local_steps, config.client.batch_size,
@@ -116,6 +133,11 @@ def train_round(msg: Message, context: Context) -> Message:
     trained = jax.tree.map(lambda x: np.asarray(x[0]), method.upload(start, out.trainable))
 
     context.state["private"] = wire.to_record(trained, method.private)
+    # The model this client trained (before its upload transform) and the base it trained
+    # on: what it scores when the server asks for its own model, as a run in process does.
+    context.state["trained"] = wire.to_record(jax.tree.map(lambda x: x[0], out.trainable),
+                                              lambda path: True)  # fmt: skip
+    context.state["trained-base"] = _copy(delta)
     metrics = {"loss": float(out.loss[0]), "steps": int(out.steps[0]),
                "examples": float(out.examples[0]), "num-examples": n}  # fmt: skip
     content = {
@@ -123,3 +145,41 @@ def train_round(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord(metrics),
     }
     return Message(RecordDict(content), reply_to=msg)
+
+
+def _copy(record: ArrayRecord) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in wire.from_record(record).items()})
+
+
+# A node's process serves one shard; the tests' one process serves every client's.
+@functools.lru_cache(maxsize=8)
+def local_evaluator(experiment_json: str, data_path: str, row_length: int | None):
+    """The task's evaluator of this client's held-out rows (no validation split), packing
+    in rows of the run's ``row_length``; built once per process, shard and layout."""
+    job, shard = build_job(experiment_json), shards.load(data_path)
+    holdout = [np.arange(len(next(iter(shard.holdout.values()))))]
+    task = tasks.get(job.config.data.task)
+    rows = packing.Rows(row_length, None)
+    return task.make_evaluator(job.model, shard.holdout, None, holdout, job.config, rows)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """This client's sufficient statistics of a model on its held-out rows."""
+    experiment_json = context.run_config.get("experiment")
+    job, shard = build_job(experiment_json), _shard(context)
+    _client_id(msg, shard)
+    if "model" in msg.content:  # the server's model, e.g. the global one before round 1
+        tree, delta = msg.content["model"], msg.content.get("base", ArrayRecord())
+    elif "trained" in context.state:  # the model this client trained last
+        tree, delta = context.state["trained"], context.state["trained-base"]
+    else:
+        raise ConfigError("evaluate: the server asked for this client's own model before it "
+                          "trained one")  # fmt: skip
+    trainable = clients.broadcast(wire.fill(job.model.trainable, wire.from_record(tree)), 1)
+    base = job.effective_base(job.model.base, wire.from_record(delta))
+    evaluator = local_evaluator(experiment_json, context.node_config["data-path"],
+                                _row_length(msg))  # fmt: skip
+    (stats,) = evaluator.local_stats(base, trainable, np.arange(1))
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stats.items()})
+    return Message(RecordDict({"stats": record}), reply_to=msg)

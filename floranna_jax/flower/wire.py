@@ -8,7 +8,8 @@ receiver fills them from a template tree (:func:`fill`).
 
 :func:`check_update` is the server's gate: an upload with a missing or unexpected leaf,
 another shape (another rank), another dtype or a non-finite value is rejected with one line
-naming the leaf, and never reaches the aggregate. :func:`message_bytes` measures a message
+naming the leaf, and never reaches the aggregate; :func:`check_stats` gates a client's
+evaluation statistics. :func:`message_bytes` measures a message
 as Flower ships it: the summed contents of its object tree (each array, record and the
 message itself, as pushed to and pulled from the SuperLink).
 """
@@ -96,6 +97,17 @@ def check_reply(content, expected: Mapping[str, np.ndarray]) -> str:
     if not metrics["num-examples"] >= 1:
         return f"num-examples is {metrics['num-examples']}, expected >= 1"
     return check_update(from_record(content["update"]), expected)
+
+
+def check_stats(content) -> str:
+    """Why a client's evaluation reply ``content`` cannot be counted, or ``""``: it needs a
+    non-empty ``stats`` record of finite counts and sums (``Evaluator.local_stats``)."""
+    if "stats" not in content or not len(content["stats"]):
+        return "the reply has no stats record"
+    for k, v in from_record(content["stats"]).items():
+        if not np.all(np.isfinite(v)):
+            return f"stats {k} has non-finite values"
+    return ""
 
 
 def _rank_note(key: str, got: np.ndarray, want: np.ndarray) -> str:

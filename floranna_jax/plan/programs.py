@@ -78,7 +78,7 @@ def _client_args(config, run, opt):
     persistent = c.persistent_opt_state
     start = jax.eval_shape(lambda s: rounds._start(s, method, rkey, ids, opt, persistent),
                            run.state)  # fmt: skip
-    layout = packing.layout(exp.train) if config.data.packing else None
+    layout = packing.layout(exp.train, exp.rows.train) if exp.rows.train else None
     batches, step_mask = rounds.client_batches(rkey, ids, exp.train, exp.part.train,
                                                c.local_steps, c.batch_size, layout,
                                                train.micro_batches(config))  # fmt: skip

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from floranna_jax import reporting, tasks, train
+from floranna_jax import reporting, resume, tasks
 
 CONFIG_FILE = "config.json"
 ERROR_FILE = "error.txt"
@@ -57,7 +57,7 @@ def portable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``train.changed_fields`` up to where the files live: ``data.dir`` is not compared and
+    """``resume.changed_fields`` up to where the files live: ``data.dir`` is not compared and
     ``model.path`` only by its last name, the model's (another machine keeps them elsewhere)."""
 
     def what(config):
@@ -66,7 +66,7 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         out["data"].pop("dir", None)
         return out
 
-    return train.changed_fields(what(old), what(new))
+    return resume.changed_fields(what(old), what(new))
 
 
 def read_cell(folder: str) -> CellRows:

@@ -10,7 +10,8 @@ batch, padded or packed alike (the model reads one logit row per example). Evalu
 jitted forward, global over batches of ``eval.batch_size`` validation rows, local vmapped
 over the ``U`` sampled clients with chunks of their held-out rows (as many chunks as the
 largest held-out split among the sampled clients needs); the rows of a forward are packed
-like training batches when ``data.packing`` (:mod:`floranna_jax.packing`).
+like training batches when ``data.packing`` (:mod:`floranna_jax.packing`), with the run's
+row lengths. Federated: a client's confusion counts are its sufficient statistics.
 ``eval.max_local_examples`` caps each client's held-out rows (the first ones of its split,
 which the partition shuffled). Scores: the official GLUE metrics
 (:mod:`floranna_jax.data.metrics`) on the real rows only.
@@ -59,8 +60,8 @@ def make(name: str) -> Task:
     def make_loss(model):
         return loss_fn(model, info.is_regression)
 
-    def make_evaluator(model, train, validation, holdout_index, config) -> Evaluator:
-        return evaluator(model, info, train, validation, holdout_index, config)
+    def make_evaluator(model, train, validation, holdout_index, config, rows=None) -> Evaluator:
+        return evaluator(model, info, train, validation, holdout_index, config, rows)
 
     return Task(info.name, info.main_metric, info.num_labels, load, make_loss, make_evaluator,
                 functools.partial(check, info))  # fmt: skip
@@ -178,33 +179,31 @@ def _chunks(rows: list[np.ndarray], size: int,
     return take, real
 
 
-def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
-              holdout_index: list[np.ndarray], config) -> Evaluator:  # fmt: skip
-    """Evaluators over ``validation`` (global) and ``train[holdout_index[u]]`` (local).
+def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays | None,
+              holdout_index: list[np.ndarray], config,
+              rows: packing.Rows | None = None) -> Evaluator:  # fmt: skip
+    """Evaluators over ``validation`` (global; none when it is ``None``) and
+    ``train[holdout_index[u]]`` (local).
 
     ``eval.batch_size``: rows per global forward; the local forward takes
     ``max(1, batch_size // clients_per_round)`` rows of each of the ``U`` clients at once.
     ``eval.max_local_examples``: at most this many held-out rows per client (0: all).
-    With ``data.packing`` the rows of a forward share rows of tokens
-    (:mod:`floranna_jax.packing`): no compute on padding, one row count per call (the
-    global evaluation compiles once per run).
+    With ``rows`` (the run's ``packing.Rows``) not ``None`` the rows of a forward share rows
+    of tokens (:mod:`floranna_jax.packing`): no compute on padding, one row count per call
+    (the global evaluation compiles once per run). A classification task's clients report
+    their confusion counts (``local_stats``), which ``combine`` turns into their mean
+    scores; regression has none (Spearman ranks all of a client's rows at once).
     """
     batch_size, cap = config.eval.batch_size, config.eval.max_local_examples
+    rows = rows or packing.decide(config.data.packing, train, validation)
     predict = jax.jit(lambda base, trainable, batch: model.apply(base, trainable, batch))
     predict_U = jax.jit(jax.vmap(lambda base, t, batch: model.apply(base, t, batch),
                                  in_axes=(None, 0, 0)))  # fmt: skip
     local_rows = max(1, batch_size // config.train.clients_per_round)
-    val_inputs, val_labels = _inputs(validation), np.asarray(validation["label"])
     train_inputs, train_labels = _inputs(train), np.asarray(train["label"])
-    val_layout = packing.layout(val_inputs) if config.data.packing else None
-    train_layout = packing.layout(train_inputs) if config.data.packing else None
-    val_lengths = val_layout[0] if val_layout else None  # token lengths: chunks by tokens
-    train_lengths = train_layout[0] if train_layout else None
+    train_layout = packing.layout(train_inputs, rows.train) if rows.train else None
+    train_lengths = train_layout[0] if train_layout else None  # token lengths: chunks by tokens
     holdout_index = [h[:cap] if cap else h for h in holdout_index]
-
-    def global_batches():
-        take, real = _chunks([np.arange(len(val_labels))], batch_size, val_lengths)
-        return take, real, packing.batches(val_inputs, take[0], real[0], val_layout)
 
     def local_batches(client_ids):
         index = [holdout_index[int(u)] for u in client_ids]
@@ -213,6 +212,77 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
         flat = packing.batches(train_inputs, take.reshape(U * n, -1), real.reshape(U * n, -1),
                                train_layout)  # fmt: skip
         return take, real, {k: v.reshape(U, n, *v.shape[1:]) for k, v in flat.items()}
+
+    def scored(base, trainable_U, client_ids) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(predictions, labels)`` of each client's held-out rows."""
+        take, real, batches = local_batches(client_ids)
+        U, n = take.shape[:2]
+        logits = [
+            np.asarray(predict_U(base, trainable_U, {k: v[:, i] for k, v in batches.items()}))
+            for i in range(n)
+        ]
+        logits = np.concatenate(logits, axis=1).astype(np.float32)  # [U, n * local_rows, C]
+        take, real = take.reshape(U, -1), real.reshape(U, -1)
+        return [(_predictions(logits[u][real[u]], info.is_regression),
+                 train_labels[take[u][real[u]]]) for u in range(U)]  # fmt: skip
+
+    def regression_eval(base, trainable_U, client_ids) -> dict[str, float]:
+        scores = [task_metrics.compute(info.name, p, y)
+                  for p, y in scored(base, trainable_U, client_ids) if len(y)]  # fmt: skip
+        return _mean(scores)
+
+    def local_stats(base, trainable_U, client_ids) -> list[dict[str, np.ndarray]]:
+        """Each client's confusion counts ``[K, K]`` on its held-out rows."""
+        return [{"confusion": task_metrics.confusion(p, y, info.num_labels)}
+                for p, y in scored(base, trainable_U, client_ids)]  # fmt: skip
+
+    def combine(stats: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        """The mean over clients with held-out rows of each one's scores from its counts."""
+        return _mean([task_metrics.from_confusion(info.name, np.asarray(s["confusion"]))
+                      for s in stats if np.sum(s["confusion"])])  # fmt: skip
+
+    def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
+        return combine(local_stats(base, trainable_U, client_ids))
+
+    global_eval, global_programs = None, lambda base, trainable: []
+    if validation is not None:
+        global_eval, global_programs = _global(predict, info, validation, rows.validation,
+                                               batch_size)  # fmt: skip
+
+    def programs(base, trainable_U) -> list[Program]:
+        """The global forward (``eval.batch_size`` rows) and the local one (``U`` clients'
+        rows at once), at the shapes of the validation split and of clients ``0..U-1``."""
+        trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                 trainable_U)  # fmt: skip
+        out = global_programs(base, trainable)
+        if config.eval.local:
+            U = len(jax.tree.leaves(trainable_U)[0])
+            take, _, batches = local_batches(np.arange(U))
+            first = {k: _shape(v[:, 0]) for k, v in batches.items()}
+            out.append(Program("predict clients", predict_U, (base, trainable_U, first),
+                               take.shape[1]))  # fmt: skip
+        return out
+
+    if info.is_regression:
+        return Evaluator(global_eval, regression_eval, programs)
+    return Evaluator(global_eval, local_eval, programs, local_stats, combine)
+
+
+def _mean(scores: list[dict[str, float]]) -> dict[str, float]:
+    if not scores:
+        return {}
+    return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+
+def _global(predict, info: glue.TaskInfo, validation: Arrays, T: int | None, batch_size: int):
+    """``(global_eval, programs)`` over the ``validation`` split, packed in rows of ``T``."""
+    val_inputs, val_labels = _inputs(validation), np.asarray(validation["label"])
+    val_layout = packing.layout(val_inputs, T) if T else None
+    val_lengths = val_layout[0] if val_layout else None
+
+    def global_batches():
+        take, real = _chunks([np.arange(len(val_labels))], batch_size, val_lengths)
+        return take, real, packing.batches(val_inputs, take[0], real[0], val_layout)
 
     def global_eval(base, trainable, record=None) -> dict[str, float]:  # record: no text here
         take, real, batches = global_batches()
@@ -224,42 +294,12 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays,
         preds = _predictions(logits, info.is_regression)
         return task_metrics.compute(info.name, preds, val_labels[take[0][real[0]]])
 
-    def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
-        take, real, batches = local_batches(client_ids)
-        U, n = take.shape[:2]
-        logits = [
-            np.asarray(predict_U(base, trainable_U, {k: v[:, i] for k, v in batches.items()}))
-            for i in range(n)
-        ]
-        logits = np.concatenate(logits, axis=1).astype(np.float32)  # [U, n * local_rows, C]
-        take, real = take.reshape(U, -1), real.reshape(U, -1)
-        scores = [
-            task_metrics.compute(info.name, _predictions(logits[u][real[u]], info.is_regression),
-                                 train_labels[take[u][real[u]]])
-            for u in range(U)
-            if real[u].any()
-        ]  # fmt: skip
-        if not scores:
-            return {}
-        return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
-
-    def programs(base, trainable_U) -> list[Program]:
-        """The global forward (``eval.batch_size`` rows) and the local one (``U`` clients'
-        rows at once), at the shapes of the validation split and of clients ``0..U-1``."""
-        trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                                 trainable_U)  # fmt: skip
+    def programs(base, trainable) -> list[Program]:
         take, _, batches = global_batches()
         first = {k: _shape(v[0]) for k, v in batches.items()}
-        out = [Program("predict", predict, (base, trainable, first), take.shape[1])]
-        if config.eval.local:
-            U = len(jax.tree.leaves(trainable_U)[0])
-            take, _, batches = local_batches(np.arange(U))
-            first = {k: _shape(v[:, 0]) for k, v in batches.items()}
-            out.append(Program("predict clients", predict_U, (base, trainable_U, first),
-                               take.shape[1]))  # fmt: skip
-        return out
+        return [Program("predict", predict, (base, trainable, first), take.shape[1])]
 
-    return Evaluator(global_eval, local_eval, programs)
+    return global_eval, programs
 
 
 def _shape(x: np.ndarray) -> jax.ShapeDtypeStruct:

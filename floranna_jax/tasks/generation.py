@@ -75,7 +75,7 @@ def make(name: str) -> Task:
         m = config.data.max_length
         return item_arrays(c.train, c.length, m), item_arrays(c.tests[""], c.length, m)
 
-    def make_evaluator(model, train, validation, holdout_index, config) -> Evaluator:
+    def make_evaluator(model, train, validation, holdout_index, config, rows=None) -> Evaluator:
         return evaluator(task, model, corpus(task, config, cache), holdout_index, config)
 
     return Task(task, MAIN_METRIC[task], 0, load, loss_fn, make_evaluator, check,

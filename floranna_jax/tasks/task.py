@@ -7,9 +7,10 @@ serves) and ``make(name) -> Task``, plus one entry in :data:`KINDS`.
     task = tasks.get(config.data.task)
     train, validation = task.load(config)          # numpy arrays {key: [N, ...]}
     loss_fn = task.make_loss(model)                # (base, trainable, batch, key) -> (loss, weight)
-    evaluator = task.make_evaluator(model, train, validation, holdout_index, config)
+    evaluator = task.make_evaluator(model, train, validation, holdout_index, config, rows)
     evaluator.global_eval(base, trainable, record=None) -> {metric: float}
     evaluator.local_eval(base, trainable_U, client_ids) -> {metric: mean over clients}
+    evaluator.combine(evaluator.local_stats(base, trainable_U, client_ids))  # the same
 """
 
 from __future__ import annotations
@@ -42,11 +43,20 @@ class Evaluator(NamedTuple):
     ``local_eval(base, trainable_U, client_ids) -> {metric: mean over clients}`` of each
     sampled client's own model on its held-out rows; ``programs(base, trainable_U) ->
     [Program]``: the evaluation's compiled steps at the shapes they run with (one
-    evaluation, global and local; ``trainable_U``: ``[U, ...]`` stacked trees)."""
+    evaluation, global and local; ``trainable_U``: ``[U, ...]`` stacked trees).
 
-    global_eval: Callable[..., dict[str, float]]
+    Federated evaluation (a task that supports it; ``None`` otherwise):
+    ``local_stats(base, trainable_U, client_ids) -> [{name: array}]``, each client's
+    sufficient statistics (counts and sums: what a Flower client sends back, never its
+    rows), and ``combine(stats) -> {metric: float}``, which turns any clients' statistics
+    into what ``local_eval`` reports for them. ``global_eval`` is ``None`` without a
+    validation split."""
+
+    global_eval: Callable[..., dict[str, float]] | None
     local_eval: Callable[..., dict[str, float]]
     programs: Callable[..., list[Program]] = lambda base, trainable_U: []
+    local_stats: Callable[..., list[dict[str, np.ndarray]]] | None = None
+    combine: Callable[[list[dict[str, np.ndarray]]], dict[str, float]] | None = None
 
 
 class Task(NamedTuple):
@@ -61,9 +71,11 @@ class Task(NamedTuple):
       the mean training loss over the real rows of ``batch`` (``batch["mask"]: [b]``) and
       what it averages over (real examples, or tokens), which does not depend on the
       parameters; micro-batches (``clients.make_local_update``) weigh their means by it.
-    make_evaluator: ``(model, train, validation, holdout_index, config) -> Evaluator``;
-      ``holdout_index[u]``: client ``u``'s held-out rows of ``train``; ``config``: the run's
-      config (section ``eval`` and ``train.clients_per_round``).
+    make_evaluator: ``(model, train, validation, holdout_index, config, rows=None) ->
+      Evaluator``; ``holdout_index[u]``: client ``u``'s held-out rows of ``train``;
+      ``validation``: ``None`` for an evaluator of clients only; ``config``: the run's
+      config (section ``eval`` and ``train.clients_per_round``); ``rows``: the run's
+      ``packing.Rows`` (default: ``packing.decide`` of these splits).
     check: ``config -> None``: raises ``errors.BadValue`` whose ``param`` is the
       ``section.field`` of the first bad field the task reads (its data source, its own
       ``data.*`` and ``eval.*`` fields); ``config_check`` calls it before anything is built.
