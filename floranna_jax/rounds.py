@@ -353,13 +353,13 @@ def make_round(
     ``u``'s rows. ``server_``: the run's method, built once (``server.build``).
     ``compare``: ``server.make_compare(labels)``, whose ``rho_rel`` on this round's very
     uploads is logged as ``compare/<label>/rho_rel`` (the run itself still uses its method).
-    ``packed``: each step's examples share rows of the longest training example's length
-    (rounded up to 16 tokens; :mod:`floranna_jax.packing`), else each is padded to ``L``.
+    ``packed``: each (micro-)batch's examples share rows of a length chosen from the
+    training lengths (:func:`packing.dense_row_length`), else each is padded to ``L``.
     ``micro_batches``: a step's ``batch_size`` examples run as this many micro-batches
     (the runner's ``local_update`` built with ``micro_batched`` when more than 1).
     """
     num_clients = len(train_index)
-    layout = packing.layout(arrays) if packed else None
+    layout = packing.layout(arrays, batch_size // micro_batches) if packed else None
     sizes = np.asarray([len(i) for i in train_index], np.float64)
     method = server_.method
     effective_base = make_effective_base(model)

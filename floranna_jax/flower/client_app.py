@@ -106,11 +106,11 @@ def train_round(msg: Message, context: Context) -> Message:
 
     root = jax.random.key_data(keys.root(config.train.seed))
     rkey = keys.round_key(root, int(msg.content["config"]["round"]))
-    layout = packing.layout(shard.train) if config.data.packing else None
+    micro, b = train.micro_batches(config), config.client.batch_size
+    layout = packing.layout(shard.train, b // micro) if config.data.packing else None
     out = rounds.train_clients(
         job.runner, base, start, rounds.fresh_opt_state(job.opt, start), rkey, np.asarray([u]),
-        shard.train, {u: np.arange(n)}, config.client.local_steps, config.client.batch_size,
-        layout, train.micro_batches(config),
+        shard.train, {u: np.arange(n)}, config.client.local_steps, b, layout, micro,
     )  # fmt: skip
     # What leaves this client: the method's upload transform (server.dp clips it here).
     trained = jax.tree.map(lambda x: np.asarray(x[0]), method.upload(start, out.trainable))

@@ -77,10 +77,11 @@ def _client_args(config, run, opt):
     persistent = c.persistent_opt_state
     start = jax.eval_shape(lambda s: rounds._start(s, method, rkey, ids, opt, persistent),
                            run.state)  # fmt: skip
-    layout = packing.layout(exp.train) if config.data.packing else None
+    micro = train.micro_batches(config)
+    layout = packing.layout(exp.train, c.batch_size // micro) if config.data.packing else None
     batches, step_mask = rounds.client_batches(rkey, ids, exp.train, exp.part.train,
                                                c.local_steps, c.batch_size, layout,
-                                               train.micro_batches(config))  # fmt: skip
+                                               micro)  # fmt: skip
     dropout = keys.dropout_keys(rkey, ids)
     return ids, (exp.model.base, *start, abstract(batches), abstract(step_mask), abstract(dropout))
 
