@@ -16,7 +16,9 @@ decreasing. A packed batch (:func:`pack`) holds:
   float32 (1: a real example, 0: padding of a short batch).
 
 Examples per step stay exactly ``b`` (``client.batch_size`` keeps its meaning); what
-varies is ``R``. Shapes stay static: ``R`` is the most rows any batch of the call needs,
+varies is ``R``. ``T`` is fixed per dataset (:func:`layout`): the longest example, or for
+training the length that packs batches of ``b`` most cheaply (:func:`dense_row_length`).
+Shapes stay static: ``R`` is the most rows any batch of the call needs,
 rounded up to a multiple of ``ceil(b / 16)``, so at most 16 programs per ``b`` are ever
 compiled, and ``R <= b`` (one example per row, never worse than padding).
 """
