@@ -18,9 +18,10 @@ decreasing. A packed batch (:func:`pack`) holds:
 Examples per step stay exactly ``b`` (``client.batch_size`` keeps its meaning); what
 varies is ``R``. ``T`` is fixed per dataset (:func:`layout`): the longest example, or for
 training the length that packs batches of ``b`` most cheaply (:func:`dense_row_length`).
-Shapes stay static: ``R`` is the most rows any batch of the call needs,
-rounded up to a multiple of ``ceil(b / 16)``, so at most 16 programs per ``b`` are ever
-compiled, and ``R <= b`` (one example per row, never worse than padding).
+Shapes stay static: ``R`` is the most rows any batch of the call needs, rounded up to a
+multiple of ``ceil(b / 16)``, so at most 16 programs per ``b`` are ever compiled, and ``R
+<= b`` (one example per row: rows of the longest example are never worse than padding,
+and a dense ``T`` is taken only where its modeled cost is lower still).
 """
 
 from __future__ import annotations
