@@ -345,6 +345,7 @@ def make_round(
     persistent_opt_state: bool = False,
     compare: Callable | None = None,
     packed: bool = False,
+    dense_rows: bool = False,
     micro_batches: int = 1,
 ) -> Callable[[RoundState], tuple[RoundState, RoundOutput]]:
     """Build ``round_fn(state) -> (state, RoundOutput)`` for one run.
@@ -353,13 +354,16 @@ def make_round(
     ``u``'s rows. ``server_``: the run's method, built once (``server.build``).
     ``compare``: ``server.make_compare(labels)``, whose ``rho_rel`` on this round's very
     uploads is logged as ``compare/<label>/rho_rel`` (the run itself still uses its method).
-    ``packed``: each (micro-)batch's examples share rows of a length chosen from the
-    training lengths (:func:`packing.dense_row_length`), else each is padded to ``L``.
+    ``packed``: each (micro-)batch's examples share rows of the longest training example's
+    length (rounded up to 16 tokens; :mod:`floranna_jax.packing`), or with ``dense_rows``
+    of a length chosen for the batch (:func:`packing.dense_row_length`); else each example
+    is padded to ``L``.
     ``micro_batches``: a step's ``batch_size`` examples run as this many micro-batches
     (the runner's ``local_update`` built with ``micro_batched`` when more than 1).
     """
     num_clients = len(train_index)
-    layout = packing.layout(arrays, batch_size // micro_batches) if packed else None
+    packed_batch = batch_size // micro_batches if dense_rows else None
+    layout = packing.layout(arrays, packed_batch) if packed else None
     sizes = np.asarray([len(i) for i in train_index], np.float64)
     method = server_.method
     effective_base = make_effective_base(model)

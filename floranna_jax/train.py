@@ -185,7 +185,8 @@ def build(config, *, loss_wrapper=None, abstract: bool = False) -> Run:
         clients_per_round=config.train.clients_per_round,
         persistent_opt_state=c.persistent_opt_state,
         compare=server.make_compare(compare) if compare else None,
-        packed=config.data.packing, micro_batches=micro_batches(config),
+        packed=config.data.packing, dense_rows=config.data.dense_rows,
+        micro_batches=micro_batches(config),
     )  # fmt: skip
     state = initial_state(config, exp.model, method, abstract)
     if config.lora.get("init_from"):

@@ -107,7 +107,9 @@ def train_round(msg: Message, context: Context) -> Message:
     root = jax.random.key_data(keys.root(config.train.seed))
     rkey = keys.round_key(root, int(msg.content["config"]["round"]))
     micro, b = train.micro_batches(config), config.client.batch_size
-    layout = packing.layout(shard.train, b // micro) if config.data.packing else None
+    # Dense rows: the length chosen from this client's own examples (a server holds none).
+    packed_batch = b // micro if config.data.dense_rows else None
+    layout = packing.layout(shard.train, packed_batch) if config.data.packing else None
     out = rounds.train_clients(
         job.runner, base, start, rounds.fresh_opt_state(job.opt, start), rkey, np.asarray([u]),
         shard.train, {u: np.arange(n)}, config.client.local_steps, b, layout, micro,

@@ -78,7 +78,8 @@ def _client_args(config, run, opt):
     start = jax.eval_shape(lambda s: rounds._start(s, method, rkey, ids, opt, persistent),
                            run.state)  # fmt: skip
     micro = train.micro_batches(config)
-    layout = packing.layout(exp.train, c.batch_size // micro) if config.data.packing else None
+    packed_batch = c.batch_size // micro if config.data.dense_rows else None
+    layout = packing.layout(exp.train, packed_batch) if config.data.packing else None
     batches, step_mask = rounds.client_batches(rkey, ids, exp.train, exp.part.train,
                                                c.local_steps, c.batch_size, layout,
                                                micro)  # fmt: skip
