@@ -4,11 +4,11 @@ the peer dynamically padded, on the same examples in the same steps.
 The rows are the run's own (:func:`floranna_jax.tasks.generation.read_corpus` of
 ``configs/gsm8k.py`` on local files: chat-formatted question, answer, end of sequence; loss
 on the answer tokens only). Each step takes ``b`` consecutive training examples. The
-project packs them into rows of the dataset's longest example (:mod:`floranna_jax.packing`,
-``data.packing``), every turn padded to the same row count so one program serves all
-turns. The peer pads each batch to its longest example, as ``DataCollatorForSeq2Seq`` does,
-with ``-100`` labels on the prompt and padding (transformers' own shift). Both sides count
-the same real tokens per second.
+project packs them as a run does (:mod:`floranna_jax.packing`, ``data.packing``): rows of a
+length chosen from the examples' lengths for batches of ``b``, every turn padded to the
+same row count so one program serves all turns. The peer pads each batch to its longest
+example, as ``DataCollatorForSeq2Seq`` does, with ``-100`` labels on the prompt and padding
+(transformers' own shift). Both sides count the same real tokens per second.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def turns(rows: dict, lengths: np.ndarray, shape: tuple[int, int, int]) -> tuple
     packed ``[steps, R, T]`` with one ``R`` for all turns, and padded per batch."""
     take = np.arange(np.prod(shape)).reshape(shape)
     real = np.ones(shape[1:], bool)
-    packed = [packing.batches(rows, t, real, packing.layout(rows)) for t in take]
+    dense = packing.decide(True, rows, None, shape[2]).train  # the row length a run takes
+    layout = packing.layout(rows, dense)
+    packed = [packing.batches(rows, t, real, layout) for t in take]
     R = max(packing.rows(p) for p in packed)
     project = [packing.pad_rows(p, R) for p in packed]
     peer = []

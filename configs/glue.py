@@ -66,6 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Examples share rows of tokens, so no compute is spent on padding (client.batch_size
         # stays examples per step); False pads every example to max_length.
         packing=True,
+        # Packed rows of a length chosen for the batch (packing.dense_row_length) instead of
+        # the longest example's; False keeps rows of the longest example.
+        dense_rows=False,
         num_train_examples=512,  # synthetic only: training examples
         num_eval_examples=128,  # synthetic only: validation examples
         vocab_size=1000,  # synthetic only: token ids in [0, vocab_size)

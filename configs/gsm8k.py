@@ -91,6 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_length=512,
         max_train_examples=0,  # local/hub: the first this many training problems (0 = all)
         packing=True,  # examples share rows of tokens (no compute on padding)
+        # Packed rows of a length chosen for each micro-batch's examples, several examples a
+        # row (packing.dense_row_length); False: rows of the longest example.
+        dense_rows=True,
         num_train_examples=256,  # synthetic only: training problems
         num_eval_examples=64,  # synthetic only: test problems (per test set)
     )

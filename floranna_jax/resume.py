@@ -33,6 +33,8 @@ ADDED_FIELDS = {
     "privacy.delta": lambda v: True,  # only names the reported epsilon; none without noise
     "model.quantize": lambda v: not v,
     "train.model_shards": lambda v: v == 1,
+    "data.dense_rows": lambda v: not v,
+    "eval.global_split": lambda v: bool(v),
 }
 
 

@@ -33,10 +33,11 @@ def _take(seed=1, n=4, b=10):
     return take, real
 
 
-def test_every_example_is_packed_once_and_whole():
+@pytest.mark.parametrize("batch", [None, 10])  # rows of the longest example; dense rows
+def test_every_example_is_packed_once_and_whole(batch):
     arrays = _arrays()
     take, real = _take()
-    lengths, T = packing.layout(arrays)
+    lengths, T = packing.layout(arrays, packing.decide(True, arrays, None, batch).train)
     out = packing.batches(arrays, take, real, (lengths, T))
     n, b = take.shape
     R = out["input_ids"].shape[1]
@@ -68,6 +69,32 @@ def test_row_counts_are_bounded():
         assert len(shapes) <= packing.MAX_SHAPES and max(shapes) == b
     with pytest.raises(ValueError, match="30 tokens does not fit a row of 24"):
         packing.place(np.array([3, 30]), 24)
+
+
+def test_dense_rows_hold_several_examples_where_the_longest_rows_hold_one():
+    lengths = np.full(40, 33)  # rows of the longest example (48 tokens) hold one each
+    T = packing.dense_row_length(lengths, 8)
+    assert T % 16 == 0 and T >= 2 * 33
+    used = packing.place(np.full((2, 8), 33), T)[2]
+    np.testing.assert_array_equal(used, used[0])
+    assert used[0] * T < 8 * 48  # fewer token slots than one example a row
+    assert packing.dense_row_length(lengths, 1) == 48  # one example a batch: nothing to share
+    assert packing.decide(True, _arrays(), None, 10).train == packing.dense_row_length(
+        packing.token_lengths(_arrays()), 10
+    )
+    assert packing.decide(True, _arrays(), None).train == packing.layout(_arrays())[1]
+
+
+def test_place_packs_each_batch_on_its_own():
+    lengths = np.array([[5, 3, 0, 4], [8, 8, 8, 8]])
+    row, offset, used = packing.place(lengths, 8)
+    np.testing.assert_array_equal(used, [2, 4])
+    for i in range(2):  # the same rows as first-fit decreasing on one batch alone
+        alone = packing.place(lengths[i], 8)
+        np.testing.assert_array_equal(row[i], alone[0])
+        np.testing.assert_array_equal(offset[i], alone[1])
+    np.testing.assert_array_equal(row[0], [0, 0, 0, 1])  # 5, then 4 to row 1, 3 after the 5
+    np.testing.assert_array_equal(offset[0], [0, 5, 0, 0])
 
 
 def test_token_lengths_and_row_length():

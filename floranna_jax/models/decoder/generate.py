@@ -6,8 +6,8 @@
 
 Prompts are LEFT-padded (``prompt_mask [b, P]`` 0 on the padding), so every row's next
 token goes to the same cache slot. One program per ``(b, P, max_new_tokens)`` (and per
-greedy/sampling): the prompt fills the cache ``[N, b, P + max_new_tokens, KV, hd]`` in one
-pass, then a ``while_loop`` adds one token per step until every row has emitted one of
+greedy/sampling): the prompt fills each layer's cache ``[b, KV, hd, P + max_new_tokens]`` in
+one pass, then a ``while_loop`` adds one token per step until every row has emitted one of
 ``eos_ids`` (or ended with one of the token sequences ``stop_ids``) or ``max_new_tokens``
 are out. A finished row emits ``pad_id`` from then on. Stop sequences are matched on the
 device against a window of each row's last tokens (``[b, M]``, ``M`` the longest sequence),
@@ -124,11 +124,13 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         ctx = modules.context(cfg, positions, positions, allowed, dtype, lora_scale)
         x, (k, v) = modules.run_layers(cfg, ctx, base["layers"], stacked,
                                        modules.embed(cfg, base, ids), collect_kv=True)  # fmt: skip
-        empty = ((0, 0), (0, 0), (0, max_new), (0, 0), (0, 0))
-        return head(base, x[:, -1]), (jnp.pad(k, empty), jnp.pad(v, empty))
+        empty = ((0, 0), (0, 0), (0, 0), (0, max_new))
+        caches = [tuple(jnp.pad(modules.cache_layout(c[i]), empty) for c in (k, v))
+                  for i in range(cfg.num_layers)]  # fmt: skip
+        return head(base, x[:, -1]), caches
 
-    def step(base, stacked, token, t, cache, key_mask, key_positions, P):
-        """Feed ``token [b]`` at slot ``P + t``; next-token logits ``[b, V]`` and the cache."""
+    def step(base, layers, token, t, caches, key_mask, key_positions, P):
+        """Feed ``token [b]`` at slot ``P + t``; next-token logits ``[b, V]`` and the caches."""
         slot = P + t
         key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones_like(key_mask[:, :1]),
                                                 (0, slot))  # fmt: skip
@@ -136,17 +138,22 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         allowed = modules.attention_allowed(key_mask > 0, jnp.ones((1, key_mask.shape[1]), bool))
         ctx = modules.context(cfg, position, key_positions, allowed, dtype, lora_scale)
         x = modules.embed(cfg, base, token[:, None])
-        x, (k, v) = modules.run_layers(cfg, ctx, base["layers"], stacked, x,
-                                       cache=(*cache, slot))  # fmt: skip
-        cache = tuple(jax.lax.dynamic_update_slice(c, new, (0, 0, slot, 0, 0))
-                      for c, new in zip(cache, (k, v), strict=True))  # fmt: skip
-        return head(base, x[:, 0]), cache, key_mask
+        windows, local = modules.layer_plan(cfg)
+        caches = list(caches)
+        for i, (p, a) in enumerate(layers):  # unrolled: no layer's weights are sliced per token
+            here = modules.layer_view(cfg, ctx, windows[i], local[i])
+            x, caches[i] = modules.block(cfg, here, x, p, a, None, (*caches[i], slot))
+        return head(base, x[:, 0]), caches, key_mask
 
     @jax.jit
     def run(base, adapters, ids, mask, eos, stops, pad, temperature, top_p, key):
         b, P = ids.shape
         stacked = modules.stack_adapters(cfg, adapters)
         logits, cache = prefill(base, stacked, ids, mask)
+        # Each layer's weights and adapters sliced once per call, outside the token loop: a
+        # scan over the stacked layers copies every weight matrix out at every token.
+        layers = [jax.tree.map(lambda w, i=i: w[i], (base["layers"], stacked))
+                  for i in range(cfg.num_layers)]  # fmt: skip
         key_mask = jnp.pad(mask, ((0, 0), (0, max_new)))
         n_real = jnp.sum(mask, axis=1)
         key_positions = jnp.concatenate(
@@ -166,7 +173,7 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
             out = out.at[:, t].set(jnp.where(done, pad, token))
             window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
             done = done | jnp.any(token[:, None] == eos[None, :], axis=1) | _stopped(window, stops)
-            logits, cache, key_mask = step(base, stacked, token, t, cache, key_mask,
+            logits, cache, key_mask = step(base, layers, token, t, cache, key_mask,
                                            key_positions, P)  # fmt: skip
             token = _pick(logits, greedy, temperature, top_p, jax.random.fold_in(key, t + 1))
             return t + 1, token, done, out, cache, key_mask, window

@@ -34,6 +34,9 @@ from floranna_jax.models.architecture import Params, split_stacked
 from floranna_jax.models.decoder import rotary as rotary_lib
 from floranna_jax.models.decoder.config import ATTENTION_PROJECTIONS, DecoderConfig
 
+# Queries per chunk of causal self-attention (attend): XLA computes every score of its mask,
+# so later chunks alone read the later keys.
+QUERY_CHUNK = 64
 _NEG = float(jnp.finfo(jnp.float32).min)  # additive mask: finite, so an all-masked row stays finite
 _NO_WINDOW = np.iinfo(np.int32).max  # the window of a full-attention layer in the scan
 
@@ -223,35 +226,51 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def attend(cfg: DecoderConfig, ctx: Context, q, k, v, key) -> jax.Array:
-    """Grouped-query attention: ``q [R, T, KV, G, hd]``, ``k, v [R, S, KV, hd]`` ->
-    ``[R, T, H * hd]``; query head ``j * G + g`` reads key/value head ``j``; scores scaled
-    by ``cfg.query_scale``, keys masked by ``ctx.allowed``.
+def attend(cfg: DecoderConfig, ctx: Context, q, k, v, key, cached: bool = False) -> jax.Array:
+    """Grouped-query attention: ``q [R, T, KV, G, hd]``, ``k, v [R, S, KV, hd]`` (``cached``:
+    a decode cache's ``[R, KV, hd, S]``) -> ``[R, T, H * hd]``; query head ``j * G + g``
+    reads key/value head ``j``; scores scaled by ``cfg.query_scale``, keys masked by
+    ``ctx.allowed``.
 
     ``jax.nn.dot_product_attention`` (XLA's fused path; the same grouping and float32
-    softmax) unless the layer needs what it cannot express: Gemma 2's soft-capped scores
-    or attention dropout, which take :func:`_attend_scores`."""
+    softmax) unless the layer needs what it cannot express: Gemma 2's soft-capped scores,
+    attention dropout, or a cache's layout, which take :func:`_attend_scores`."""
     dropping = ctx.dropout is not None and ctx.dropout[1] > 0.0
-    if cfg.attn_softcap is not None or dropping:
-        return _attend_scores(cfg, ctx, q, k, v, key if dropping else None)
+    if cfg.attn_softcap is not None or dropping or cached:
+        return _attend_scores(cfg, ctx, q, k, v, key if dropping else None,
+                              "rkds" if cached else "rskd")  # fmt: skip
     R, T, kv, group, hd = q.shape
-    out = jax.nn.dot_product_attention(
-        q.reshape(R, T, kv * group, hd), k.astype(q.dtype), v.astype(q.dtype),
-        mask=ctx.allowed[:, None], scale=cfg.query_scale,
-    )  # fmt: skip
-    return out.reshape(R, T, -1)
+
+    def fused(q, k, v, allowed):
+        out = jax.nn.dot_product_attention(
+            q.reshape(R, q.shape[1], kv * group, hd), k.astype(q.dtype), v.astype(q.dtype),
+            mask=allowed[:, None], scale=cfg.query_scale,
+        )  # fmt: skip
+        return out.reshape(R, q.shape[1], -1)
+
+    if T != k.shape[1] or T <= QUERY_CHUNK:
+        return fused(q, k, v, ctx.allowed)
+    # Every decoder mask is causal: the queries of a chunk see no key after its last one,
+    # so each chunk reads only the keys up to there, (n + 1) / 2n of the T x T scores for
+    # n chunks. The keys a query may see are all kept: the same softmax.
+    ends = range(QUERY_CHUNK, T + QUERY_CHUNK, QUERY_CHUNK)
+    parts = [fused(q[:, e - QUERY_CHUNK : e], k[:, :e], v[:, :e],
+                   ctx.allowed[:, e - QUERY_CHUNK : e, :e]) for e in ends]  # fmt: skip
+    return jnp.concatenate(parts, axis=1)
 
 
-def _attend_scores(cfg: DecoderConfig, ctx: Context, q, k, v, key) -> jax.Array:
+def _attend_scores(cfg: DecoderConfig, ctx: Context, q, k, v, key, layout="rskd") -> jax.Array:
     """:func:`attend` with explicit scores: soft-capped (Gemma 2) before the mask, and
-    attention dropout on the probabilities when ``key`` is given."""
-    scores = jnp.einsum("rtkgd,rskd->rkgts", q, k).astype(jnp.float32)
+    attention dropout on the probabilities when ``key`` is given. ``layout``: the einsum
+    letters of ``k`` and ``v`` (``"rkds"``: a decode cache, keys last, so neither
+    product transposes the cache)."""
+    scores = jnp.einsum(f"rtkgd,{layout}->rkgts", q, k).astype(jnp.float32)
     scores = soft_cap(scores * cfg.query_scale, cfg.attn_softcap)
     scores = scores + jnp.where(ctx.allowed, 0.0, _NEG)[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1)
     if key is not None:
         probs = _dropout(key, probs, ctx.dropout[1])
-    out = jnp.einsum("rkgts,rskd->rtkgd", probs.astype(ctx.dtype), v)
+    out = jnp.einsum(f"rkgts,{layout}->rtkgd", probs.astype(ctx.dtype), v)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -280,9 +299,11 @@ def block(cfg: DecoderConfig, ctx: Context, x, p, adapters, key, cache=None):
     """One pre-norm decoder layer on the float32 residual ``x [R, T, d]``.
 
     ``p``: this layer's slice of ``base["layers"]``; ``adapters``: ``{"attn/q_proj":
-    {"A", "B"}}`` of this layer. ``cache``: None, or ``(k [R, S, KV, hd], v, index)``:
-    the new keys and values are written at ``index`` and the queries attend to all ``S``.
-    Returns ``(x, (k, v))`` with this call's new keys and values ``[R, T, KV, hd]``.
+    {"A", "B"}}`` of this layer. ``cache``: None, or ``(k [R, KV, hd, S], v, index)``
+    (:func:`cache_layout`): the new keys and values are written at ``index`` and the
+    queries attend to all ``S``. Returns ``(x, (k, v))``: this call's new keys and values
+    ``[R, T, KV, hd]``, or with a cache the updated cache (written in place when the
+    caller carries it in a loop).
     """
     R, T, _ = x.shape
     k_lora, k_attn = (None, None) if key is None else jax.random.split(key)
@@ -300,12 +321,11 @@ def block(cfg: DecoderConfig, ctx: Context, x, p, adapters, key, cache=None):
         q, k = _norm(cfg, q, p["attn"]["q_norm"]), _norm(cfg, k, p["attn"]["k_norm"])
     q = _rotate(q, ctx.cos, ctx.sin)
     k = _rotate(k, ctx.cos, ctx.sin).astype(ctx.dtype)
-    k_all, v_all = k, v
     if cache is not None:
         k_cache, v_cache, index = cache
-        k_all = jax.lax.dynamic_update_slice(k_cache, k, (0, index, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_cache, v, (0, index, 0, 0))
-    context = attend(cfg, ctx, q.astype(ctx.dtype), k_all, v_all, k_attn)
+        k = jax.lax.dynamic_update_slice(k_cache, cache_layout(k), (0, 0, 0, index))
+        v = jax.lax.dynamic_update_slice(v_cache, cache_layout(v), (0, 0, 0, index))
+    context = attend(cfg, ctx, q.astype(ctx.dtype), k, v, k_attn, cached=cache is not None)
     out = proj("o_proj", context).astype(jnp.float32)
     x = x + (_norm(cfg, out, p["attn_out_norm"]) if "attn_out_norm" in cfg.norms else out)
     out = proj("down_proj", _gated(cfg, proj, _norm(cfg, x, p["post_attn_norm"])))
@@ -314,7 +334,13 @@ def block(cfg: DecoderConfig, ctx: Context, x, p, adapters, key, cache=None):
     return x, (k, v)
 
 
-def _per_layer(cfg: DecoderConfig):
+def cache_layout(kv: jax.Array) -> jax.Array:
+    """Keys or values ``[R, S, KV, hd]`` as a decode cache holds them, ``[R, KV, hd, S]``:
+    the layout both attention products read without a transposed copy per token."""
+    return jnp.transpose(kv, (0, 2, 3, 1))
+
+
+def layer_plan(cfg: DecoderConfig):
     """``(window [N] int32, local [N] bool)``: each layer's sliding window (a huge one for
     full attention) and whether it uses the local rotary table."""
     windows = [_NO_WINDOW if w is None else w for w in cfg.layer_windows]
@@ -322,7 +348,7 @@ def _per_layer(cfg: DecoderConfig):
     return jnp.asarray(windows, jnp.int32), jnp.asarray(local)
 
 
-def _layer_view(cfg: DecoderConfig, ctx: Context, window, local) -> Context:
+def layer_view(cfg: DecoderConfig, ctx: Context, window, local) -> Context:
     """The context of one layer: its rotary table and its window applied to ``allowed``."""
     if cfg.local_rope is not None:
         (cos_l, sin_l) = ctx.local
@@ -335,27 +361,23 @@ def _layer_view(cfg: DecoderConfig, ctx: Context, window, local) -> Context:
     return ctx
 
 
-def run_layers(cfg, ctx, layers, adapters, x, *, key=None, cache=None, remat=False,
-               collect_kv=False):  # fmt: skip
+def run_layers(cfg, ctx, layers, adapters, x, *, key=None, remat=False, collect_kv=False):
     """All ``N`` layers under one ``lax.scan`` over the stacked ``layers`` and ``adapters``
-    (:func:`stack_adapters`). ``cache``: None or ``(k [N, R, S, KV, hd], v, index)``.
+    (:func:`stack_adapters`).
 
-    Returns ``(x, kv)``: ``kv = (k, v)`` ``[N, R, T, KV, hd]`` with ``collect_kv`` (or a
-    cache), else None. ``remat`` recomputes each layer in the backward pass.
+    Returns ``(x, kv)``: ``kv = (k, v)`` ``[N, R, T, KV, hd]`` with ``collect_kv``, else
+    None. ``remat`` recomputes each layer in the backward pass.
     """
     n = cfg.num_layers
     keys = None if key is None else jax.random.split(key, n)
-    caches = None if cache is None else (cache[0], cache[1])
     arrays = ("cos", "sin", "allowed", "local", "positions", "key_positions")
-    shared = (tuple(getattr(ctx, f) for f in arrays), None if cache is None else cache[2])
-    keep_kv = collect_kv or cache is not None
+    shared = tuple(getattr(ctx, f) for f in arrays)
 
-    def layer(x, p, a, k, c, info, shared):  # every array an argument: jax.checkpoint needs it
-        values, index = shared
-        here = _layer_view(cfg, ctx._replace(**dict(zip(arrays, values, strict=True))), *info)
+    def layer(x, p, a, k, info, shared):  # every array an argument: jax.checkpoint needs it
+        here = layer_view(cfg, ctx._replace(**dict(zip(arrays, shared, strict=True))), *info)
         p = fsdp.gather_layer(p)  # a split base: this layer whole, one layer at a time
-        x, kv = block(cfg, here, x, p, a, k, None if c is None else (*c, index))
-        return x, (kv if keep_kv else None)
+        x, kv = block(cfg, here, x, p, a, k)
+        return x, (kv if collect_kv else None)
 
     # A gathered layer kept for the backward pass would put the whole base on every device
     # (measured: a policy saving all but the gathered kernels still kept their uses), so a
@@ -367,7 +389,7 @@ def run_layers(cfg, ctx, layers, adapters, x, *, key=None, cache=None, remat=Fal
         return layer(x, *xs, shared)
 
     x = fsdp.split_rows(x)
-    return jax.lax.scan(body, x, (layers, adapters, keys, caches, _per_layer(cfg)), length=n)
+    return jax.lax.scan(body, x, (layers, adapters, keys, layer_plan(cfg)), length=n)
 
 
 def embed(cfg: DecoderConfig, base: Params, ids: jax.Array) -> jax.Array:
