@@ -204,19 +204,14 @@ def check_aggregate(round_number: int, agg: server.Aggregate, method_state: PyTr
             raise RoundError(f"round {round_number}: server metric {k} is {v}")
 
 
-def make_merge(model, donate: bool = False) -> Callable:
+def make_merge(model) -> Callable:
     """The jitted ``merge(base, delta) -> {kernel path: kernel}``: only the kernels of
     ``base`` that ``delta`` names, each plus ``s * delta`` (:func:`models.merged_kernels`).
     The base's other leaves are unused arguments, which jit drops: the compiled merge's
-    arguments and outputs are the merged kernels and ``delta`` alone. ``donate``:
-    ``merge(base, delta, into)`` instead, ``into`` an earlier merge's result for the same
-    base and layers, donated: the result is written into its buffers (``into`` is deleted)."""
+    arguments and outputs are the merged kernels and ``delta`` alone."""
     s = float(model.lora_scale)
     flatten = functools.partial(traverse_util.flatten_dict, sep="/")
-    if not donate:
-        return jax.jit(lambda base, delta: models.merged_kernels(flatten(base), delta, s))
-    return jax.jit(lambda base, delta, into: models.merged_kernels(flatten(base), delta, s, into),
-                   donate_argnums=2)  # fmt: skip
+    return jax.jit(lambda base, delta: models.merged_kernels(flatten(base), delta, s))
 
 
 def make_effective_base(model) -> Callable:
@@ -224,26 +219,19 @@ def make_effective_base(model) -> Callable:
 
     ``delta``: ``{layer: [d_out, d_in]}`` in ``B @ A`` units, a method's ``base_delta``.
     Only the kernels ``delta`` names are rebuilt (:func:`make_merge`); every other leaf of
-    the result is ``base``'s own buffer. The kernels this function built last, for the same
-    ``base`` and layers, are donated to the next merge, which writes into their buffers: a
-    merging method's round holds the pretrained base once plus one set of merged kernels,
-    in the base's dtype and sharding, and a result is valid until the next call.
+    the result is ``base``'s own buffer, so a merging method's round holds the pretrained base
+    once plus its merged kernels, in the base's dtype (sharding follows the kernels').
     Float32 accumulation is kept in two places, for exactness: the method state sums the
-    merges in float32 (bit-exact resume: the base is always rebuilt as ``W0 + s * sum``,
-    never merged round on round, which would round once per round), and each kernel is
-    summed in float32 and rounded once into its dtype.
+    merges in float32 (bit-exact resume: the base is always rebuilt as ``W0 + s * sum``),
+    and each kernel is summed in float32 and rounded once into its dtype.
     """
-    merge, merge_into = make_merge(model), make_merge(model, donate=True)
-    last: dict[str, Any] = {}  # the last merge's base, layer names and kernels
+    merge = make_merge(model)
 
     def effective(base, delta):
         if not delta:
             return base
-        same = last.get("base") is base and last.get("names") == sorted(delta)
-        kernels = merge_into(base, delta, last["kernels"]) if same else merge(base, delta)
-        last.update(base=base, names=sorted(delta), kernels=kernels)
         flat = traverse_util.flatten_dict(base, sep="/")
-        return traverse_util.unflatten_dict(flat | kernels, sep="/")
+        return traverse_util.unflatten_dict(flat | merge(base, delta), sep="/")
 
     return effective
 

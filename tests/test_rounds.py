@@ -154,29 +154,3 @@ def test_merging_round_keeps_one_bf16_base():
     total = sum(x.nbytes for _, x in w0)
     assert 0 < new_bytes == sum(x.nbytes for (p, x) in w0 if "/".join(k.key for k in p) in names)
     assert new_bytes < total / 4  # only the adapted kernels are new
-
-
-def test_merges_are_written_into_the_last_merge():
-    """A second merge into the same bfloat16 base writes into the first one's kernels (donated:
-    deleted) and equals a merge built from scratch bit for bit; the pretrained base stays."""
-    spec = models.LoraSpec(rank=2, targets=("q_proj", "v_proj"))
-    model = models.build_random(models.tiny_config("llama"), lora=spec, base_dtype=jnp.bfloat16)
-    rng = np.random.default_rng(0)
-
-    def delta():
-        return {n: jnp.asarray(rng.normal(size=(f["B"].shape[0], f["A"].shape[1])), jnp.float32)
-                for n, f in model.trainable["lora"].items()}  # fmt: skip
-
-    effective = rounds.make_effective_base(model)
-    w0 = jax.tree.leaves(model.base)
-    first = [x for x in jax.tree.leaves(effective(model.base, delta()))
-             if not any(x is w for w in w0)]  # fmt: skip
-    assert first  # the merged kernels, new buffers
-    second_delta = delta()
-    second = effective(model.base, second_delta)
-    assert all(x.is_deleted() for x in first)
-    assert not any(x.is_deleted() for x in w0)
-    fresh = rounds.make_effective_base(model)(model.base, second_delta)
-    for got, want in zip(jax.tree.leaves(second), jax.tree.leaves(fresh), strict=True):
-        assert got.dtype == want.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -68,6 +68,20 @@ def test_at_start_evaluates_the_untrained_model_once(tmp_path):
     assert line.split("|")[2].strip() == reporting.format_value(before)
 
 
+@pytest.mark.parametrize("name", ["flora", "fedex"])
+def test_merging_methods_evaluate_at_start_and_every_round(name, tmp_path):
+    """FLoRA and FedEx evaluate on a base with merged kernels before round 1 and after every
+    round, globally and on each client's rows (a merge written into the buffers of the last
+    one once deleted kernels an evaluation still held)."""
+    config = smoke_config(**{"server.name": name, "eval.at_start": True,
+                             "train.num_rounds": 2, "eval.every_rounds": 1})  # fmt: skip
+    train.run(config, str(tmp_path))
+    rows = reporting.read_rows(tmp_path / reporting.METRICS_FILE)
+    for side in ("global", "local"):
+        scores = [r[f"eval/{side}/accuracy"] for r in rows if f"eval/{side}/accuracy" in r]
+        assert len(scores) == 3 and np.isfinite(scores).all(), (side, scores)
+
+
 def test_every_estimator_is_listed():
     assert set(ESTIMATORS) <= set(server.ESTIMATORS)
 

@@ -309,16 +309,10 @@ def merged_kernel_paths(flat: dict[str, jax.Array], names) -> dict[str, list[tup
 
 
 def merged_kernels(
-    flat: dict[str, jax.Array],
-    merges: dict[str, jax.Array],
-    s: float,
-    into: dict[str, jax.Array] | None = None,
+    flat: dict[str, jax.Array], merges: dict[str, jax.Array], s: float
 ) -> dict[str, jax.Array]:
     """The kernels of ``flat`` (a base flattened with ``"/"``) that ``merges`` touches,
     each with its merges folded in: ``{path: kernel}``, the same shapes and dtypes.
-    ``into``: the result of an earlier call on the same ``flat`` and the same layer names,
-    written over (the layers no merge names are ``flat``'s in both), so that a jit that
-    donates it builds the result in its buffers.
 
     Float32 accumulation lives here and only here: each kernel is read in float32, gains
     ``s dW^T`` in float32, and is rounded once into its own dtype, so a bfloat16 base takes
@@ -326,10 +320,8 @@ def merged_kernels(
     out = {}
     for path, named in merged_kernel_paths(flat, merges).items():
         kernel = flat[path]
-        target = kernel if into is None else into[path]
         if named[0][1] is None:  # an unstacked kernel: one name
-            new = lora_lib.merge_into_kernel(kernel, merges[named[0][0]], s)
-            out[path] = jax.lax.dynamic_update_slice(target, new, (0,) * new.ndim)
+            out[path] = lora_lib.merge_into_kernel(kernel, merges[named[0][0]], s)
             continue
         for name, _ in named:
             if merges[name].shape != kernel.shape[:0:-1]:
@@ -338,5 +330,5 @@ def merged_kernels(
         index = jnp.asarray([i for _, i in named])
         update = jnp.stack([(s * merges[name].astype(jnp.float32)).T for name, _ in named])
         summed = kernel[index].astype(jnp.float32) + update
-        out[path] = target.at[index].set(summed.astype(kernel.dtype))
+        out[path] = kernel.at[index].set(summed.astype(kernel.dtype))
     return out

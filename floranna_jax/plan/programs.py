@@ -116,10 +116,8 @@ def _server_programs(run, ids, uploads) -> list[Program]:
            Program("server apply", jax.jit(apply), (state, agg, uploads), 1)]  # fmt: skip
     _, after = jax.eval_shape(apply, run.state.method, agg, uploads)
     delta = jax.eval_shape(method.base_delta, after)
-    if delta:  # round 2 on: written into round 1's merged kernels (make_effective_base)
-        into = jax.eval_shape(rounds.make_merge(model), model.base, delta)
-        out.append(Program(MERGE, rounds.make_merge(model, donate=True),
-                           (model.base, delta, into), 1))  # fmt: skip
+    if delta:
+        out.append(Program(MERGE, rounds.make_merge(model), (model.base, delta), 1))
     return out
 
 
