@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -272,6 +273,15 @@ def check_overrides(config, overrides: list[str]) -> None:
                       f"(it is one of {', '.join(users) or 'no method'})")  # fmt: skip
 
 
+def load_file(path, arg: str | None = None):
+    """``get_config(arg)`` of the config file ``path`` (``get_config()`` without ``arg``),
+    loaded the way config_flags loads it: what a config built on another one calls."""
+    spec = importlib.util.spec_from_file_location(f"config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def config_of_argv(argv: list[str]):
     """The config of the ``--config=FILE[:arg]`` in ``argv``, loaded the way config_flags
     loads it; None when there is none or it does not load (absl's own message says why)."""
@@ -280,9 +290,6 @@ def config_of_argv(argv: list[str]):
         return None
     path, _, arg = spec.partition(":")
     try:
-        module = importlib.util.spec_from_file_location("command_config", path)
-        loaded = importlib.util.module_from_spec(module)
-        module.loader.exec_module(loaded)
-        return loaded.get_config(arg) if arg else loaded.get_config()
+        return load_file(path, arg)
     except Exception:  # a missing file or a bad arg: absl's own message says which
         return None

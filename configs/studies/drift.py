@@ -23,10 +23,11 @@ chose (docs/drift_pilot.md). Cells land in docs/study/drift/<cell>/ (commit them
 as the evidence study's do. With ``:smoke`` the grids shrink to seconds-long cells.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
+
+from floranna_jax import config_check
 
 METHODS = ("fedit", "floranna_layer", "svd", "fedex")
 # Label heterogeneity: IID shards, and the evidence study's strongest non-IID split.
@@ -36,20 +37,12 @@ SPLITS = {
 }
 
 
-def _evidence(arg: str):
-    path = pathlib.Path(__file__).resolve().parent / "evidence.py"
-    spec = importlib.util.spec_from_file_location("evidence_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The study, or with ``arg="smoke"`` its grids on configs/glue.py:smoke."""
     if arg not in (None, "", "smoke"):
         raise ValueError(f"configs/studies/drift.py: unknown arg {arg!r}; valid: '' or 'smoke'")
     smoke = arg == "smoke"
-    evidence = _evidence(arg or "")
+    evidence = config_check.load_file(pathlib.Path(__file__).parent / "evidence.py", arg)
     c = ml_collections.ConfigDict()
     c.name = "drift_smoke" if smoke else "drift"  # results in <out>/<name>/<cell>/
     c.base = evidence.base

@@ -27,12 +27,11 @@ grid's table (``--config.base.client.learning_rate=...`` for a trial). With ``:s
 grid shrinks to a few cells of configs/glue.py:smoke (seconds each, no files).
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
-from floranna_jax import server
+from floranna_jax import config_check, server
 
 # Labelled values of the "method" axis, each the config fields it sets: every estimator by its
 # name, and FLoRA-NA's scopes by their server.COMPARISONS labels (floranna_layer, ..._model).
@@ -43,16 +42,10 @@ METHODS = {name: {"server": {"name": name}} for name in server.ESTIMATORS} | {
 CORE = ("fedit", "floranna_layer", "floranna_model", "svd", "fedex")
 
 
-def _experiment(arg: str):
-    path = pathlib.Path(__file__).resolve().parents[1] / "glue.py"
-    spec = importlib.util.spec_from_file_location("glue_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def _base(smoke: bool):
-    c = _experiment("smoke" if smoke else "")
+    c = config_check.load_file(
+        pathlib.Path(__file__).parents[1] / "glue.py", "smoke" if smoke else None
+    )
     c.server.compare = ("fedit", "floranna_layer", "floranna_model", "svd")
     c.eval.at_start = True  # the untrained model's scores (round 0): where learning starts
     if smoke:

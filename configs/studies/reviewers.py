@@ -15,25 +15,18 @@ budget: client learning rate 5e-3, 10 rounds, evaluation every 2 rounds, up to 2
 held-out rows per client in the local evaluation.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
-
-def _evidence(arg: str):
-    path = pathlib.Path(__file__).resolve().parent / "evidence.py"
-    spec = importlib.util.spec_from_file_location("evidence_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from floranna_jax import config_check
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The study, or with ``arg="smoke"`` its grids on configs/glue.py:smoke."""
     if arg not in (None, "", "smoke"):
         raise ValueError(f"configs/studies/reviewers.py: unknown arg {arg!r}; valid: '' or 'smoke'")
-    evidence = _evidence(arg or "")
+    evidence = config_check.load_file(pathlib.Path(__file__).parent / "evidence.py", arg)
     c = ml_collections.ConfigDict()
     c.name = "reviewers_smoke" if arg else "reviewers"  # results in <out>/<name>/<cell>/
     c.base = evidence.base  # the experiment every cell starts from
