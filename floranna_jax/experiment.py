@@ -144,8 +144,7 @@ def build(config, key: jax.Array, abstract: bool = False, sharding=None) -> Expe
     :func:`build_model`)."""
     task, train, validation, part = load_data(config)
     model = build_model(config, task.num_labels, key, abstract, sharding)
-    c = config.client
-    dense = c.batch_size // (c.batch_size // c.micro_batch_size if c.micro_batch_size else 1)
+    packed_batch = config.client.micro_batch_size or config.client.batch_size  # examples a pack
     rows = packing.decide(config.data.packing, train, validation,
-                          dense if config.data.get("dense_rows") else None)  # fmt: skip
+                          packed_batch if config.data.get("dense_rows") else None)  # fmt: skip
     return Experiment(task, model, train, validation, part, rows)
