@@ -162,16 +162,17 @@ def plot_dose(runs: list[tables.Run], groups, baseline: str, paired, metric: str
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for g, group in enumerate(groups):
-        base = [r.stats["rho_rel"] for r in tables.by_group(runs, group).get(baseline, [])]
+        base = tables.baseline_rho(runs, group, baseline)
         for k, method in enumerate(paired):
             d = tables.differences(runs, group, baseline, method)
-            if not d["rho_rel"] or not base:
+            cut = tables.rho_cut(base, d)
+            if np.isnan(cut):
                 continue
             gain = float(np.mean(d["global_final"]))
             lo, hi = tables.interval(d["global_final"])
             bar = None if np.isnan(lo) else [[gain - lo], [hi - gain]]
             ax.errorbar(
-                -np.mean(d["rho_rel"]) / np.mean(base),
+                cut,
                 gain,
                 yerr=bar,
                 color=f"C{k % 10}",

@@ -170,6 +170,19 @@ def paired_table(runs, groups, baseline: str, paired, metric: str, group_axis: s
     return lines
 
 
+def baseline_rho(runs: list[Run], group, baseline: str) -> list[float]:
+    """The ``rho_rel`` of each ``baseline`` run in ``group``."""
+    return [r.stats["rho_rel"] for r in by_group(runs, group).get(baseline, [])]
+
+
+def rho_cut(base: list[float], d: dict[str, list[float]]) -> float:
+    """The share of the baseline's mean ``rho_rel`` (``base``) that a method removes, from
+    its paired :func:`differences` ``d``; NaN without runs on either side."""
+    if not base or not d["rho_rel"]:
+        return float("nan")
+    return float(-np.mean(d["rho_rel"]) / np.mean(base))
+
+
 def dose_table(runs, groups, baseline: str, paired, metric: str, group_axis: str) -> list[str]:
     """Per group: the baseline's own ``rho_rel``, and per method the relative reduction of
     ``rho_rel`` against the baseline on the same seed with the paired gain in final and best
@@ -181,14 +194,12 @@ def dose_table(runs, groups, baseline: str, paired, metric: str, group_axis: str
         "|" + "---|" * 9,
     ]
     for group in groups:
-        base = [r.stats["rho_rel"] for r in by_group(runs, group).get(baseline, [])]
+        base = baseline_rho(runs, group, baseline)
         for method in paired:
             d = differences(runs, group, baseline, method)
-            n = len(d["rho_rel"])
-            cut = -np.mean(d["rho_rel"]) / np.mean(base) if n and base else float("nan")
             lines.append(
-                f"| {show(group)} | {mean_std(base)} | {method} | {n} "
-                f"| {reporting.format_value(cut)} "
+                f"| {show(group)} | {mean_std(base)} | {method} | {len(d['rho_rel'])} "
+                f"| {reporting.format_value(rho_cut(base, d))} "
                 f"| {mean_std(d['global_final'], sign='+')} | {show_interval(d['global_final'])} "
                 f"| {mean_std(d['global_best'], sign='+')} | {show_interval(d['global_best'])} |"
             )
