@@ -105,15 +105,18 @@ def peer_work(config, run, r: int) -> tuple[list, np.ndarray, int]:
 
 
 def evaluate(run, state, out, clock: Clock) -> dict:
-    """Global and local evaluation of ``run`` at ``state`` (compiled by a first call)."""
-    glob = (run.base_of(state), {"lora": state.lora, "head": state.head})
-    local = (out.base, out.trainable, out.client_ids)
-    run.evaluator.global_eval(*glob), run.evaluator.local_eval(*local)
+    """Global and local evaluation of ``run`` at ``state`` (compiled by a first call).
+    Each asks for its base when it runs: a merging method's base is rebuilt in place
+    (``floranna_jax.merged_base``), so none is kept across the other's."""
+
+    def both() -> dict:
+        local = run.clients_.evaluate(out.client_ids, out.trainable, out.delta)
+        glob = {"lora": state.lora, "head": state.head}
+        return {"global": run.evaluator.global_eval(run.base_of(state), glob), "local": local}
+
+    both()
     with clock:
-        return {
-            "global": run.evaluator.global_eval(*glob),
-            "local": run.evaluator.local_eval(*local),
-        }
+        return both()
 
 
 def main(a) -> dict:

@@ -36,6 +36,7 @@ from floranna_jax import (
     train,
 )
 from floranna_jax.errors import ConfigError, first_line
+from floranna_jax.merged_base import make as make_merged_base
 from floranna_jax.models import quant
 
 
@@ -132,8 +133,7 @@ def trainable(res: Result, client: int | None = None) -> dict[str, Any]:
 
 def base(res: Result) -> dict[str, Any]:
     """The frozen base the run's models use: pretrained weights plus the method's merges."""
-    effective = rounds.make_effective_base(res.model)
-    return effective(res.model.base, res.method.base_delta(res.state.method))
+    return make_merged_base(res.model)(res.method.base_delta(res.state.method))
 
 
 def merged_base(res: Result, client: int | None = None) -> dict[str, Any]:

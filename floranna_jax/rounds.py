@@ -29,7 +29,6 @@ applied where they train (``transport``).
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -37,9 +36,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from floranna_jax import clients, distributed, keys, models, packing, server, transport
+from floranna_jax import clients, distributed, keys, packing, server, transport
 from floranna_jax.errors import RoundError
 
 PyTree = Any
@@ -67,12 +65,13 @@ class RoundState(NamedTuple):
 
 class RoundOutput(NamedTuple):
     """What a round reports: ids ``[U]`` of the clients it aggregated, their trained
-    trainable trees ``[U, ...]`` and the base they trained on (``None`` where the clients
-    keep them: over Flower), and host metrics (floats)."""
+    trainable trees ``[U, ...]`` (``None`` where the clients keep them: over Flower), the
+    ``delta`` of the base they trained on (``Method.base_delta`` at the round's start; the
+    base itself is rebuilt from it, :mod:`floranna_jax.merged_base`), and host metrics."""
 
     client_ids: np.ndarray
     trainable: PyTree
-    base: PyTree
+    delta: PyTree
     metrics: dict[str, float]
 
 
@@ -202,38 +201,6 @@ def check_aggregate(round_number: int, agg: server.Aggregate, method_state: PyTr
     for k, v in agg.metrics.items():
         if np.ndim(v) == 0 and isinstance(v, float) and not np.isfinite(v):
             raise RoundError(f"round {round_number}: server metric {k} is {v}")
-
-
-def make_merge(model) -> Callable:
-    """The jitted ``merge(base, delta) -> {kernel path: kernel}``: only the kernels of
-    ``base`` that ``delta`` names, each plus ``s * delta`` (:func:`models.merged_kernels`).
-    The base's other leaves are unused arguments, which jit drops: the compiled merge's
-    arguments and outputs are the merged kernels and ``delta`` alone."""
-    s = float(model.lora_scale)
-    flatten = functools.partial(traverse_util.flatten_dict, sep="/")
-    return jax.jit(lambda base, delta: models.merged_kernels(flatten(base), delta, s))
-
-
-def make_effective_base(model) -> Callable:
-    """``(base, delta) -> base + s * delta`` (jitted; identity when there is no delta).
-
-    ``delta``: ``{layer: [d_out, d_in]}`` in ``B @ A`` units, a method's ``base_delta``.
-    Only the kernels ``delta`` names are rebuilt (:func:`make_merge`); every other leaf of
-    the result is ``base``'s own buffer, so a merging method's round holds the pretrained base
-    once plus its merged kernels, in the base's dtype (sharding follows the kernels').
-    Float32 accumulation is kept in two places, for exactness: the method state sums the
-    merges in float32 (bit-exact resume: the base is always rebuilt as ``W0 + s * sum``),
-    and each kernel is summed in float32 and rounded once into its dtype.
-    """
-    merge = make_merge(model)
-
-    def effective(base, delta):
-        if not delta:
-            return base
-        flat = traverse_util.flatten_dict(base, sep="/")
-        return traverse_util.unflatten_dict(flat | merge(base, delta), sep="/")
-
-    return effective
 
 
 def start_trainable(state: RoundState, method, rkey: jax.Array, ids: np.ndarray) -> PyTree:
@@ -378,7 +345,7 @@ def make_round(
         if compare is not None:
             for label, rho_rel in compare(up.trainable["lora"], p).items():
                 metrics[f"compare/{label}/rho_rel"] = rho_rel
-        return new_state, RoundOutput(up.ids, up.trained, up.base, metrics)
+        return new_state, RoundOutput(up.ids, up.trained, delta, metrics)
 
     return round_fn
 

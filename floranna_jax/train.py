@@ -39,6 +39,7 @@ from floranna_jax import (
     experiment,
     fsdp,
     keys,
+    merged_base,
     partition,
     privacy,
     progress,
@@ -61,8 +62,9 @@ class Run(NamedTuple):
     """A built run: ``round_fn(state) -> (state, RoundOutput)``, the round-0 ``state``,
     the task's ``evaluator`` (its ``global_eval`` ``None`` without a global split), the
     experiment (task, model, data, partition, packing rows), the ``server_`` (the method,
-    built once), ``base_of(state)``, the frozen base a state's global model runs on, the
-    clients' ``loss_fn`` and the run's ``clients_`` (``transport.Clients``)."""
+    built once), ``base_of(state)``, the frozen base a state's global model runs on (valid
+    until the base is next asked for another state's merges: :mod:`floranna_jax.merged_base`),
+    the clients' ``loss_fn`` and the run's ``clients_`` (``transport.Clients``)."""
 
     round_fn: Any
     state: rounds.RoundState
@@ -189,10 +191,11 @@ def build(config, *, loss_wrapper=None, abstract: bool = False, make_clients=Non
         loss_fn = loss_wrapper(loss_fn)
     evaluator = make_evaluator(config, exp)
     runner, opt = make_runner(config, loss_fn, method)
+    base_for = merged_base.make(exp.model)  # the run's one merged base, shared
     if make_clients is None:
         c = config.client
         clients_ = transport.in_process(
-            model=exp.model, runner=runner, evaluator=evaluator, method=method,
+            base_for=base_for, runner=runner, evaluator=evaluator, method=method,
             arrays=exp.train, train_index=exp.part.train, local_steps=c.local_steps,
             batch_size=c.batch_size, row_length=exp.rows.train,
             micro_batches=micro_batches(config),
@@ -209,10 +212,9 @@ def build(config, *, loss_wrapper=None, abstract: bool = False, make_clients=Non
     state = initial_state(config, exp.model, method, abstract)
     if config.lora.get("init_from"):
         check_import_kept(config.server.name, method, state)
-    effective_base = rounds.make_effective_base(exp.model)
 
     def base_of(state: rounds.RoundState):
-        return effective_base(exp.model.base, method.base_delta(state.method))
+        return base_for(method.base_delta(state.method))
 
     return Run(round_fn, state, evaluator, exp, server_, base_of, loss_fn, clients_)
 
@@ -230,7 +232,7 @@ def make_evaluator(config, exp: experiment.Experiment) -> tasks.Evaluator:
 def _eval_row(run: Run, config, state, out, record) -> dict[str, float]:
     """Global model on validation, the round's clients on their holdout (each its own
     model), and their gap; ``record``: receives the global evaluation's generations."""
-    return _scores(run, config, state, out.client_ids, (out.trainable, out.base, None), record)
+    return _scores(run, config, state, out.client_ids, (out.trainable, out.delta), record)
 
 
 def _start_row(run: Run, config, state, record) -> dict[str, float]:
@@ -239,23 +241,23 @@ def _start_row(run: Run, config, state, record) -> dict[str, float]:
     ids = np.arange(config.partition.num_clients)
     trainable = clients.broadcast({"lora": state.lora, "head": state.head}, len(ids))
     delta = run.server_.method.base_delta(state.method)
-    return _scores(run, config, state, ids, (trainable, run.base_of(state), delta), record)
+    return _scores(run, config, state, ids, (trainable, delta), record)
 
 
 def _scores(run: Run, config, state, client_ids, scored, record) -> dict[str, float]:
-    """``scored``: what the clients evaluate, ``(trainable, base, delta)``
-    (``transport.Clients.evaluate``)."""
-    row, glob = {}, {}
+    """``scored``: what the clients evaluate, ``(trainable, delta)``
+    (``transport.Clients.evaluate``). The clients go first: a round's clients trained on
+    the base of the round's start, which the run still holds, and the global model's base
+    (the round's merges) is then built in its buffers (:mod:`floranna_jax.merged_base`)."""
+    local = run.clients_.evaluate(client_ids, *scored) if config.eval.local else {}
+    glob = {}
     if run.evaluator.global_eval is not None:
         glob = run.evaluator.global_eval(
             run.base_of(state), {"lora": state.lora, "head": state.head}, record=record
         )
-        row = {f"eval/global/{k}": v for k, v in glob.items()}
-    if config.eval.local:
-        local = run.clients_.evaluate(client_ids, *scored)
-        row |= {f"eval/local/{k}": v for k, v in local.items()}
-        row |= {f"eval/gap/{k}": local[k] - glob[k] for k in local if k in glob}
-    return row
+    row = {f"eval/global/{k}": v for k, v in glob.items()}
+    row |= {f"eval/local/{k}": v for k, v in local.items()}
+    return row | {f"eval/gap/{k}": local[k] - glob[k] for k in local if k in glob}
 
 
 def _check_workdir(workdir: str) -> None:

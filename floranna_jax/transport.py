@@ -2,7 +2,7 @@
 
     clients = transport.in_process(...)                  # or flower.transport.make(...)
     uploads = clients.train(Start(...))                  # the sampled clients train
-    metrics = clients.evaluate(ids, trainable, base, delta)   # they evaluate on held-out rows
+    metrics = clients.evaluate(ids, trainable, delta)    # they evaluate on held-out rows
 
 ``rounds.make_round`` calls ``train`` once a round and ``train.run`` calls ``evaluate``, so
 the round loop, its metrics rows, its evaluation, summary, plots, checkpoints and resume
@@ -43,9 +43,9 @@ class Uploads(NamedTuple):
     in process; over Flower those that answered and passed the gate), their uploads
     (``Method.upload`` of what they trained) and optimizer states ``[U', ...]``, mean loss,
     real steps, real examples and training sizes (the weights ``p_u``), each ``[U']``, and
-    the transport's own row fields (``flower/*``). ``trained`` and ``base``: the trees
-    the clients trained and the base they trained on, where this process holds them
-    (``None`` over Flower: each client keeps its own)."""
+    the transport's own row fields (``flower/*``). ``trained``: the trees the clients
+    trained, where this process holds them (``None`` over Flower: each client keeps its
+    own)."""
 
     ids: np.ndarray
     trainable: PyTree
@@ -56,17 +56,17 @@ class Uploads(NamedTuple):
     sizes: np.ndarray
     metrics: dict[str, float]
     trained: PyTree | None
-    base: PyTree | None
 
 
 class Clients(NamedTuple):
     """The clients of a run.
 
     train:    ``(Start) -> Uploads``; raises ``RoundError`` when the round cannot go on.
-    evaluate: ``(ids, trainable, base, delta) -> {metric: mean over clients}``: clients
-              ``ids`` score ``trainable`` ``[U, ...]`` on ``base`` (the frozen base plus the
-              method's ``delta``) on their held-out rows; ``trainable`` ``None``: each its
-              own model of the round it just trained, on the base it trained on.
+    evaluate: ``(ids, trainable, delta) -> {metric: mean over clients}``: clients ``ids``
+              score ``trainable`` ``[U, ...]`` on the frozen base plus the method's
+              ``delta`` (the delta a round's clients trained on, or the state's) on their
+              held-out rows; ``trainable`` ``None``: each its own model of the round it
+              just trained, on the base it trained on.
     """
 
     train: Callable[[Start], Uploads]
@@ -74,30 +74,30 @@ class Clients(NamedTuple):
 
 
 def in_process(
-    *, model, runner: Callable, evaluator, method, arrays: dict[str, np.ndarray],
+    *, base_for: Callable, runner: Callable, evaluator, method, arrays: dict[str, np.ndarray],
     train_index: list[np.ndarray], local_steps: int, batch_size: int, row_length: int | None,
     micro_batches: int = 1,
 ) -> Clients:  # fmt: skip
     """Clients in this process: ``runner`` (``clients.make_runner``) trains them all at
     once on their rows ``arrays[train_index[u]]`` (``rounds.train_clients``); a non-finite
     loss or upload raises ``RoundError``. ``row_length``: the run's ``packing.Rows.train``
-    (``None``: padded). ``evaluator``: the task's; ``evaluate`` is its ``local_eval``."""
+    (``None``: padded). ``evaluator``: the task's; ``evaluate`` is its ``local_eval``.
+    ``base_for(delta)``: the frozen base with a method's merges (``merged_base.make``),
+    asked right before each use and never kept, as its contract requires."""
     layout = packing.layout(arrays, row_length) if row_length else None
     sizes = np.asarray([len(i) for i in train_index], np.float64)
-    effective_base = rounds.make_effective_base(model)
 
     def train(start: Start) -> Uploads:
-        base = effective_base(model.base, start.delta)
         out = rounds.train_clients(
-            runner, base, start.trainable, start.opt_state, start.rkey, start.ids, arrays,
-            train_index, local_steps, batch_size, layout, micro_batches,
+            runner, base_for(start.delta), start.trainable, start.opt_state, start.rkey,
+            start.ids, arrays, train_index, local_steps, batch_size, layout, micro_batches,
         )  # fmt: skip
         uploads = method.upload(start.trainable, out.trainable)  # what leaves the clients
         rounds.check_uploads(start.number, start.ids, out.loss, uploads)
         return Uploads(start.ids, uploads, out.opt_state, out.loss, out.steps, out.examples,
-                       sizes[start.ids], {}, out.trainable, base)  # fmt: skip
+                       sizes[start.ids], {}, out.trainable)  # fmt: skip
 
-    def evaluate(ids, trainable, base, delta) -> dict[str, float]:
-        return evaluator.local_eval(base, trainable, ids)
+    def evaluate(ids, trainable, delta) -> dict[str, float]:
+        return evaluator.local_eval(base_for(delta), trainable, ids)
 
     return Clients(train, evaluate)

@@ -66,8 +66,10 @@ def _final_state(config, workdir):
 
 
 # FedSA with persistent optimizer states exercises every part of the round state; FedIT
-# under DP-FedAvg (server.dp) a wrapped method whose noise key lives in the method state.
+# under DP-FedAvg (server.dp) a wrapped method whose noise key lives in the method state;
+# FedEx a base merged in place round after round (merged_base), evaluated every round.
 RESUMED = {
+    "fedex": {"server.name": "fedex", "eval.every_rounds": 1},
     "fedsa": {"server.name": "fedsa", "client.persistent_opt_state": True},
     "fedit_dp": {"server.name": "fedit", "privacy.clip_norm": 0.5, "privacy.noise_multiplier": 1.0},
 }

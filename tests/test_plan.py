@@ -19,7 +19,7 @@ import launch
 from floranna_jax import plan, rounds, train
 from floranna_jax.errors import ConfigError
 from floranna_jax.models import decoder
-from floranna_jax.plan import flops, knobs, programs, report
+from floranna_jax.plan import figures, flops, knobs, programs, report
 from floranna_jax.plan.figures import Figures
 
 
@@ -122,14 +122,26 @@ def test_encoder_plan_compiles_its_evaluation_forwards():
     assert "| predict" in names and "| predict clients" in names, names
 
 
-def test_flora_plans_its_merge_and_holds_a_second_base():
+def test_flora_plans_its_merge_in_place():
     config = _gsm8k_smoke(**{"server.name": "flora"})
     run = train.build(config, abstract=True)
     progs = programs.programs(config, run)
-    assert [p.name for p in progs.round][-1] == programs.MERGE
-    base = programs.nbytes(run.exp.model.base)
-    # The loaded base stays while the clients train on the merged one.
-    assert progs.held[progs.round[0].name] >= base
+    merge = progs.round[-1]
+    assert merge.name == programs.MERGE
+    fig = figures.measure(merge, progs.held[merge.name])
+    kernels = programs.nbytes(programs.merged_kernels(run))
+    base, method = programs.nbytes(run.exp.model.base), programs.nbytes(run.state.method)
+    assert 0 < kernels < base / 4
+    # It reads the pretrained kernels and the float32 sum and writes the donated merged
+    # kernels: no new outputs (the tuple's pointers only), no temporaries; beside it the
+    # rest of the base and the adapters, so its peak is one base and the sum.
+    assert fig.arguments == 2 * kernels + method
+    assert fig.outputs < 1024 and fig.temporaries == 0
+    rest = programs.nbytes((run.state.lora, run.state.head, run.state.opt_state))
+    assert fig.held == base - kernels + rest
+    # The clients train on one base (merged kernels in place of the pretrained ones) while
+    # the pretrained kernels and the sum stay: one set of kernels more, not a second base.
+    assert progs.held[progs.round[0].name] == kernels + method + rest
 
 
 def test_auto_base_dtype_resolves_for_the_planned_device():

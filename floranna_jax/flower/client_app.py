@@ -38,6 +38,7 @@ from floranna_jax import (
     config_check,
     experiment,
     keys,
+    merged_base,
     packing,
     privacy,
     rounds,
@@ -68,15 +69,16 @@ def query(msg: Message, context: Context) -> Message:
 class Job(NamedTuple):
     """What a client builds from the experiment config: the method (for its frozen and
     private leaves), the model (same seed: same base and initial adapter as the server),
-    the runner of ``local_update``, the client optimizer and ``effective_base``
-    (``rounds.make_effective_base``: folds a method's merges into the frozen base)."""
+    the runner of ``local_update``, the client optimizer and ``base_for``
+    (``merged_base.make``: the frozen base with a method's merges; each message handler
+    asks it for its base and drops it, as its contract requires)."""
 
     config: Any
     method: server.Method
     model: Any
     runner: Any
     opt: Any
-    effective_base: Any
+    base_for: Any
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,7 +92,7 @@ def build_job(experiment_json: str) -> Job:
     task = tasks.get(config.data.task)
     model = experiment.build_model(config, task.num_labels, keys.model_key(config.train.seed))
     runner, opt = train.make_runner(config, task.make_loss(model), method, one_client=True)
-    return Job(config, method, model, runner, opt, rounds.make_effective_base(model))
+    return Job(config, method, model, runner, opt, merged_base.make(model))
 
 
 def _client_id(msg: Message, shard: shards.Shard) -> int:
@@ -118,7 +120,7 @@ def train_round(msg: Message, context: Context) -> Message:
     own = wire.from_record(context.state["private"]) if "private" in context.state else {}
     start = clients.broadcast(wire.fill(model.trainable, {**own, **received}), 1)
     delta = msg.content["base"] if "base" in msg.content else ArrayRecord()
-    base = job.effective_base(model.base, wire.from_record(delta))
+    base = job.base_for(wire.from_record(delta))
 
     root = jax.random.key_data(keys.root(config.train.seed))
     rkey = keys.round_key(root, int(msg.content["config"]["round"]))
@@ -177,7 +179,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise ConfigError("evaluate: the server asked for this client's own model before it "
                           "trained one")  # fmt: skip
     trainable = clients.broadcast(wire.fill(job.model.trainable, wire.from_record(tree)), 1)
-    base = job.effective_base(job.model.base, wire.from_record(delta))
+    base = job.base_for(wire.from_record(delta))
     evaluator = local_evaluator(experiment_json, context.node_config["data-path"],
                                 _row_length(msg))  # fmt: skip
     (stats,) = evaluator.local_stats(base, trainable, np.arange(1))

@@ -81,7 +81,7 @@ def make(grid: Grid, config, opts, exp, method, evaluator) -> transport.Clients:
                       lambda content: wire.check_reply(content, expected), opts)  # fmt: skip
         return _uploads(number, ids, starts, got, opts)
 
-    def evaluate(ids, trainable, base, delta) -> dict[str, float]:
+    def evaluate(ids, trainable, delta) -> dict[str, float]:
         ids = [int(u) for u in ids]
         given = {} if trainable is None else {
             u: wire.to_record(jax.tree.map(lambda x, i=i: np.asarray(x[i]), trainable),
@@ -142,7 +142,7 @@ def _uploads(number, ids, starts, got, opts) -> transport.Uploads:
          for k in ("loss", "steps", "examples", "num-examples")}  # fmt: skip
     return transport.Uploads(
         np.asarray(ok, np.int64), clients.stack(uploads), {}, m["loss"], m["steps"],
-        m["examples"], m["num-examples"], _flower_metrics(got, replies), None, None,
+        m["examples"], m["num-examples"], _flower_metrics(got, replies), None,
     )  # fmt: skip
 
 

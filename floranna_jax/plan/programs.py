@@ -18,8 +18,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from floranna_jax import fsdp, keys, packing, progress, rounds, server, train
+from floranna_jax import fsdp, keys, merged_base, models, packing, progress, rounds, server, train
 from floranna_jax.tasks import Program
 
 MERGE = "merge into base"
@@ -43,23 +44,32 @@ def nbytes(tree) -> int:
     return sum(fsdp.device_bytes(x) for x in jax.tree.leaves(tree))
 
 
+def merged_kernels(run) -> dict:
+    """``{path: kernel struct}``: the kernels of the base that the run's method merges
+    into (the round state's ``base_delta`` names them; ``{}`` for most methods)."""
+    delta = jax.eval_shape(run.server_.method.base_delta, run.state.method)
+    flat = traverse_util.flatten_dict(run.exp.model.base, sep="/")
+    return {path: flat[path] for path in models.merged_kernel_paths(flat, delta)}
+
+
 def held(run, round_: list[Program], evaluation: list[Program]) -> dict[str, int]:
     """What stays on the device while each program runs, beyond its own arguments: the
-    loaded base, the merged base a merging method's clients train on (rounds.py keeps both),
-    the method's state and the round state's factors and optimizer states. The client
-    step takes one base as an argument (the merged one if any), the server the method's
-    state, the merge both bases (the merged one is its output) and the state; the
-    evaluation takes the loaded base, or a third base, the global model's merge
-    (``train.Run.base_of``)."""
+    loaded base, for a merging method one set of merged kernels beside the pretrained ones
+    they replace (:mod:`floranna_jax.merged_base`), the method's state and the round
+    state's factors and optimizer states. The client step and the evaluation take one base
+    (the merged kernels in place of the pretrained ones, if any), the server the method's
+    state, the merge the pretrained kernels it reads, the method's sum and the merged
+    kernels it writes over (donated: its outputs are theirs)."""
     state = run.state
+    kernels = nbytes(merged_kernels(run))
     merges = any(p.name == MERGE for p in round_)
-    resident = {"base": nbytes(run.exp.model.base), "method": nbytes(state.method),
-                "merged": nbytes(run.exp.model.base) if merges else 0,
+    resident = {"untouched": nbytes(run.exp.model.base) - kernels, "pretrained": kernels,
+                "merged": kernels if merges else 0, "method": nbytes(state.method),
                 "rest": nbytes((state.lora, state.head, state.opt_state))}  # fmt: skip
-    uses = {round_[0].name: ("merged",) if merges else ("base",)}
-    uses |= {p.name: () if merges else ("base",) for p in evaluation}
+    base = ("untouched", "merged" if merges else "pretrained")
+    uses = {p.name: base for p in (round_[0], *evaluation)}
     uses |= {p.name: ("method",) for p in round_[1:]}
-    uses[MERGE] = ("base", "merged", "method")
+    uses[MERGE] = ("pretrained", "merged", "method")
     return {name: sum(resident.values()) - sum(resident[u] for u in used)
             for name, used in uses.items()}  # fmt: skip
 
@@ -116,8 +126,9 @@ def _server_programs(run, ids, uploads) -> list[Program]:
            Program("server apply", jax.jit(apply), (state, agg, uploads), 1)]  # fmt: skip
     _, after = jax.eval_shape(apply, run.state.method, agg, uploads)
     delta = jax.eval_shape(method.base_delta, after)
-    if delta:
-        out.append(Program(MERGE, rounds.make_merge(model), (model.base, delta), 1))
+    if delta:  # written over the last merge's kernels, donated (merged_base.make)
+        merge = merged_base.make_merge(model, donate=True)
+        out.append(Program(MERGE, merge, (model.base, delta, merged_kernels(run)), 1))
     return out
 
 
