@@ -3,15 +3,20 @@
 ``base_for = merged_base.make(model)``; ``base = base_for(delta)`` is ``W0 + s * delta``
 (``delta``: ``{layer: [d_out, d_in]}`` in ``B @ A`` units, a method's ``base_delta``;
 ``model.base`` itself when ``delta`` is empty). Only the kernels ``delta`` names are
-built (:func:`make_merge`); every other leaf is ``model.base``'s own buffer, and the
+built (:func:`make_merge`, layer by layer); every other leaf is ``model.base``'s own buffer, and the
 merged kernels have the base's dtype and sharding.
 
 At most one merged base exists at a time. ``base_for`` keeps the kernels it built last;
 called again with the same ``delta`` (the same arrays) it returns them, and called with
 another it donates them to the next merge, which writes the new kernels into their
-buffers: the compiled merge has no temporaries and its outputs alias the donated
-kernels (``tests/test_merged_base.py``). A round therefore holds the pretrained base
-once, one set of merged kernels and the method's float32 sum, never a second base.
+buffers (the first merge writes into a copy of the pretrained kernels). The merge runs
+one layer per call (:func:`make_merge`): compiled, it has no temporaries and its output
+is the donated kernel stack (``tests/test_merged_base.py``; 0 bytes of temporaries for a
+LLaMA-2-7B stack of 32 q kernels in bfloat16 too). One program for every layer at once
+had none for a few layers, but XLA:CPU converted each whole stack to float32 once it
+had 16 layers or more (4.3 GB of temporaries for LLaMA-2-7B's q and v, measured). A round
+therefore holds the pretrained base once, one set of merged kernels and the method's
+float32 sum, never a second base.
 
 The contract that makes donation safe: **a base from** ``base_for`` **is valid until the
 next call with another delta** (that call deletes its merged kernels). Nothing keeps
@@ -35,35 +40,40 @@ Float32 accumulation is kept in two places, both for exactness:
   The price is that the pretrained kernels the merges touch stay beside their merged
   copies (q and v of LLaMA-2-7B: 16% of the base);
 - each merged kernel is summed in float32 and rounded once into its own dtype
-  (:func:`floranna_jax.models.merged_kernels`), one layer at a time.
+  (:func:`make_merge`), one layer at a time.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
+from floranna_jax import lora as lora_lib
 from floranna_jax import models
 
 PyTree = Any
 
 
-def make_merge(model, donate: bool = False) -> Callable:
-    """The jitted ``merge(base, delta) -> {kernel path: kernel}``: only the kernels of
-    ``base`` that ``delta`` names, each plus ``s * delta`` (:func:`models.merged_kernels`).
-    The base's other leaves are unused arguments, which jit drops. ``donate``:
-    ``merge(base, delta, into)``, ``into`` an earlier result for the same layer names,
-    donated: the result is written into its buffers and ``into`` is deleted."""
+def make_merge(model) -> Callable:
+    """The jitted ``merge(kernel, index, dW, into) -> into`` of one layer: ``into`` (donated,
+    deleted) with ``kernel``'s layer ``index`` plus ``s * dW`` in its place (``kernel``:
+    a stack ``[L, d_in, d_out]``, or one kernel ``[d_in, d_out]`` and ``index`` unused;
+    ``dW``: ``[d_out, d_in]``), summed in float32 and rounded once into the kernel's dtype
+    (``lora.merge_into_kernel``). The index is traced: one compilation per kernel shape."""
     s = float(model.lora_scale)
-    flatten = functools.partial(traverse_util.flatten_dict, sep="/")
-    if not donate:
-        return jax.jit(lambda base, delta: models.merged_kernels(flatten(base), delta, s))
-    return jax.jit(lambda base, delta, into: models.merged_kernels(flatten(base), delta, s, into),
-                   donate_argnums=2)  # fmt: skip
+
+    def merge(kernel, index, dW, into):
+        if kernel.ndim == dW.ndim:  # one kernel, not a stack
+            return lora_lib.merge_into_kernel(kernel, dW, s)
+        layer = jax.lax.dynamic_index_in_dim(kernel, index, keepdims=False)
+        new = lora_lib.merge_into_kernel(layer, dW, s)
+        return jax.lax.dynamic_update_index_in_dim(into, new, index, 0)
+
+    return jax.jit(merge, donate_argnums=3)
 
 
 def _same(held: dict, delta: dict) -> bool:
@@ -76,19 +86,27 @@ def make(model) -> Callable[[dict], PyTree]:
     """``base_for(delta) -> model.base + s * delta``, merged in place (see the module)."""
     base = model.base
     flat = traverse_util.flatten_dict(base, sep="/")
-    fresh, into = make_merge(model), make_merge(model, donate=True)
+    merge = make_merge(model)
     last: dict[str, Any] = {}  # "delta": the arrays the "kernels" were built from
+
+    def build(delta: dict, into: dict) -> dict:
+        out = {}
+        for path, named in models.merged_kernel_paths(flat, delta).items():
+            target = into[path] if into else jnp.copy(flat[path])
+            for name, index in named:
+                target = merge(flat[path], index or 0, delta[name], target)
+            out[path] = target
+        return out
 
     def base_for(delta: dict) -> PyTree:
         if not delta:
             return base
         if last and _same(last["delta"], delta):
             kernels = last["kernels"]
-        elif last and last["delta"].keys() == delta.keys():
-            kernels = into(base, delta, last.pop("kernels"))
         else:
-            last.clear()
-            kernels = fresh(base, delta)
+            same_layers = last and last["delta"].keys() == delta.keys()
+            kernels = build(delta, last.pop("kernels") if same_layers else {})
+        last.clear()
         last.update(delta=dict(delta), kernels=kernels)
         return traverse_util.unflatten_dict(flat | kernels, sep="/")
 

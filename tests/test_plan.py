@@ -129,19 +129,22 @@ def test_flora_plans_its_merge_in_place():
     merge = progs.round[-1]
     assert merge.name == programs.MERGE
     fig = figures.measure(merge, progs.held[merge.name])
-    kernels = programs.nbytes(programs.merged_kernels(run))
-    base, method = programs.nbytes(run.exp.model.base), programs.nbytes(run.state.method)
-    assert 0 < kernels < base / 4
-    # It reads the pretrained kernels and the float32 sum and writes the donated merged
-    # kernels: no new outputs (the tuple's pointers only), no temporaries; beside it the
-    # rest of the base and the adapters, so its peak is one base and the sum.
-    assert fig.arguments == 2 * kernels + method
+    kernels = programs.merged_kernels(run)
+    merged, base = programs.nbytes(kernels), programs.nbytes(run.exp.model.base)
+    method = programs.nbytes(run.state.method)
+    assert 0 < merged < base / 4
+    # One layer a call, every merged layer: it reads a pretrained stack and one layer's
+    # float32 sum and writes the donated merged stack, so no new outputs (the output's
+    # descriptor only) and no temporaries; the rest of the run stays beside it.
+    stack, dW = merge.args[0], merge.args[2]
+    assert merge.calls == len(run.state.lora)
+    assert fig.arguments == 2 * programs.nbytes(stack) + programs.nbytes(dW) + 4  # + index
     assert fig.outputs < 1024 and fig.temporaries == 0
     rest = programs.nbytes((run.state.lora, run.state.head, run.state.opt_state))
-    assert fig.held == base - kernels + rest
+    assert fig.held == base + merged + method + rest - fig.arguments + 4
     # The clients train on one base (merged kernels in place of the pretrained ones) while
     # the pretrained kernels and the sum stay: one set of kernels more, not a second base.
-    assert progs.held[progs.round[0].name] == kernels + method + rest
+    assert progs.held[progs.round[0].name] == merged + method + rest
 
 
 def test_auto_base_dtype_resolves_for_the_planned_device():

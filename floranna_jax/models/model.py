@@ -309,31 +309,26 @@ def merged_kernel_paths(flat: dict[str, jax.Array], names) -> dict[str, list[tup
 
 
 def merged_kernels(
-    flat: dict[str, jax.Array],
-    merges: dict[str, jax.Array],
-    s: float,
-    into: dict[str, jax.Array] | None = None,
+    flat: dict[str, jax.Array], merges: dict[str, jax.Array], s: float
 ) -> dict[str, jax.Array]:
     """The kernels of ``flat`` (a base flattened with ``"/"``) that ``merges`` touches,
     each with its merges folded in: ``{path: kernel}``, the same shapes and dtypes.
-    ``into``: arrays of those shapes written over (an earlier result, for the same layer
-    names), so that a jit donating them builds the result in their buffers.
 
     Float32 accumulation lives here and only here: each kernel is read in float32, gains
     ``s dW^T`` in float32, and is rounded once into its own dtype, so a bfloat16 base takes
-    one rounding per merge instead of two (``dW`` to bf16, then the sum). A stacked kernel
-    is written one layer at a time, so the compiled merge holds no float32 copy of a
-    whole kernel stack (measured: no temporaries at all, ``tests/test_merged_base.py``)."""
+    one rounding per merge instead of two (``dW`` to bf16, then the sum)."""
     out = {}
     for path, named in merged_kernel_paths(flat, merges).items():
         kernel = flat[path]
-        target = kernel if into is None else into[path]
         if named[0][1] is None:  # an unstacked kernel: one name
-            new = lora_lib.merge_into_kernel(kernel, merges[named[0][0]], s)
-            out[path] = jax.lax.dynamic_update_slice(target, new, (0,) * new.ndim)
+            out[path] = lora_lib.merge_into_kernel(kernel, merges[named[0][0]], s)
             continue
-        for name, i in named:
-            new = lora_lib.merge_into_kernel(kernel[i], merges[name], s)
-            target = jax.lax.dynamic_update_slice(target, new[None], (i, 0, 0))
-        out[path] = target
+        for name, _ in named:
+            if merges[name].shape != kernel.shape[:0:-1]:
+                raise ValueError(f"merge shape {merges[name].shape} does not match kernel "
+                                 f"{kernel.shape[1:]} transposed")  # fmt: skip
+        index = jnp.asarray([i for _, i in named])
+        update = jnp.stack([(s * merges[name].astype(jnp.float32)).T for name, _ in named])
+        summed = kernel[index].astype(jnp.float32) + update
+        out[path] = kernel.at[index].set(summed.astype(kernel.dtype))
     return out

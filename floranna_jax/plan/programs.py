@@ -58,20 +58,22 @@ def held(run, round_: list[Program], evaluation: list[Program]) -> dict[str, int
     they replace (:mod:`floranna_jax.merged_base`), the method's state and the round
     state's factors and optimizer states. The client step and the evaluation take one base
     (the merged kernels in place of the pretrained ones, if any), the server the method's
-    state, the merge the pretrained kernels it reads, the method's sum and the merged
-    kernels it writes over (donated: its outputs are theirs)."""
+    state, and the merge of one layer a pretrained kernel stack, one layer's sum and the
+    merged stack it writes into (donated: its output is that stack)."""
     state = run.state
     kernels = nbytes(merged_kernels(run))
-    merges = any(p.name == MERGE for p in round_)
+    merge = next((p for p in round_ if p.name == MERGE), None)
     resident = {"untouched": nbytes(run.exp.model.base) - kernels, "pretrained": kernels,
-                "merged": kernels if merges else 0, "method": nbytes(state.method),
+                "merged": kernels if merge else 0, "method": nbytes(state.method),
                 "rest": nbytes((state.lora, state.head, state.opt_state))}  # fmt: skip
-    base = ("untouched", "merged" if merges else "pretrained")
-    uses = {p.name: base for p in (round_[0], *evaluation)}
-    uses |= {p.name: ("method",) for p in round_[1:]}
-    uses[MERGE] = ("pretrained", "merged", "method")
-    return {name: sum(resident.values()) - sum(resident[u] for u in used)
-            for name, used in uses.items()}  # fmt: skip
+    total = sum(resident.values())
+    base = resident["untouched"] + resident["merged" if merge else "pretrained"]
+    out = {p.name: total - base for p in (round_[0], *evaluation)}
+    out |= {p.name: total - resident["method"] for p in round_[1:]}
+    if merge is not None:  # its arguments are resident: the stack twice and one layer's sum
+        kernel, _, dW, into = merge.args
+        out[MERGE] = total - nbytes((kernel, dW, into))
+    return out
 
 
 def abstract(tree):
@@ -126,9 +128,14 @@ def _server_programs(run, ids, uploads) -> list[Program]:
            Program("server apply", jax.jit(apply), (state, agg, uploads), 1)]  # fmt: skip
     _, after = jax.eval_shape(apply, run.state.method, agg, uploads)
     delta = jax.eval_shape(method.base_delta, after)
-    if delta:  # written over the last merge's kernels, donated (merged_base.make)
-        merge = merged_base.make_merge(model, donate=True)
-        out.append(Program(MERGE, merge, (model.base, delta, merged_kernels(run)), 1))
+    kernels = merged_kernels(run)
+    if delta and kernels:  # one layer a call, the largest stack (merged_base.make)
+        path = max(kernels, key=lambda p: nbytes(kernels[p]))
+        named = models.merged_kernel_paths(kernels, delta)[path]
+        index = jax.ShapeDtypeStruct((), jnp.int32)
+        args = (kernels[path], index, delta[named[0][0]], kernels[path])
+        calls = sum(len(n) for n in models.merged_kernel_paths(kernels, delta).values())
+        out.append(Program(MERGE, merged_base.make_merge(model), args, calls))
     return out
 
 
