@@ -17,8 +17,9 @@ same jitted one-client function client by client, for debugging and benchmarking
 With a mesh spanning several processes (``floranna_jax.distributed``) each process passes
 only its own rows of the stacked inputs (:func:`local_rows`: its block of ``U`` padded to a
 multiple of the global device count; the caller pads with do-nothing clients), they become
-one global array (``jax.make_array_from_process_local_data``), the base is replicated, and
-every process gets all rows of the outputs back as numpy (an all-gather of the uploads).
+one global array (``jax.make_array_from_process_local_data``), the base is replicated (or,
+with a ``"model"`` axis, split over each process's own devices), and every process gets all
+rows of the outputs back as numpy (an all-gather of the uploads).
 
 Shapes: ``U`` clients, ``S`` local steps (padded), ``b`` examples per step, as one batch
 or as ``M`` micro-batches of ``b/M`` whose gradients make the step's one update. Unequal
@@ -309,27 +310,25 @@ def local_rows(U: int) -> np.ndarray:
     return jax.process_index() * per_process + np.arange(per_process)
 
 
-def _from_processes(mapped: Callable, mesh: Mesh) -> Callable:
+def _from_processes(mapped: Callable, mesh: Mesh, stacked: tuple[str, ...] = ()) -> Callable:
     """``mapped`` sharded over ``mesh``, fed by every process with its own rows
-    (:func:`local_rows`) of the stacked inputs; returns every row to every process, as numpy."""
+    (:func:`local_rows`) of the stacked inputs; returns every row to every process, as numpy.
+    The base is split over a model axis as with one process, and replicated without one."""
     data, replicated = NamedSharding(mesh, P(CLIENTS_AXIS)), NamedSharding(mesh, P())
-    run = jax.jit(_sharded(mapped, mesh), out_shardings=replicated)  # gathers inside
+    run = jax.jit(_sharded(mapped, mesh, stacked), out_shardings=replicated)  # gathers inside
+    split = fsdp.MODEL_AXIS in mesh.axis_names
 
     def to_global(x):
         shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
         return jax.make_array_from_process_local_data(data, np.asarray(x), shape)
 
     def runner(base, trainable, opt_state, batches, step_mask, keys):
-        stacked = jax.tree.map(to_global, (trainable, opt_state, batches, step_mask))
+        inputs = jax.tree.map(to_global, (trainable, opt_state, batches, step_mask))
         keys = jax.random.wrap_key_data(
             to_global(jax.random.key_data(keys)), impl=jax.random.key_impl(keys)
         )
-        # Every process holds the same base: copied to its devices, unchecked (device_put
-        # would compare every leaf across processes, one collective each).
-        base = jax.tree.map(
-            lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i]), base
-        )
-        out = run(base, *stacked, keys)
+        wanted = fsdp.base_shardings(base, mesh, stacked) if split else replicated
+        out = run(fsdp.put(base, wanted), *inputs, keys)
         return jax.tree.map(np.asarray, out)
 
     return runner
@@ -367,9 +366,9 @@ def make_runner(
     ``chunk`` clients at a time when ``chunk > 0``) and ``"loop"`` (one jitted client call
     after another, single device). With a multi-process ``mesh`` the stacked inputs are this
     process's rows (:func:`local_rows`) and the outputs all rows, on every process. A
-    mesh with a ``"model"`` axis (single process) splits the base over it, and may run
-    ``chunk`` clients at a time if its clients axis is 1; ``stacked`` names the base's
-    top-level subtrees whose leading axis is the layer scan's.
+    mesh with a ``"model"`` axis splits the base over it (each process over its own
+    devices), and may run ``chunk`` clients at a time if its clients axis is 1; ``stacked``
+    names the base's top-level subtrees whose leading axis is the layer scan's.
     """
     split = mesh is not None and fsdp.MODEL_AXIS in mesh.axis_names
     spread = mesh is not None and mesh.shape[CLIENTS_AXIS] > 1
@@ -381,9 +380,7 @@ def make_runner(
         return jax.jit(_sharded(chunked, mesh, stacked) if split else chunked)
     mapped = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0, 0))
     if mesh is not None and mesh.is_multi_process:
-        if fsdp.MODEL_AXIS in mesh.axis_names:
-            raise BadValue("model_shards", "a model axis runs in one process only, for now")
-        return _from_processes(mapped, mesh)
+        return _from_processes(mapped, mesh, stacked)
     return jax.jit(mapped if mesh is None else _sharded(mapped, mesh, stacked))
 
 

@@ -221,8 +221,6 @@ def validate(config) -> dict[str, Any]:
     several = config.dist.mode != "off"  # several processes always shard the clients
     if "model_shards" in t:  # the base split over devices (floranna_jax.fsdp)
         _int(config, "train.model_shards")
-        if several and t.model_shards > 1:
-            _fail("train.model_shards", "a split base runs in one process only; use 1")
     split = t.get("model_shards", 1) > 1
     _owned("train", lambda: clients.check_runner(t.client_mode, t.clients_per_chunk,
                                                  t.shard_clients or several, split),
@@ -237,10 +235,16 @@ def validate(config) -> dict[str, Any]:
 
 def check_devices(config) -> None:
     """The check that needs the devices (call after :func:`start_processes`): the base's
-    ``train.model_shards`` divides the device count."""
+    ``train.model_shards`` divides the device count and, with several processes, each
+    process's devices, so that a process holds whole copies of the base, split over its
+    own devices (its programs take host inputs and give host outputs as with one)."""
     n, m = jax.device_count(), config.train.model_shards
     if n % m:
         _fail("train.model_shards", f"{m} does not divide the {n} devices; use a divisor of {n}")
+    local = jax.local_device_count()
+    if jax.process_count() > 1 and local % m:
+        _fail("train.model_shards", f"{m} does not divide the {local} devices of each "
+                                    f"process; use a divisor of {local}")  # fmt: skip
 
 
 def start_processes(config) -> None:

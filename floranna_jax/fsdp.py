@@ -16,7 +16,10 @@ recomputed, gathering it again, whether or not ``model.remat`` is set (see
 ``models/decoder/modules.run_layers``). Encoders have no layer scan: their split base is
 left to XLA's partitioner. So are the evaluation programs, which run outside the runner.
 Clients run in chunks (``train.clients_per_chunk > 0``) on a mesh of ``m`` devices whose
-clients axis is 1 (``train.client_mesh``). A checkpoint loads straight into the split
+clients axis is 1 (``train.client_mesh``). With several processes the clients axis spans
+them and each process splits the base over ``m`` of its own devices (:func:`put`), so
+every process addresses a whole copy of it and its other programs take host inputs and
+give host outputs as with one process. A checkpoint loads straight into the split
 (:func:`sharding_of`, ``models.load_pretrained(sharding=...)``), tensor by tensor.
 
 Measured on 8 CPU devices (2 x 4 mesh), one vmapped client step of 4 clients, a random
@@ -87,16 +90,34 @@ def base_shardings(base: PyTree, mesh: Mesh, stacked: tuple[str, ...] = ()) -> P
     )
 
 
+def _put(x, sharding: jax.sharding.Sharding):
+    """Leaf ``x`` on ``sharding``: as it is when it is there already; moved when this
+    process addresses every device of ``sharding``; else (several processes, each holding
+    the same whole leaf) each process gives its own devices their slices, unchecked
+    (``device_put`` would compare the leaf across processes, one collective each)."""
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def put(tree: PyTree, shardings) -> PyTree:
+    """``tree`` leaf by leaf on ``shardings`` (a tree like it, or one sharding for all)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: _put(x, shardings), tree)
+    return jax.tree.map(_put, tree, shardings)
+
+
 def place(base: PyTree, mesh: Mesh, stacked: tuple[str, ...] = ()) -> PyTree:
     """``base`` moved leaf by leaf into :func:`base_shardings`: each device keeps its slices.
     Shape structs (an abstract base, what a plan compiles) get the sharding instead."""
-
-    def one(x, sharding):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-        return jax.device_put(x, sharding)
-
-    return jax.tree.map(one, base, base_shardings(base, mesh, stacked))
+    shardings = base_shardings(base, mesh, stacked)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(base)):
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), base, shardings
+        )
+    return put(base, shardings)
 
 
 def device_bytes(x) -> int:

@@ -37,12 +37,12 @@ def _launch(workdir, rounds: int, devices: int, *overrides: str) -> subprocess.P
     )  # fmt: skip
 
 
-def _two_processes(workdir, rounds: int) -> list[subprocess.Popen]:
+def _two_processes(workdir, rounds: int, *overrides: str) -> list[subprocess.Popen]:
     with socket.socket() as s:  # a free port for process 0's coordinator
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     dist = ["--config.dist.mode=explicit", f"--config.dist.coordinator_address=localhost:{port}",
-            "--config.dist.num_processes=2"]  # fmt: skip
+            "--config.dist.num_processes=2", *overrides]  # fmt: skip
     return [_launch(workdir, rounds, 2, *dist, f"--config.dist.process_id={i}") for i in (0, 1)]
 
 
@@ -101,6 +101,31 @@ def test_two_processes_resumed_equal_one_process_on_four_devices(tmp_path):
     )
     # Every process ends with the same global state, so prints the same table.
     assert _summary(outs[0]) == _summary(outs[1]) and len(_summary(outs[0])) > 5
+
+
+def _max_diff(a, b) -> float:
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in pairs)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_split_base_equal_one_process(tmp_path):
+    # The base split 2 ways over each process's 2 devices (2 x 2 mesh: clients x model),
+    # clients over the processes, against one process splitting it over 2 of its 4 devices.
+    one, two = tmp_path / "one", tmp_path / "two"
+    split = "--config.train.model_shards=2"
+    _finish([_launch(one, 1, 4, split), *_two_processes(two, 1, split)])
+    a, b = _final_state(one), _final_state(two)
+    assert int(a.round) == int(b.round) == 1
+    diff = _max_diff(a, b)
+    print(f"max abs diff, 2 processes x 2 devices vs 1 x 4, base split 2 ways: {diff:.3g}")
+    assert diff < 1e-5
+    rows, ref = (reporting.read_rows(w / reporting.METRICS_FILE) for w in (two, one))
+    assert [r["round"] for r in rows] == [1]
+    keys = [k for k in ref[0] if k.startswith(("eval/", "train/loss"))]
+    assert keys  # the evaluation ran on the split base too, on every process
+    np.testing.assert_allclose([rows[0][k] for k in keys], [ref[0][k] for k in keys], rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -263,7 +263,8 @@ def load_params(
             parts.append("the checkpoint's task head differs: load_head=False starts a fresh one")
         raise ValueError("\n  ".join(parts))
 
-    first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's first device: jax.devices()[0] is process 0's, unreachable from others.
+    first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     sharding = sharding or first
     base = read_leaves(index, canon, base_want, base_dtype, sharding)
     if head_found:
