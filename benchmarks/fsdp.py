@@ -1,7 +1,7 @@
 """Per-device memory of a client step with the base split over devices, three ways.
 
     python -m benchmarks.fsdp [--layers 4 8] [--hidden 128] [--rows 4] [--tokens 16] \
-        [--out bench_out/fsdp.json]
+        [--eval-tokens 64] [--new-tokens 16] [--out bench_out/fsdp.json]
 
 On 8 CPU devices (``jax_num_cpu_devices``; a 2 x 4 ``("clients", "model")`` mesh) it
 compiles ahead of time the vmapped local update of 4 clients (2 SGD steps each, a random
@@ -17,13 +17,19 @@ temporaries) of:
   layer gathered whole inside the layer scan, the rows of a client split over the model
   axis.
 
-One layer's kernels, in bytes, are printed beside them; all of it, with the machine, is
-written as JSON to ``--out``. Asserts nothing.
+One layer's kernels, in bytes, are printed beside them. Then the evaluation's programs on
+the same model (what ``tasks.generation`` compiles: the forward of the answer loss on
+``--rows x --eval-tokens`` and greedy generation of ``--new-tokens`` after prompts of half
+that length), each ``replicated``, ``partitioner`` (how a run evaluates a split base) and
+``layer gather`` (traced under ``fsdp.tracing``, so the layer scan of the forward and of the
+prefill gathers one layer at a time; decoding's unrolled layers stay the partitioner's).
+All of it, with the machine, is written as JSON to ``--out``. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 
@@ -36,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from benchmarks import machine
 from benchmarks.remat import decoder_config
 from floranna_jax import clients, fsdp, keys, models
+from floranna_jax.models import decoder
 from floranna_jax.tasks import generation
 
 MESH = (2, 4)  # clients x model
@@ -95,12 +102,40 @@ def measure(a, layers: int) -> dict:
     return out
 
 
+def evaluation(a, layers: int) -> dict:
+    """The evaluation's forward and generation, three ways (see the module)."""
+    config = decoder_config(layers, a.hidden)
+    spec = models.LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    model = models.build_random(config, lora=spec)
+    ids = np.random.default_rng(0).integers(3, config["vocab_size"], (a.rows, a.eval_tokens))
+    ones = np.ones_like(ids, dtype=np.int32)
+    batch = {"input_ids": ids.astype(np.int32), "attention_mask": ones, "loss_mask": ones}
+    prompt = (ids[:, : a.eval_tokens // 2].astype(np.int32), ones[:, : a.eval_tokens // 2])
+    forward = jax.jit(lambda base, t, batch: model.apply(base, t, batch))
+    generate = jax.jit(lambda base, adapters, ids, mask: decoder.generate(
+        model, base, adapters, ids, mask, max_new_tokens=a.new_tokens))  # fmt: skip
+    split = clients.make_mesh(model_shards=MESH[1])
+    split_base = fsdp.place(model.base, split, ("layers",))
+    ways = {"replicated": (model.base, None), "partitioner": (split_base, None),
+            "layer gather": (split_base, split)}  # fmt: skip
+    out = {}
+    for name, (base, mesh) in ways.items():
+        with fsdp.tracing(mesh) if mesh is not None else contextlib.nullcontext():
+            out[name] = {
+                "forward": figures(forward, base, (model.trainable, batch)),
+                "generate": figures(generate, base, (model.trainable["lora"], *prompt)),
+            }
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--rows", type=int, default=4, help="rows per client step")
     parser.add_argument("--tokens", type=int, default=16, help="tokens per row")
+    parser.add_argument("--eval-tokens", type=int, default=64, help="tokens per eval row")
+    parser.add_argument("--new-tokens", type=int, default=16, help="generated tokens")
     parser.add_argument("--out", default="bench_out/fsdp.json")
     a = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", MESH[0] * MESH[1])
@@ -115,6 +150,13 @@ def main(argv=None) -> dict:
             f = r[name]
             print(f"  {name:12}  arguments {f['arguments'] / 1e6:6.2f} MB  temporaries "
                   f"{f['temporaries'] / 1e6:6.2f} MB  peak {f['peak'] / 1e6:6.2f} MB")  # fmt: skip
+        r["evaluation"] = ev = evaluation(a, layers)
+        print(f"  evaluation: forward of {a.rows} x {a.eval_tokens} tokens; generation of "
+              f"{a.new_tokens} tokens after {a.eval_tokens // 2}")  # fmt: skip
+        for name, programs in ev.items():
+            for program, f in programs.items():
+                print(f"  {name:12}  {program:8}  arguments {f['arguments'] / 1e6:6.2f} MB  "
+                      f"temporaries {f['temporaries'] / 1e6:6.2f} MB")  # fmt: skip
     path = pathlib.Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
