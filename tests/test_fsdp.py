@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -9,6 +10,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,18 @@ class LeafSpecTest(absltest.TestCase):
             config_check.check_devices(config)
         with self.assertRaisesRegex(ConfigError, "train.model_shards: must be a positive"):
             config_check.validate(smoke_config(**{"train.model_shards": 0}))
+
+    def test_with_several_processes_model_shards_must_divide_each_process(self):
+        # 2 processes of 2 devices: a split over 4 would span both (a process would not
+        # address a whole copy of the base), so the config names the field.
+        config = smoke_config(**{"train.model_shards": 4})
+        counts = {"device_count": 4, "local_device_count": 2, "process_count": 2}
+        with contextlib.ExitStack() as stack:
+            for name, n in counts.items():
+                stack.enter_context(mock.patch.object(jax, name, return_value=n))
+            with self.assertRaisesRegex(ConfigError, "4 does not divide the 2 devices of each"):
+                config_check.check_devices(config)
+            config_check.check_devices(smoke_config(**{"train.model_shards": 2}))
 
     def test_split_base_equals_one_device_on_eight_devices(self):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
