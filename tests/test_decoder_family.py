@@ -123,15 +123,17 @@ class DecoderTest(chex.TestCase):
         # chunked vs one-shot log-softmax, fp32 sums of ~8 terms of O(5)
         np.testing.assert_allclose(nll, want, rtol=1e-5, atol=1e-5)
 
-    @parameterized.parameters(None, 3.0)
-    def test_fused_loss_gradient_equals_autodiff(self, softcap):
+    @parameterized.product(softcap=(None, 3.0), axes=("dv", "vd"))
+    def test_fused_loss_gradient_equals_autodiff(self, softcap, axes):
         """The loss's hand-written gradient (formed in the forward pass, chunk by chunk)
-        equals autodiff of the full logits, with and without a soft-cap."""
+        equals autodiff of the full logits, with and without a soft-cap, for a head stored
+        ``[d, V]`` and for a tied embedding read in place as ``[V, d]``."""
         rng = np.random.default_rng(3)
         h = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
         w = jnp.asarray(rng.normal(size=(8, 11)), jnp.float32)
         y = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
         weights = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+        stored = w if axes == "dv" else w.T
 
         def full(h):
             logits = modules.soft_cap(h @ w, softcap)
@@ -139,7 +141,8 @@ class DecoderTest(chex.TestCase):
             return jnp.sum(weights * (jax.nn.logsumexp(logits, axis=-1) - picked))
 
         def chunked(h):  # 3 positions a chunk: 10 positions pad to 12
-            return jnp.sum(weights * decoder.token_nll(h, w, y, jnp.float32, 3, softcap))
+            nll = decoder.token_nll(h, stored, y, jnp.float32, 3, softcap, axes)
+            return jnp.sum(weights * nll)
 
         np.testing.assert_allclose(jax.jit(chunked)(h), full(h), rtol=1e-6)
         np.testing.assert_allclose(jax.grad(chunked)(h), jax.grad(full)(h), rtol=1e-5,
