@@ -48,8 +48,8 @@ def layer_policies(jaxpr) -> list[str]:
         for eqn in jx.eqns:
             if eqn.primitive.name.startswith("remat"):  # jax.checkpoint
                 policy = eqn.params["policy"]
-                found.append("recomputes" if policy is None else
-                             "saves" if policy is modules.KEEP_FOR_BACKWARD else repr(policy))  # fmt: skip
+                kinds = {None: "recomputes", modules.KEEP_FOR_BACKWARD: "saves"}
+                found.append(kinds.get(policy, repr(policy)))
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 visit(sub)
 
