@@ -56,10 +56,12 @@ def chunk_length(rows: int, T: int, vocab: int, budget: int = LOSS_CHUNK_ELEMENT
     return min(rows * T, 1 << (fits.bit_length() - 1))
 
 
-def token_nll(h, kernel, labels, dtype, chunk: int, softcap: float | None = None) -> jax.Array:
+def token_nll(h, kernel, labels, dtype, chunk: int, softcap: float | None = None,
+              axes: str = "dv") -> jax.Array:  # fmt: skip
     """``[R, T]`` float32 ``-log softmax(h @ kernel)[labels]``, ``chunk`` positions at a time.
 
-    ``h [R, T, d]``, ``kernel [d, V]`` (frozen: it gets no gradient), ``labels [R, T]``;
+    ``h [R, T, d]``, ``kernel`` (frozen: it gets no gradient) ``[d, V]``, or ``[V, d]``
+    with ``axes="vd"`` (a tied embedding, read in place), ``labels [R, T]``;
     ``softcap``: the logits' soft-cap (Gemma 2), None for none. No pass holds more than one
     chunk's ``[chunk, V]`` logits: the gradient of ``h`` is formed with them, in the same
     pass (:func:`_chunked_nll`), so the backward pass never recomputes them.
@@ -69,27 +71,28 @@ def token_nll(h, kernel, labels, dtype, chunk: int, softcap: float | None = None
     k = -(-n // chunk)
     h = jnp.pad(h.reshape(n, d), ((0, k * chunk - n), (0, 0))).reshape(k, chunk, d)
     y = jnp.pad(labels.reshape(n), (0, k * chunk - n)).reshape(k, chunk)
-    nll = _chunked_nll(h, jax.lax.stop_gradient(kernel), y, jnp.dtype(dtype), softcap)
+    nll = _chunked_nll(h, jax.lax.stop_gradient(kernel), y, jnp.dtype(dtype), softcap, axes)
     return nll.reshape(k * chunk)[:n].reshape(R, T)
 
 
-def _chunk_logits(h, w, y, dtype, softcap):
-    """``(nll [C], logits [C, V] float32 after the soft-cap, logsumexp [C])`` of one chunk."""
-    logits = jnp.matmul(h.astype(dtype), w, preferred_element_type=jnp.float32)
+def _chunk_logits(h, w, y, dtype, softcap, axes):
+    """``(nll [C], logits [C, V] float32 after the soft-cap, logsumexp [C])`` of one chunk;
+    ``w``'s axes are named by ``axes`` (:func:`token_nll`)."""
+    logits = jnp.einsum(f"cd,{axes}->cv", h.astype(dtype), w, preferred_element_type=jnp.float32)
     logits = modules.soft_cap(logits, softcap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
     return lse - picked, logits, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_nll(h, w, y, dtype, softcap):
-    """``[k, C]`` nll of ``h [k, C, d]`` chunk by chunk (``lax.map``); ``w [d, V]``."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_nll(h, w, y, dtype, softcap, axes):
+    """``[k, C]`` nll of ``h [k, C, d]`` chunk by chunk (``lax.map``); ``w`` as ``axes``."""
     w = w.astype(dtype)
-    return jax.lax.map(lambda hy: _chunk_logits(hy[0], w, hy[1], dtype, softcap)[0], (h, y))
+    return jax.lax.map(lambda hy: _chunk_logits(hy[0], w, hy[1], dtype, softcap, axes)[0], (h, y))
 
 
-def _chunked_nll_fwd(h, w, y, dtype, softcap):
+def _chunked_nll_fwd(h, w, y, dtype, softcap, axes):
     """The nll and, from the same logits, ``d nll / d h [k, C, d]``: ``(softmax - onehot)
     @ w.T`` (times the soft-cap's ``1 - (logits / cap)^2``); two head matmuls per token,
     where differentiating a rematerialized chunk takes three."""
@@ -97,21 +100,21 @@ def _chunked_nll_fwd(h, w, y, dtype, softcap):
 
     def one(hy):
         h_c, y_c = hy
-        nll, logits, lse = _chunk_logits(h_c, wd, y_c, dtype, softcap)
+        nll, logits, lse = _chunk_logits(h_c, wd, y_c, dtype, softcap, axes)
         hit = jnp.arange(logits.shape[-1])[None, :] == y_c[:, None]
         g = jnp.exp(logits - lse[:, None]) - hit
         if softcap is not None:
             g = g * (1.0 - jnp.square(logits / softcap))
-        dh = jnp.matmul(g.astype(dtype), wd.T, preferred_element_type=jnp.float32)
+        dh = jnp.einsum(f"cv,{axes}->cd", g.astype(dtype), wd, preferred_element_type=jnp.float32)
         return nll, dh.astype(h_c.dtype)
 
     nll, dh = jax.lax.map(one, (h, y))
     return nll, (dh, w)
 
 
-def _chunked_nll_bwd(dtype, softcap, residuals, g):
+def _chunked_nll_bwd(dtype, softcap, axes, residuals, g):
     """``h`` gets ``g * dh``; ``w`` zeros (frozen, behind stop_gradient); ``y`` none."""
-    del dtype, softcap
+    del dtype, softcap, axes
     dh, w = residuals
     return g[..., None] * dh, jnp.zeros_like(w), None
 
@@ -217,8 +220,8 @@ def make(
         )  # fmt: skip
         h = modules.final_hidden(cfg, base, x)
         chunk = chunk_length(ids.shape[0], ids.shape[1], cfg.vocab_size, loss_chunk_elements)
-        nll = token_nll(h, modules.head_kernel(cfg, base), labels, dtype, chunk,
-                        cfg.final_softcap)  # fmt: skip
+        w, axes = modules.head_kernel(cfg, base)
+        nll = token_nll(h, w, labels, dtype, chunk, cfg.final_softcap, axes)
         return sum_fn(nll * weights), sum_fn(weights)
 
     return Architecture(
