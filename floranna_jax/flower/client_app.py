@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from floranna_jax import (
@@ -137,7 +137,7 @@ def train_round(msg: Message, context: Context) -> Message:
     # on: what it scores when the server asks for its own model, as a run in process does.
     context.state["trained"] = wire.to_record(jax.tree.map(lambda x: x[0], out.trainable),
                                               lambda path: True)  # fmt: skip
-    context.state["trained-base"] = _copy(delta)
+    context.state["trained-base"] = wire.pack(wire.from_record(delta))  # a copy, not the message's
     metrics = {"loss": float(out.loss[0]), "steps": int(out.steps[0]),
                "examples": float(out.examples[0]), "num-examples": n}  # fmt: skip
     content = {
@@ -145,10 +145,6 @@ def train_round(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord(metrics),
     }
     return Message(RecordDict(content), reply_to=msg)
-
-
-def _copy(record: ArrayRecord) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in wire.from_record(record).items()})
 
 
 # A node's process serves one shard; the tests' one process serves every client's.
@@ -181,5 +177,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     evaluator = local_evaluator(experiment_json, context.node_config["data-path"],
                                 _row_length(msg))  # fmt: skip
     (stats,) = evaluator.local_stats(base, trainable, np.arange(1))
-    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stats.items()})
-    return Message(RecordDict({"stats": record}), reply_to=msg)
+    return Message(RecordDict({"stats": wire.pack(stats)}), reply_to=msg)
