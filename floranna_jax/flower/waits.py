@@ -88,5 +88,7 @@ def patch_supernode(module) -> None:
 def quicken_pulls(module, name: str) -> None:
     """``module.name`` (flwr's ``pull_objects`` or ``pull_and_inflate_object_from_tree``,
     as that module imported it) retrying a missing object after :data:`FIRST_S`, doubling
-    as Flower's does, instead of after 1 s."""
-    setattr(module, name, functools.partial(getattr(module, name), initial_backoff=FIRST_S))
+    as Flower's does, instead of after 1 s. Patching twice changes nothing more."""
+    pull = getattr(module, name)
+    if not isinstance(pull, functools.partial):
+        setattr(module, name, functools.partial(pull, initial_backoff=FIRST_S))
