@@ -309,6 +309,57 @@ def test_generation_scores_count_right_answers():
     assert got.extracted == ["7", "12"] and got.gold == ["7", "12"] and got.correct == [True] * 2
 
 
+@pytest.mark.parametrize("name", ["gsm8k", "code"])
+def test_clients_counts_merge_into_the_in_process_local_metric(monkeypatch, name):
+    """Federated evaluation: each client's counts (right answers, rows, answer NLL and
+    tokens), from an evaluator of its own rows alone as a Flower client builds it, combine
+    into the in-process local metric, which is the mean of each client's rows scored as a
+    test set. Decoding is faked to give the reference answer to every other problem, so
+    the counts differ between clients; the answer loss is the tiny model's own."""
+    config = config_file(f"{name}.py", **{"eval.max_local_examples": 3,
+                                         "eval.code_allow_weak_sandbox": True})  # fmt: skip
+    task = tasks.get(name)
+    train_arrays, validation = task.load(config)
+    corpus = generation.corpus(name, config, {})
+    codec, right = corpus.codec, {}
+    for j, item in enumerate(corpus.train):
+        answer = generation.texts(item.problem)[1] if j % 2 == 0 else "no idea"
+        right[tuple(item.prompt)] = codec.encode(answer) + [codec.eos_id]
+
+    def fake_generate(model, base, adapters, ids, mask, **kw):
+        out = np.full((len(ids), 512), codec.pad_id, np.int32)
+        for row, (i, m) in enumerate(zip(np.asarray(ids), np.asarray(mask), strict=True)):
+            text = right.get(tuple(i[m == 1].tolist()), [codec.eos_id])
+            out[row, : len(text)] = text
+        return out
+
+    monkeypatch.setattr(decoder, "generate", fake_generate)
+    spec = models.LoraSpec(rank=4, alpha=8.0)
+    model = models.build_random(models.tiny_config("llama"), 0, spec, keys.model_key(0))
+    holdout = [np.arange(0, 5), np.arange(5, 7), np.arange(8, 9)]  # 3 (capped), 2 and 1 rows
+    trainable_U = jax.tree.map(lambda x: np.stack([x] * 3), model.trainable)
+    ids = np.arange(3)
+    want = task.make_evaluator(model, train_arrays, None, holdout, config).local_eval(
+        model.base, trainable_U, ids)  # fmt: skip
+    stats = []
+    for u in ids:  # each client alone
+        alone = task.make_evaluator(model, train_arrays, None, [holdout[u]], config)
+        one = jax.tree.map(lambda x: x[:1], trainable_U)
+        stats += alone.local_stats(model.base, one, np.arange(1))
+    assert [int(s["rows"]) for s in stats] == [3, 2, 1]
+    got = alone.combine(stats)
+    by_set = []  # each client's rows scored as a test set: the scores of those rows
+    for h in holdout:
+        items = [corpus.train[j] for j in h[:3]]
+        scorer = generation.evaluator(name, model, corpus._replace(tests={"": items}), [], config)
+        by_set.append(scorer.global_eval(model.base, model.trainable))
+    main = generation.MAIN_METRIC[name]
+    assert 0 < want[main] < 1  # some answers right, not all
+    assert set(got) == set(want) == set(by_set[0]) and "answer_loss" in got
+    for k in want:  # the same divisions of the same counts: to the bit
+        assert got[k] == want[k] == float(np.mean([b[k] for b in by_set])), k
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

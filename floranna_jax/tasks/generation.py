@@ -58,6 +58,7 @@ ALIASES = {"gsm8k": "gsm8k", "code": "code", "mbpp": "code"}
 SOURCES = ("local", "hub", "synthetic")
 TOKENIZERS = ("model", "bytes")
 MAIN_METRIC = {"gsm8k": "exact_match_flexible", "code": "pass@1"}
+STAT_SUMS = ("rows", "answer_nll", "answer_tokens")  # a client's stats that are not counts
 
 
 def knows(name: str) -> bool:
@@ -297,26 +298,32 @@ def loss_fn(model):
 class Judged(NamedTuple):
     """The scores of completions, and per completion the answer the scorer extracted, the
     reference answer and whether the completion counts as right (GSM8K: the flexible exact
-    match, the main metric; code: the extracted program passed its tests)."""
+    match, the main metric; code: the extracted program passed its tests); ``counts``: per
+    score, the completions it counts as right (each score is its count over the rows)."""
 
     metrics: dict[str, float]
     extracted: list
     gold: list
     correct: list[bool]
+    counts: dict[str, int]
 
 
 def judge(task: str, problems: list, completions: list[str], timeout_s: float) -> Judged:
     """The task's generation scores of ``completions`` (decoded text, one per problem)."""
     if task == "gsm8k":
         answers = [p.answer for p in problems]
-        right = gsm8k.exact_match(completions, answers)["flexible"]
+        match = gsm8k.exact_match(completions, answers)
         return Judged(gsm8k.score(completions, answers),
                       [gsm8k.extract_flexible(c) for c in completions],
-                      [gsm8k.reference(a) for a in answers], [bool(r) for r in right])  # fmt: skip
+                      [gsm8k.reference(a) for a in answers],
+                      [bool(r) for r in match["flexible"]],
+                      {f"exact_match_{k}": int(v.sum()) for k, v in match.items()})  # fmt: skip
     programs = [code.extract_code(c, stops=code.PROGRAM_STOPS) for c in completions]
     result = code.evaluate(problems, [[p] for p in programs], ks=(1,), timeout_s=timeout_s)
+    # One greedy sample a problem: pass@1 is the count of problems solved over the rows.
     return Judged(result.metrics, programs, [p.solution for p in problems],
-                  [bool(r) for r in result.passed[:, 0]])  # fmt: skip
+                  [bool(r) for r in result.passed[:, 0]],
+                  {"pass@1": int(result.passed[:, 0].sum())})  # fmt: skip
 
 
 def bucket(n: int, batch_size: int) -> int:
@@ -364,7 +371,8 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             tick()
         return out
 
-    def answer_loss(base, trainable, items: list[Item]) -> float:
+    def answer_nll(base, trainable, items: list[Item]) -> tuple[float, float]:
+        """The summed NLL of the reference answers' tokens, and their number."""
         arrays = item_arrays(items, corpus_.length, config.data.max_length)
         nll = tokens = 0.0
         for start, rows in calls(len(items), batch_size):
@@ -373,6 +381,10 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             real = np.arange(start, start + rows) < len(items)
             nll += float(np.sum(np.asarray(n)[real]))
             tokens += float(np.sum(np.asarray(t)[real]))
+        return nll, tokens
+
+    def answer_loss(base, trainable, items: list[Item]) -> float:
+        nll, tokens = answer_nll(base, trainable, items)
         return nll / max(tokens, 1.0)
 
     def evaluate(base, trainable, items: list[Item], prefix: str, tick, keep: int = 0):
@@ -406,18 +418,40 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
                     record(records)
         return out
 
-    def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
+    def client_stats(base, trainable, items: list[Item], tick) -> dict[str, np.ndarray]:
+        """One client's sufficient statistics on its held-out ``items``: ``rows``, per score
+        its count of right completions, and ``answer_nll`` over ``answer_tokens``."""
+        if not items:
+            return {"rows": np.asarray(0)}
+        completions = generate(base, trainable["lora"], items, tick)
+        judged = judge(task, [i.problem for i in items], completions, e.code_timeout_s)
+        nll, tokens = answer_nll(base, trainable, items)
+        counts = {"rows": len(items), **judged.counts, "answer_nll": nll, "answer_tokens": tokens}
+        return {k: np.asarray(v) for k, v in counts.items()}
+
+    def local_stats(base, trainable_U, client_ids) -> list[dict[str, np.ndarray]]:
         held_out = [[corpus_.train[j] for j in holdout_index[int(u)]] for u in client_ids]
         total = sum(len(calls(len(items), batch_size)) for items in held_out)
-        scores = []
         with progress.bar("eval local", total, "batch") as tick:
-            for i, items in enumerate(held_out):
-                trainable = jax.tree.map(lambda x, i=i: x[i], trainable_U)
-                scores.append(evaluate(base, trainable, items, "", tick)[0])
-        scores = [s for s in scores if s]
+            return [client_stats(base, jax.tree.map(lambda x, i=i: x[i], trainable_U), items, tick)
+                    for i, items in enumerate(held_out)]  # fmt: skip
+
+    def combine(stats: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        """The mean over clients with held-out rows of each one's scores from its counts
+        (the same divisions as a score of its rows: ``judge``, ``answer_loss``)."""
+        scores = []
+        for s in stats:
+            n = int(s["rows"])
+            if n:
+                rates = {k: int(v) / n for k, v in s.items() if k not in STAT_SUMS}
+                loss = float(s["answer_nll"]) / max(float(s["answer_tokens"]), 1.0)
+                scores.append(rates | {"answer_loss": loss})
         if not scores:
             return {}
         return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+    def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
+        return combine(local_stats(base, trainable_U, client_ids))
 
     def programs(base, trainable_U) -> list[Program]:
         """Greedy decoding ``[batch_size, P]`` and the answer-loss forward ``[batch_size,
@@ -437,4 +471,4 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
                         runs, loop_trips=max_new - 1),
                 Program("answer loss", forward, (base, trainable, batch), runs)]  # fmt: skip
 
-    return Evaluator(global_eval, local_eval, programs)
+    return Evaluator(global_eval, local_eval, programs, local_stats, combine)
