@@ -32,12 +32,14 @@ pytest.importorskip("flwr")
 
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from smoke_setup import XLA_CACHE, shared_compilation, smoke_config
+from smoke_setup import XLA_CACHE, config_file, shared_compilation, smoke_config
 
 from floranna_jax import checkpoint, experiment, keys, reporting, server, train
 from floranna_jax.errors import ConfigError
 from floranna_jax.flower import client_app, local, runconfig, server_app, shards, wire
 from floranna_jax.flower import transport as flower_transport
+from floranna_jax.tasks import generation
+from floranna_jax.tasks.task import ROW_KEY
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -168,8 +170,29 @@ def test_shards_hold_each_clients_rows_in_order(tmp_path):
         for k, v in arrays.items():
             np.testing.assert_array_equal(shard.train[k], v[part.train[u]])
             np.testing.assert_array_equal(shard.holdout[k], v[part.holdout[u]])
+        np.testing.assert_array_equal(shard.holdout[ROW_KEY], part.holdout[u])
     with pytest.raises(ConfigError, match=r"^node config data-path: cannot read"):
         shards.load(str(tmp_path / "absent.npz"))
+
+
+def test_a_generation_client_scores_its_own_held_out_problems(tmp_path, monkeypatch):
+    """A GSM8K client's shard holds tokens only; its evaluator scores the problems of its
+    own held-out rows (their texts read from the config's data by the shard's indices)."""
+    config = config_file("gsm8k.py", **{"eval.max_local_examples": 2})
+    paths = shards.write(config, str(tmp_path))
+    _, _, _, part = experiment.load_data(config)
+    corpus = generation.corpus("gsm8k", config, {})
+    seen, judge = [], generation.judge
+    monkeypatch.setattr(generation, "judge", lambda t, p, c, s: seen.append(p) or judge(t, p, c, s))
+    experiment_json = config.to_json()
+    job = client_app.build_job(experiment_json)
+    one = jax.tree.map(lambda x: x[None], job.model.trainable)
+    for u in (1, 3):
+        evaluator = client_app.local_evaluator(experiment_json, paths[u], None)
+        (stats,) = evaluator.local_stats(job.model.base, one, np.arange(1))
+        assert int(stats["rows"]) == 2
+        assert seen[-1] == [corpus.train[j].problem for j in part.holdout[u][:2]]
+    assert seen[0] != seen[1]
 
 
 # ----------------------------------------------------------------------------- one process

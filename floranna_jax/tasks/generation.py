@@ -51,7 +51,7 @@ from floranna_jax import progress, sandbox
 from floranna_jax.data import code, completion, glue, gsm8k, synthetic_text
 from floranna_jax.errors import BadValue, ConfigError, first_line
 from floranna_jax.models import decoder
-from floranna_jax.tasks.task import Arrays, Evaluator, Program, Task
+from floranna_jax.tasks.task import ROW_KEY, Arrays, Evaluator, Program, Task
 
 NAMES = ("gsm8k", "code")
 ALIASES = {"gsm8k": "gsm8k", "code": "code", "mbpp": "code"}
@@ -77,6 +77,8 @@ def make(name: str) -> Task:
         return item_arrays(c.train, c.length, m), item_arrays(c.tests[""], c.length, m)
 
     def make_evaluator(model, train, validation, holdout_index, config, rows=None) -> Evaluator:
+        if ROW_KEY in train:  # rows of the training split (a client's shard): their items
+            holdout_index = [np.asarray(train[ROW_KEY])[h] for h in holdout_index]
         return evaluator(task, model, corpus(task, config, cache), holdout_index, config)
 
     return Task(task, MAIN_METRIC[task], 0, load, loss_fn, make_evaluator, check,

@@ -21,6 +21,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 Arrays = dict[str, np.ndarray]
+# In arrays of some rows of a task's training split (a client's shard), each row's index in
+# that split: a task that keeps its texts out of the arrays (generation) reads them by it.
+ROW_KEY = "row"
 
 
 class Program(NamedTuple):
@@ -72,7 +75,8 @@ class Task(NamedTuple):
       what it averages over (real examples, or tokens), which does not depend on the
       parameters; micro-batches (``clients.make_local_update``) weigh their means by it.
     make_evaluator: ``(model, train, validation, holdout_index, config, rows=None) ->
-      Evaluator``; ``holdout_index[u]``: client ``u``'s held-out rows of ``train``;
+      Evaluator``; ``holdout_index[u]``: client ``u``'s held-out rows of ``train`` (whose
+      :data:`ROW_KEY` array, if any, gives their indices in the task's training split);
       ``validation``: ``None`` for an evaluator of clients only; ``config``: the run's
       config (section ``eval`` and ``train.clients_per_round``); ``rows``: the run's
       ``packing.Rows`` (default: ``packing.decide`` of these splits).
