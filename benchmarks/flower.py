@@ -9,7 +9,8 @@ all-MiniLM-L6-v2 from ``--model`` when both exist, else the smoke config's tiny 
 encoder on synthetic tokens), first ``--rounds`` rounds in this process
 (``train.build(...).round_fn``, clients as the config runs them), then the same rounds
 through a SuperLink and U SuperNodes started as separate processes
-(``floranna_jax.flower.local``, insecure on localhost), each with its warm ClientApp process
+(``floranna_jax.flower.local``, insecure on localhost; each node ``flower.node``, Flower's
+SuperNode without its fixed waits, ``flower/waits.py``), each with its warm ClientApp process
 (``warm_node.py``; ``--cold``: Flower's new process per message, which imports JAX and
 builds the model every round). Prints, per round, the seconds of each (Flower: the server's
 own clock from sending the round's messages to the aggregate, ``time/clients_s +

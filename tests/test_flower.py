@@ -38,7 +38,7 @@ from floranna_jax import checkpoint, experiment, keys, reporting, server, train
 from floranna_jax.errors import ConfigError
 from floranna_jax.flower import client_app, local, runconfig, server_app, shards, wire
 from floranna_jax.flower import transport as flower_transport
-from floranna_jax.tasks import generation
+from floranna_jax.tasks import generation, problems
 from floranna_jax.tasks.task import ROW_KEY
 
 
@@ -181,7 +181,7 @@ def test_a_generation_client_scores_its_own_held_out_problems(tmp_path, monkeypa
     config = config_file("gsm8k.py", **{"eval.max_local_examples": 2})
     paths = shards.write(config, str(tmp_path))
     _, _, _, part = experiment.load_data(config)
-    corpus = generation.corpus("gsm8k", config, {})
+    corpus = problems.corpus("gsm8k", config, {})
     seen, judge = [], generation.judge
     monkeypatch.setattr(generation, "judge", lambda t, p, c, s: seen.append(p) or judge(t, p, c, s))
     experiment_json = config.to_json()

@@ -1,8 +1,9 @@
 """Generation-scored tasks for decoders: GSM8K math ("gsm8k") and code ("code": train on
 MBPP, evaluate on MBPP test and HumanEval).
 
-Data (``load``): ``data.source`` is ``"local"`` (``data.dir``, the layout of shared/data),
-``"hub"`` or ``"synthetic"`` (tiny problems in the same formats,
+Data (``load``; read and tokenized by :mod:`floranna_jax.tasks.problems`): ``data.source``
+is ``"local"`` (``data.dir``, the layout of shared/data), ``"hub"`` or ``"synthetic"`` (tiny
+problems in the same formats,
 :mod:`floranna_jax.data.synthetic_text`: ``data.num_train_examples`` training rows,
 ``data.num_eval_examples`` test rows). ``data.tokenizer`` is ``"model"`` (the model folder's
 own, transformers AutoTokenizer) or ``"bytes"`` (built in, for the tiny random model);
@@ -10,7 +11,8 @@ own, transformers AutoTokenizer) or ``"bytes"`` (built in, for the tiny random m
 Training rows: ``input_ids``, ``attention_mask``, ``loss_mask`` int32 ``[N, L]``, the loss on
 the target and its eos only; no ``"label"``, so only the iid and quantity partitions apply.
 The texts (questions, references, problems) stay in this task, keyed by the data fields of
-the config; the arrays hold tokens only.
+the config; the arrays hold tokens only. Federated evaluation: a client's sufficient
+statistics are its rows, its right answers per score and its answers' summed NLL and tokens.
 
 Targets: GSM8K: the worked answer without calculator annotations, ending "#### N"
 (``gsm8k.target``). Code: the reference solution in a fenced python block.
@@ -40,17 +42,17 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from floranna_jax import progress, sandbox
-from floranna_jax.data import code, completion, glue, gsm8k, synthetic_text
-from floranna_jax.errors import BadValue, ConfigError, first_line
+from floranna_jax.data import code, completion, gsm8k
+from floranna_jax.errors import BadValue, ConfigError
 from floranna_jax.models import decoder
+from floranna_jax.tasks.problems import Corpus, Item, corpus, item_arrays
 from floranna_jax.tasks.task import ROW_KEY, Arrays, Evaluator, Program, Task
 
 NAMES = ("gsm8k", "code")
@@ -132,148 +134,6 @@ def _check_sandbox(allow_weak: bool) -> None:
                        "files (the data's reference solutions too); run where namespaces are "
                        "allowed (not under Docker's default seccomp profile) or set "
                        "--config.eval.code_allow_weak_sandbox=True")  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- data
-
-
-class Item(NamedTuple):
-    """One example: prompt and target ids (target ends in eos), and what scores it (a
-    ``gsm8k.Problem`` or a ``code.Problem``)."""
-
-    prompt: list[int]
-    target: list[int]
-    problem: Any
-
-
-class Corpus(NamedTuple):
-    """train: the training items (rows of the train arrays). tests: ``prefix -> items`` of
-    each global test set ("" first: the main one). length: ``L`` of every token row;
-    prompt_length: the generation prompts' padded length. codec: the tokenizer."""
-
-    train: list[Item]
-    tests: dict[str, list[Item]]
-    length: int
-    prompt_length: int
-    codec: completion.Codec
-
-
-def _codec(config) -> completion.Codec:
-    if config.data.tokenizer == "bytes":
-        return completion.byte_codec()
-    try:
-        return completion.hf_codec(glue.load_tokenizer(os.path.expanduser(config.model.path)))
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"config field model.path: cannot load a tokenizer from {config.model.path!r}: "
-            f"{first_line(e) or type(e).__name__}; offline? convert or fetch a local folder "
-            "and pass --config.model.path=<folder>"
-        ) from e
-
-
-def _problems(task: str, config) -> tuple[list, dict[str, list]]:
-    """(training problems, ``prefix -> test problems``) of ``data.source``."""
-    d, seed = config.data, config.train.seed
-    if d.source == "synthetic":
-        if task == "gsm8k":
-            test = synthetic_text.arithmetic(d.num_eval_examples, seed=seed + 1)
-            return synthetic_text.arithmetic(d.num_train_examples, seed=seed), {"": test}
-        return (synthetic_text.functions(d.num_train_examples, seed=seed), {
-            "": synthetic_text.functions(d.num_eval_examples, seed=seed + 1),
-            "humaneval_": synthetic_text.functions(d.num_eval_examples, seed=seed + 2,
-                                                   benchmark="humaneval")})  # fmt: skip
-    data_dir = os.path.expanduser(d.dir) if d.source == "local" else None
-    try:
-        if task == "gsm8k":
-            test = gsm8k.read("test", data_dir=data_dir)
-            return gsm8k.read("train", data_dir=data_dir), {"": test}
-        return code.read_mbpp("train", data_dir=data_dir), {
-            "": code.read_mbpp("test", data_dir=data_dir),
-            "humaneval_": code.read_humaneval(data_dir=data_dir)}  # fmt: skip
-    except ValueError as e:  # a malformed file: the message names the file and the line
-        raise ConfigError(first_line(e)) from e
-    except (OSError, RuntimeError) as e:
-        field = "data.dir" if data_dir else "data.source"
-        raise ConfigError(f"config field {field}: {first_line(e)}") from e
-
-
-def texts(problem) -> tuple[str, str]:
-    """(user text, target text) of a GSM8K or code problem."""
-    if isinstance(problem, gsm8k.Problem):
-        return f"Question: {problem.question}\nAnswer:\n", gsm8k.target(problem.answer)
-    if problem.benchmark == "humaneval":
-        user = f"Complete this Python function:\n```python\n{problem.prompt}```\n"
-        return user, f"```python\n{problem.prompt}{problem.solution.rstrip()}\n```"
-    tests = "\n".join(problem.test_list)
-    user = f"{problem.prompt}\nYour code should pass these tests:\n{tests}\n"
-    return user, f"```python\n{problem.solution.strip()}\n```"
-
-
-def _items(problems, codec, fmt: str) -> list[Item]:
-    out = []
-    for p in problems:
-        user, target = texts(p)
-        out.append(Item(completion.prompt_ids(codec, user, fmt),
-                        completion.target_ids(codec, target), p))  # fmt: skip
-    return out
-
-
-def _check_sets(task: str, train: list[Item], tests: dict[str, list[Item]], max_length: int):
-    """Raise ConfigError for an empty test set, or when ``max_length`` cuts every training
-    row before its completion starts (no loss token anywhere: loss 0, nothing learned)."""
-    for prefix, items in tests.items():
-        if not items:
-            name = prefix.rstrip("_") or task
-            raise ConfigError(f"config field data.dir: the {name} test set has no problems; "
-                              "give a data folder that holds them")  # fmt: skip
-    if train and all(len(i.prompt) >= max_length for i in train):
-        shortest = min(len(i.prompt) for i in train)
-        whole = max(len(i.prompt) + len(i.target) for i in train)
-        raise ConfigError(
-            f"config field data.max_length: {max_length} tokens cut every training example "
-            f"before its answer (prompts take {shortest}+ tokens), so nothing would be "
-            f"learned; raise it above {shortest} ({whole} keeps every answer whole)"
-        )
-
-
-def read_corpus(task: str, config) -> Corpus:
-    """The task's examples for ``config``, tokenized."""
-    codec = _codec(config)
-    try:
-        fmt = completion.resolve_format(codec, config.data.prompt)
-    except ValueError as e:
-        raise ConfigError(f"config field data.prompt: {e}") from e
-    train_problems, test_problems = _problems(task, config)
-    d, cap = config.data, config.eval.max_examples
-    if d.source != "synthetic" and d.max_train_examples:
-        train_problems = train_problems[: d.max_train_examples]
-    train = _items(train_problems, codec, fmt)
-    tests = {k: _items(v[:cap] if cap else v, codec, fmt) for k, v in test_problems.items()}
-    _check_sets(task, train, tests, d.max_length)
-    every = [*train, *(i for items in tests.values() for i in items)]
-    length = completion.row_length([len(i.prompt) + len(i.target) for i in every], d.max_length)
-    prompt_length = completion.row_length([len(i.prompt) for i in every], d.max_length)
-    cut = sum(len(i.prompt) + len(i.target) > length for i in every)
-    if cut:
-        logging.warning("%d of %d examples longer than data.max_length=%d are cut at the end",
-                        cut, len(every), d.max_length)  # fmt: skip
-    return Corpus(train, tests, length, prompt_length, codec)
-
-
-def corpus(task: str, config, cache: dict) -> Corpus:
-    """The task's examples for ``config``, read once per distinct data fields (``cache``:
-    the task instance's own)."""
-    key = (config.data.to_json(), config.model.path, config.model.source,
-           config.eval.max_examples, config.train.seed)  # fmt: skip
-    if key not in cache:
-        cache.clear()  # one corpus at a time: a task instance serves one run
-        cache[key] = read_corpus(task, config)
-    return cache[key]
-
-
-def item_arrays(items: list[Item], length: int, max_length: int) -> Arrays:
-    return completion.arrays([i.prompt for i in items], [i.target for i in items],
-                             max_length=max_length, length=length)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- loss
