@@ -206,8 +206,11 @@ class Collected(NamedTuple):
 
 def _flower_metrics(got: Collected, replies: list[Message]) -> dict[str, float]:
     """Clients aggregated, rejected and missing; bytes per aggregated client, measured on
-    the messages (all of an upload, and its LoRA arrays alone)."""
+    the messages (all of an upload, and its LoRA arrays alone); the longest of the
+    aggregated clients' own seconds on their message (``train-s``: the round's time less
+    it is what the transport cost)."""
     return {
+        "flower/client_train_s_max": max(float(r.content["metrics"]["train-s"]) for r in replies),
         "flower/clients_aggregated": float(len(replies)),
         "flower/clients_rejected": float(len(got.rejected)),
         "flower/clients_missing": float(len(got.missing)),
