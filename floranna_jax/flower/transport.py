@@ -48,11 +48,6 @@ def make(grid: Grid, config, opts, exp, method, evaluator) -> transport.Clients:
     Flower-specific ``grid``, ``config`` and ``opts``, ``runconfig.Options``, bound)."""
     if config.client.persistent_opt_state:
         raise ConfigError("config field client.persistent_opt_state: not supported over Flower")
-    if config.eval.local and evaluator.combine is None:
-        raise ConfigError(
-            f"config field eval.local: task {exp.task.name} has no sufficient statistics for "
-            "federated evaluation (counts and sums); use --config.eval.local=False over Flower"
-        )
     _check_resumable(config, opts.workdir, exp.model.trainable, method)
     nodes = connect(grid, config.partition.num_clients, opts.connect_timeout_s)
     row_length = exp.rows.train or 0  # decided once, by the run: every client packs with it

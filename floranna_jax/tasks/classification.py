@@ -262,7 +262,7 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays | No
                                take.shape[1]))  # fmt: skip
         return out
 
-    return Evaluator(global_eval, local_eval, programs, local_stats, combine)
+    return Evaluator(global_eval, local_eval, local_stats, combine, programs)
 
 
 def _mean(scores: list[dict[str, float]]) -> dict[str, float]:

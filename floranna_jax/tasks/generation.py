@@ -333,4 +333,4 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
                         runs, loop_trips=max_new - 1),
                 Program("answer loss", forward, (base, trainable, batch), runs)]  # fmt: skip
 
-    return Evaluator(global_eval, local_eval, programs, local_stats, combine)
+    return Evaluator(global_eval, local_eval, local_stats, combine, programs)

@@ -48,7 +48,7 @@ class Evaluator(NamedTuple):
     [Program]``: the evaluation's compiled steps at the shapes they run with (one
     evaluation, global and local; ``trainable_U``: ``[U, ...]`` stacked trees).
 
-    Federated evaluation (a task that supports it; ``None`` otherwise):
+    Federated evaluation, which every task provides:
     ``local_stats(base, trainable_U, client_ids) -> [{name: array}]``, each client's
     sufficient statistics (counts and sums: what a Flower client sends back, never its
     rows), and ``combine(stats) -> {metric: float}``, which turns any clients' statistics
@@ -57,9 +57,9 @@ class Evaluator(NamedTuple):
 
     global_eval: Callable[..., dict[str, float]] | None
     local_eval: Callable[..., dict[str, float]]
+    local_stats: Callable[..., list[dict[str, np.ndarray]]]
+    combine: Callable[[list[dict[str, np.ndarray]]], dict[str, float]]
     programs: Callable[..., list[Program]] = lambda base, trainable_U: []
-    local_stats: Callable[..., list[dict[str, np.ndarray]]] | None = None
-    combine: Callable[[list[dict[str, np.ndarray]]], dict[str, float]] | None = None
 
 
 class Task(NamedTuple):
