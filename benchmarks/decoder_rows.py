@@ -1,7 +1,7 @@
 """Training on real GSM8K rows for ``benchmarks.decoder --data=real``: the project packed,
 the peer dynamically padded, on the same examples in the same steps.
 
-The rows are the run's own (:func:`floranna_jax.tasks.generation.read_corpus` of
+The rows are the run's own (:func:`floranna_jax.tasks.problems.read_corpus` of
 ``configs/gsm8k.py`` on local files: chat-formatted question, answer, end of sequence; loss
 on the answer tokens only). Each step takes ``b`` consecutive training examples. The
 project packs them as a run does (:mod:`floranna_jax.packing`, ``data.packing``): rows of a
@@ -21,7 +21,7 @@ import numpy as np
 
 from benchmarks.real_data import Clock
 from floranna_jax import clients, packing
-from floranna_jax.tasks import generation
+from floranna_jax.tasks import problems
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,8 @@ def gsm8k_rows(model_folder: str, data_dir: str, count: int) -> dict[str, np.nda
     c = module.get_config()
     c.model.path, c.data.source, c.data.dir = model_folder, "local", data_dir
     c.data.max_train_examples, c.eval.max_examples = count, 1
-    corpus = generation.read_corpus("gsm8k", c)
-    return generation.item_arrays(corpus.train, corpus.length, c.data.max_length)
+    corpus = problems.read_corpus("gsm8k", c)
+    return problems.item_arrays(corpus.train, corpus.length, c.data.max_length)
 
 
 def turns(rows: dict, lengths: np.ndarray, shape: tuple[int, int, int]) -> tuple[list, list]:

@@ -18,7 +18,7 @@ from floranna_jax import checkpoint, config_check, keys, models, reporting, task
 from floranna_jax.data import code, completion, gsm8k
 from floranna_jax.errors import ConfigError
 from floranna_jax.models import decoder
-from floranna_jax.tasks import generation
+from floranna_jax.tasks import generation, problems
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,16 +71,16 @@ def test_gsm8k_smoke_reports_generation_metrics(gsm8k_run):
 
 def test_smoke_run_writes_generations(gsm8k_run):
     config = config_file("gsm8k.py")
-    problems = [i.problem for i in generation.corpus("gsm8k", config, {}).tests[""]]
-    keep = min(config.eval.log_generations, len(problems))
+    tested = [i.problem for i in problems.corpus("gsm8k", config, {}).tests[""]]
+    keep = min(config.eval.log_generations, len(tested))
     for r in (1, 2):
         lines = (gsm8k_run / "generations" / f"round_{r}.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
         assert len(records) == keep == 8  # all 8 synthetic test problems (fewer than 16)
         for k, rec in enumerate(records):
             assert rec["set"] == "gsm8k" and rec["index"] == k
-            assert problems[k].question in rec["prompt"]
-            assert rec["gold"] == gsm8k.reference(problems[k].answer)
+            assert tested[k].question in rec["prompt"]
+            assert rec["gold"] == gsm8k.reference(tested[k].answer)
             assert rec["extracted"] == gsm8k.extract_flexible(rec["output"])
             assert rec["correct"] == (rec["extracted"] == rec["gold"])
             assert "Question:" not in rec["output"]  # cut at the stop string
@@ -130,8 +130,8 @@ def test_real_gsm8k_and_mbpp_rows_with_the_byte_tokenizer(gsm8k_dir, mbpp_dir):
     codec = completion.byte_codec()
     rows = gsm8k.read("test", data_dir=gsm8k_dir)[:3]
     rows += code.read_mbpp("train", data_dir=mbpp_dir)[:3]
-    items = generation._items(rows, codec, "plain")
-    arrays = generation.item_arrays(items, completion.row_length(
+    items = problems._items(rows, codec, "plain")
+    arrays = problems.item_arrays(items, completion.row_length(
         [len(i.prompt) + len(i.target) for i in items], 4096), 4096)  # fmt: skip
     for i, item in enumerate(items):
         _check_row(arrays, i, item.prompt, item.target)
@@ -174,15 +174,15 @@ def test_chat_template_with_the_smollm2_tokenizer(smollm2_tokenizer, gsm8k_dir):
     codec = completion.hf_codec(smollm2_tokenizer)
     assert completion.resolve_format(codec, "auto") == "chat"
     problem = gsm8k.read("test", data_dir=gsm8k_dir)[0]
-    items = generation._items([problem], codec, "chat")
+    items = problems._items([problem], codec, "chat")
     prompt = smollm2_tokenizer.decode(items[0].prompt)
     assert "<|im_start|>user\n" in prompt and prompt.endswith("<|im_start|>assistant\n")
     assert problem.question in prompt
     assert items[0].target[-1] == smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    arrays = generation.item_arrays(items, 512, 512)
+    arrays = problems.item_arrays(items, 512, 512)
     _check_row(arrays, 0, items[0].prompt, items[0].target)
     assert codec.decode(items[0].target) == gsm8k.target(problem.answer)
-    plain = generation._items([problem], codec, "plain")[0].prompt
+    plain = problems._items([problem], codec, "plain")[0].prompt
     assert "<|im_start|>" not in smollm2_tokenizer.decode(plain)
 
 
@@ -199,7 +199,7 @@ def test_stop_strings_cut_generation_and_scoring(monkeypatch):
     config = config_file("gsm8k.py", **{"data.num_eval_examples": 2})
     task = tasks.get("gsm8k")
     train_arrays, validation = task.load(config)
-    corpus = generation.corpus("gsm8k", config, {})
+    corpus = problems.corpus("gsm8k", config, {})
     codec, answers = corpus.codec, [gsm8k.reference(i.problem.answer) for i in corpus.tests[""]]
     # Each row answers right, then invents a next problem with another answer, as base
     # models do; unstopped, the flexible (last-number) match would score the invented one.
@@ -287,7 +287,7 @@ def test_global_exact_match_is_the_hand_scored_one(monkeypatch):
     evaluator = task.make_evaluator(model, train_arrays, validation, [], config)
     got = evaluator.global_eval(model.base, trainable)
 
-    corpus = generation.corpus("gsm8k", config, {})
+    corpus = problems.corpus("gsm8k", config, {})
     codec, by_hand = corpus.codec, []
     for item in corpus.tests[""]:  # one prompt at a time, no padding
         ids = np.asarray([item.prompt], np.int32)
@@ -307,6 +307,57 @@ def test_generation_scores_count_right_answers():
     got = generation.judge("gsm8k", problems, ["so #### 7", "it is 12"], 1.0)
     assert got.metrics == {"exact_match_strict": 0.5, "exact_match_flexible": 1.0}
     assert got.extracted == ["7", "12"] and got.gold == ["7", "12"] and got.correct == [True] * 2
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "code"])
+def test_clients_counts_merge_into_the_in_process_local_metric(monkeypatch, name):
+    """Federated evaluation: each client's counts (right answers, rows, answer NLL and
+    tokens), from an evaluator of its own rows alone as a Flower client builds it, combine
+    into the in-process local metric, which is the mean of each client's rows scored as a
+    test set. Decoding is faked to give the reference answer to every other problem, so
+    the counts differ between clients; the answer loss is the tiny model's own."""
+    config = config_file(f"{name}.py", **{"eval.max_local_examples": 3,
+                                         "eval.code_allow_weak_sandbox": True})  # fmt: skip
+    task = tasks.get(name)
+    train_arrays, validation = task.load(config)
+    corpus = problems.corpus(name, config, {})
+    codec, right = corpus.codec, {}
+    for j, item in enumerate(corpus.train):
+        answer = problems.texts(item.problem)[1] if j % 2 == 0 else "no idea"
+        right[tuple(item.prompt)] = codec.encode(answer) + [codec.eos_id]
+
+    def fake_generate(model, base, adapters, ids, mask, **kw):
+        out = np.full((len(ids), 512), codec.pad_id, np.int32)
+        for row, (i, m) in enumerate(zip(np.asarray(ids), np.asarray(mask), strict=True)):
+            text = right.get(tuple(i[m == 1].tolist()), [codec.eos_id])
+            out[row, : len(text)] = text
+        return out
+
+    monkeypatch.setattr(decoder, "generate", fake_generate)
+    spec = models.LoraSpec(rank=4, alpha=8.0)
+    model = models.build_random(models.tiny_config("llama"), 0, spec, keys.model_key(0))
+    holdout = [np.arange(0, 5), np.arange(5, 7), np.arange(8, 9)]  # 3 (capped), 2 and 1 rows
+    trainable_U = jax.tree.map(lambda x: np.stack([x] * 3), model.trainable)
+    ids = np.arange(3)
+    want = task.make_evaluator(model, train_arrays, None, holdout, config).local_eval(
+        model.base, trainable_U, ids)  # fmt: skip
+    stats = []
+    for u in ids:  # each client alone
+        alone = task.make_evaluator(model, train_arrays, None, [holdout[u]], config)
+        one = jax.tree.map(lambda x: x[:1], trainable_U)
+        stats += alone.local_stats(model.base, one, np.arange(1))
+    assert [int(s["rows"]) for s in stats] == [3, 2, 1]
+    got = alone.combine(stats)
+    by_set = []  # each client's rows scored as a test set: the scores of those rows
+    for h in holdout:
+        items = [corpus.train[j] for j in h[:3]]
+        scorer = generation.evaluator(name, model, corpus._replace(tests={"": items}), [], config)
+        by_set.append(scorer.global_eval(model.base, model.trainable))
+    main = generation.MAIN_METRIC[name]
+    assert 0 < want[main] < 1  # some answers right, not all
+    assert set(got) == set(want) == set(by_set[0]) and "answer_loss" in got
+    for k in want:  # the same divisions of the same counts: to the bit
+        assert got[k] == want[k] == float(np.mean([b[k] for b in by_set])), k
 
 
 # ----------------------------------------------------------------------------- bad inputs

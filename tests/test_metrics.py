@@ -73,6 +73,28 @@ def test_merging_chunks_equals_full_arrays():
     assert metrics.pearson_from_moments(merged) == pytest.approx(metrics.pearson(x, y), abs=1e-12)
 
 
+@pytest.mark.parametrize("task", ["stsb", "cola", "mrpc"])
+def test_sufficient_stats_of_a_set_of_rows_give_its_metrics(task):
+    """What a client sends (``stats``) gives what it would compute on its rows, to the bit
+    (the same arithmetic), ties, constant predictions (NaN) and no rows included."""
+    rng = np.random.default_rng(3)
+    regression = task == "stsb"
+    y = np.round(rng.uniform(0, 5, 40) * 4) / 4 if regression else rng.integers(0, 2, 40)
+    if regression:  # float32 scores, ties (rounded), a constant
+        preds = [rng.normal(2.5, 1.0, 40).astype(np.float32),
+                 np.round(y + rng.normal(0, 1, 40)), np.full(40, 2.5)]  # fmt: skip
+    else:  # logits, and one class only
+        preds = [rng.normal(size=(40, 2)), np.ones(40, int)]
+    for p in preds:
+        s = metrics.stats(task, p, y)
+        assert metrics.stats_rows(s) == 40
+        got, want = metrics.from_stats(task, s), metrics.compute(task, p, y)
+        assert got.keys() == want.keys()
+        np.testing.assert_array_equal(list(got.values()), list(want.values()))  # NaN == NaN
+    none = metrics.stats(task, np.zeros(0), np.zeros(0, int))
+    assert metrics.stats_rows(none) == 0
+
+
 def test_main_metric_names_a_computed_key():
     assert metrics.main("cola") == "matthews_correlation"
     assert metrics.main("STS-B") == "pearson"

@@ -6,6 +6,10 @@
 Classification metrics are functions of the confusion matrix, so they merge across batches,
 clients or hosts by adding confusion matrices (`confusion`, then `from_confusion`). Pearson
 merges through `moments` (sums); Spearman needs the full prediction arrays (ranks are global).
+One set of rows, such as a client's held-out rows, has sufficient statistics for every
+metric (`stats`, then `from_stats`): its confusion counts, or for regression the centred
+`pearson_terms` of its values and of their ranks within those rows (Spearman of those rows;
+Spearman of several clients' rows pooled does not follow from them).
 Degenerate cases follow scikit-learn: F1 and MCC are 0.0 when undefined; Pearson and Spearman
 are NaN when either side is constant.
 """
@@ -99,13 +103,27 @@ def pearson_from_moments(m: np.ndarray) -> float:
     return float(cov / np.sqrt(var)) if var > 0 else float("nan")
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation of two float arrays [N] (centred first, for accuracy)."""
+def pearson_terms(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """float64 [4] of two arrays [N]: n and the centred sums sum xx, sum yy, sum xy (x and y
+    less their means, for accuracy): what `pearson_from_terms` needs."""
     x = np.asarray(x, np.float64).reshape(-1)
     y = np.asarray(y, np.float64).reshape(-1)
+    if not x.size:
+        return np.zeros(4)
     x, y = x - x.mean(), y - y.mean()
-    denom = np.sqrt((x @ x) * (y @ y))
-    return float((x @ y) / denom) if denom > 0 else float("nan")
+    return np.array([x.size, x @ x, y @ y, x @ y])
+
+
+def pearson_from_terms(terms: np.ndarray) -> float:
+    """Pearson r from `pearson_terms` [4]; NaN when either side is constant."""
+    _, sxx, syy, sxy = terms
+    denom = np.sqrt(sxx * syy)
+    return float(sxy / denom) if denom > 0 else float("nan")
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two float arrays [N] (centred first, for accuracy)."""
+    return pearson_from_terms(pearson_terms(x, y))
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
@@ -119,6 +137,31 @@ def rankdata(x: np.ndarray) -> np.ndarray:
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman rank correlation of [N] arrays: Pearson of the average ranks."""
     return pearson(rankdata(x), rankdata(y))
+
+
+def stats(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The sufficient statistics of one set of rows (`compute`'s arguments) for `task`'s
+    metrics: ``{"confusion": [K, K]}``, or for regression ``{"pearson": [4], "spearman":
+    [4]}``, the `pearson_terms` of the values and of their ranks. `from_stats` finishes."""
+    info = glue.get_task(task)
+    if not info.is_regression:
+        return {"confusion": confusion(predictions, labels, info.num_labels)}
+    x = np.asarray(predictions, np.float64).reshape(-1)
+    y = np.asarray(labels, np.float64).reshape(-1)
+    return {"pearson": pearson_terms(x, y),
+            "spearman": pearson_terms(rankdata(x), rankdata(y))}  # fmt: skip
+
+
+def stats_rows(s: dict[str, np.ndarray]) -> int:
+    """How many rows `stats` ``s`` were computed on."""
+    return int(np.sum(s["confusion"])) if "confusion" in s else int(s["pearson"][0])
+
+
+def from_stats(task: str, s: dict[str, np.ndarray]) -> dict[str, float]:
+    """`compute`'s metrics of the rows whose `stats` are ``s``."""
+    if "confusion" in s:
+        return from_confusion(task, np.asarray(s["confusion"]))
+    return {name: pearson_from_terms(np.asarray(s[name])) for name in ("pearson", "spearman")}
 
 
 def from_confusion(task: str, cm: np.ndarray) -> dict[str, float]:

@@ -14,7 +14,8 @@ the federation it is. Three message types:
   server), fills its private leaves from its own state (initially the model's), folds the
   delta into its base, and runs ``rounds.train_clients`` on its own rows: the very
   batches, dropout keys and steps the in-process round would give it. It replies with its
-  trained shared leaves and ``{"loss", "steps", "examples", "num-examples"}``, and keeps its
+  trained shared leaves and ``{"loss", "steps", "examples", "num-examples", "train-s"}``
+  (``train-s``: the seconds this ClientApp spent on the message), and keeps its
   private leaves, and the model it trained with that round's delta, in the node's context
   state.
 - ``evaluate``: the row length and a model (all its leaves, and the base delta), or none:
@@ -26,11 +27,12 @@ the federation it is. Three message types:
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from floranna_jax import (
@@ -111,6 +113,7 @@ def _row_length(msg: Message) -> int | None:
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
     """One round of ``local_update`` from the received start on this client's data."""
+    t0 = time.perf_counter()
     job = build_job(context.run_config.get("experiment"))
     config, method, model = job.config, job.method, job.model
     shard = _shard(context)
@@ -139,18 +142,15 @@ def train_round(msg: Message, context: Context) -> Message:
     # on: what it scores when the server asks for its own model, as a run in process does.
     context.state["trained"] = wire.to_record(jax.tree.map(lambda x: x[0], out.trainable),
                                               lambda path: True)  # fmt: skip
-    context.state["trained-base"] = _copy(delta)
+    context.state["trained-base"] = wire.pack(wire.from_record(delta))  # a copy, not the message's
     metrics = {"loss": float(out.loss[0]), "steps": int(out.steps[0]),
-               "examples": float(out.examples[0]), "num-examples": n}  # fmt: skip
+               "examples": float(out.examples[0]), "num-examples": n,
+               "train-s": time.perf_counter() - t0}  # fmt: skip
     content = {
         "update": wire.to_record(trained, lambda path: not method.private(path)),
         "metrics": MetricRecord(metrics),
     }
     return Message(RecordDict(content), reply_to=msg)
-
-
-def _copy(record: ArrayRecord) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in wire.from_record(record).items()})
 
 
 # A node's process serves one shard; the tests' one process serves every client's.
@@ -183,5 +183,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     evaluator = local_evaluator(experiment_json, context.node_config["data-path"],
                                 _row_length(msg))  # fmt: skip
     (stats,) = evaluator.local_stats(base, trainable, np.arange(1))
-    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stats.items()})
-    return Message(RecordDict({"stats": record}), reply_to=msg)
+    return Message(RecordDict({"stats": wire.pack(stats)}), reply_to=msg)

@@ -4,7 +4,7 @@ r"""A whole Flower federation on this machine: one SuperLink, N SuperNodes, one 
         --workdir=runs/flower --certs=runs/flower_certs
 
 writes each client's data to ``WORKDIR/data/client_<u>.npz`` (:mod:`shards`), starts
-``flower-superlink`` (on a free port unless ``--port``) and one ``flower-supernode`` per
+``flower-superlink`` (on a free port unless ``--port``) and one SuperNode (:mod:`node`) per
 client as separate processes (each node's ``data-path`` points at its own file), each with
 a warm ClientApp process (:mod:`warm_node`; ``--nowarm``: Flower's process per message),
 submits the app in ``flower_app/`` with ``flwr run`` and streams its log, then stops every
@@ -49,6 +49,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]  # the folder holding this fl
 APP_DIR = ROOT / "flower_app"
 CONNECTION = "floranna-local"
 CERT_FILES = ("ca.crt", "server.pem", "server.key")
+# flower-supernode without its fixed 3 s wait for the next message (node.py)
+NODE = [sys.executable, "-m", "floranna_jax.flower.node"]
 
 
 class Federation(NamedTuple):
@@ -190,7 +192,7 @@ def federation(
         _wait_for_port(port, superlink)
         for i, path in enumerate(data_paths):
             node_config = f'data-path="{os.path.abspath(path)}"'
-            nodes.append(_spawn(["flower-supernode", *node_tls, *isolation, "--superlink", address,
+            nodes.append(_spawn([*NODE, *node_tls, *isolation, "--superlink", address,
                                  "--port", str(node_ports[i]), "--node-config", node_config],
                                 logs / f"node_{i}.log", env))  # fmt: skip
             if warm:

@@ -15,9 +15,10 @@ import functools
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import http_grid
 
 from floranna_jax import train
-from floranna_jax.flower import runconfig, transport
+from floranna_jax.flower import runconfig, transport, waits
 
 app = ServerApp()
 
@@ -25,6 +26,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Connect the clients, then run ``train.num_rounds`` rounds (resuming a checkpoint)."""
+    waits.check_version()
+    # A reply is listed before its node has pushed its arrays: retry soon, not after 1 s.
+    waits.quicken_pulls(http_grid, "pull_objects")
     opts = runconfig.options(context.run_config)
     config = runconfig.experiment(context.run_config)
     train.run(config, opts.workdir, functools.partial(transport.make, grid, config, opts))

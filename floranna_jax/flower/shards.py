@@ -4,8 +4,11 @@ In a real federation every site already holds its data; for a local federation (
 tests) :func:`write` splits the config's task exactly as an in-process run does
 (``experiment.load_data``) and writes client ``u``'s rows to ``client_<u>.npz``: its
 training rows (in the in-process order) as ``train/<key>``, its held-out rows as
-``holdout/<key>`` and its id as ``client_id``. A SuperNode names its file in its node
-config (``data-path``); the server never sees or ships a partition.
+``holdout/<key>`` (with ``holdout/row``, their indices in the task's training split:
+``tasks.task.ROW_KEY``) and its id as ``client_id``. A SuperNode names its file in its node
+config (``data-path``); the server never sees or ships a partition. A generation task's
+arrays hold tokens only: its client reads the problems' texts it scores (answers, tests)
+from the config's data by those indices.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from floranna_jax import experiment
 from floranna_jax.errors import ConfigError, first_line
+from floranna_jax.tasks.task import ROW_KEY
 
 Arrays = dict[str, np.ndarray]
 
@@ -41,6 +45,7 @@ def write(config, out_dir: str) -> list[str]:
     for u, (rows, held) in enumerate(zip(part.train, part.holdout, strict=True)):
         arrays = {f"train/{k}": v[rows] for k, v in train.items()}
         arrays |= {f"holdout/{k}": v[held] for k, v in train.items()}
+        arrays[f"holdout/{ROW_KEY}"] = np.asarray(held, np.int64)
         paths.append(path(out_dir, u))
         np.savez(paths[-1], client_id=np.int64(u), **arrays)
     return paths

@@ -48,11 +48,6 @@ def make(grid: Grid, config, opts, exp, method, evaluator) -> transport.Clients:
     Flower-specific ``grid``, ``config`` and ``opts``, ``runconfig.Options``, bound)."""
     if config.client.persistent_opt_state:
         raise ConfigError("config field client.persistent_opt_state: not supported over Flower")
-    if config.eval.local and evaluator.combine is None:
-        raise ConfigError(
-            f"config field eval.local: task {exp.task.name} has no sufficient statistics for "
-            "federated evaluation (counts and sums); use --config.eval.local=False over Flower"
-        )
     _check_resumable(config, opts.workdir, exp.model.trainable, method)
     nodes = connect(grid, config.partition.num_clients, opts.connect_timeout_s)
     row_length = exp.rows.train or 0  # decided once, by the run: every client packs with it
@@ -206,8 +201,11 @@ class Collected(NamedTuple):
 
 def _flower_metrics(got: Collected, replies: list[Message]) -> dict[str, float]:
     """Clients aggregated, rejected and missing; bytes per aggregated client, measured on
-    the messages (all of an upload, and its LoRA arrays alone)."""
+    the messages (all of an upload, and its LoRA arrays alone); the longest of the
+    aggregated clients' own seconds on their message (``train-s``: the round's time less
+    it is what the transport cost)."""
     return {
+        "flower/client_train_s_max": max(float(r.content["metrics"]["train-s"]) for r in replies),
         "flower/clients_aggregated": float(len(replies)),
         "flower/clients_rejected": float(len(got.rejected)),
         "flower/clients_missing": float(len(got.missing)),

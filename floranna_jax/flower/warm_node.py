@@ -3,15 +3,17 @@
 flwr 1.42 has no long-running ClientApp: by default (``--isolation subprocess``) a SuperNode
 starts ``flower-superexec``, which starts one ``flwr-clientapp`` process per message; that
 process imports JAX, builds the model and loads its compiled step, every round. With
-``flower-supernode --isolation process`` the node starts no executor and waits for one to
-take its tasks from its Runtime API (``--port``); this module is that executor:
+``--isolation process`` the node starts no executor and waits for one to take its tasks
+from its Runtime API (``--port``); this module is that executor:
 
-    flower-supernode --isolation process --port 9095 ...        # the node, as before
+    python -m floranna_jax.flower.node --isolation process --port 9095 ...   # the node
     python -m floranna_jax.flower.warm_node 127.0.0.1:9095     # beside it, on its machine
 
 It asks the node for ClientApp tasks and runs each with :data:`client_app.app` in this
 process, so ``client_app.build_job``'s cache (the model and the jitted ``local_update``)
-lives across rounds and runs. It uses the runtime-client functions of
+lives across rounds and runs. It asks every 0.05 s after a task, backing off to once a
+second when idle, and retries a message's arrays the node has not stored yet after 0.05 s,
+not Flower's 1 s (:mod:`waits`). It uses the runtime-client functions of
 ``flwr.supernode.runtime.run_clientapp`` (internal to flwr 1.42; the deployed tests in
 ``tests/test_flower.py`` run through them). A failing message is answered with an error
 reply, as Flower's own ClientApp process does; the loop goes on.
@@ -35,7 +37,9 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime import run_clientapp as flwr_runtime
 
-POLL_S = 0.05  # between asks for a task; Flower's SuperExec waits 1 s
+from floranna_jax.flower import waits
+
+LAST_S = 1.0  # the longest wait between asks for a task, Flower's SuperExec's fixed one
 
 
 def _client(address: str, *interceptors) -> RuntimeHttpClient:
@@ -83,6 +87,8 @@ def serve(address: str) -> None:
     """Take the ClientApp tasks of the node whose Runtime API is at ``address``, forever."""
     client = _client(address)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    # Asks soon after a task (the next message of the round follows), rarely when idle.
+    wait, reset = waits.make_backoff(waits.FIRST_S, LAST_S)
     log(INFO, "warm ClientApp executor on the Runtime API at %s", address)
     while True:
         res = client.AcquireTask(request)
@@ -91,8 +97,9 @@ def serve(address: str) -> None:
                 run_task(address, res.token)
             except Exception as e:  # noqa: BLE001 - a lost task must not stop the node's executor
                 log(ERROR, "task lost: %s", e)
+            reset()
         else:
-            time.sleep(POLL_S)
+            wait()
 
 
 if __name__ == "__main__":
@@ -100,4 +107,6 @@ if __name__ == "__main__":
         sys.exit(
             "usage: python -m floranna_jax.flower.warm_node HOST:PORT (the SuperNode's --port)"
         )
+    waits.check_version()
+    waits.quicken_pulls(flwr_runtime, "pull_and_inflate_object_from_tree")  # a task's message
     serve(sys.argv[1])

@@ -11,7 +11,8 @@ jitted forward, global over batches of ``eval.batch_size`` validation rows, loca
 over the ``U`` sampled clients with chunks of their held-out rows (as many chunks as the
 largest held-out split among the sampled clients needs); the rows of a forward are packed
 like training batches when ``data.packing`` (:mod:`floranna_jax.packing`), with the run's
-row lengths. Federated: a client's confusion counts are its sufficient statistics.
+row lengths. Federated: a client's sufficient statistics are its confusion counts, or for
+regression the centred sums of Pearson of its values and of their ranks (its Spearman).
 ``eval.max_local_examples`` caps each client's held-out rows (the first ones of its split,
 which the partition shuffled). Scores: the official GLUE metrics
 (:mod:`floranna_jax.data.metrics`) on the real rows only.
@@ -190,9 +191,10 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays | No
     ``eval.max_local_examples``: at most this many held-out rows per client (0: all).
     With ``rows`` (the run's ``packing.Rows``) not ``None`` the rows of a forward share rows
     of tokens (:mod:`floranna_jax.packing`): no compute on padding, one row count per call
-    (the global evaluation compiles once per run). A classification task's clients report
-    their confusion counts (``local_stats``), which ``combine`` turns into their mean
-    scores; regression has none (Spearman ranks all of a client's rows at once).
+    (the global evaluation compiles once per run). Each client reports its sufficient
+    statistics (``local_stats``: confusion counts, or for regression Pearson's centred sums
+    of its values and of their ranks among its rows), which ``combine`` turns into the mean
+    of the clients' scores.
     """
     batch_size, cap = config.eval.batch_size, config.eval.max_local_examples
     rows = rows or packing.decide(config.data.packing, train, validation)
@@ -226,20 +228,17 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays | No
         return [(_predictions(logits[u][real[u]], info.is_regression),
                  train_labels[take[u][real[u]]]) for u in range(U)]  # fmt: skip
 
-    def regression_eval(base, trainable_U, client_ids) -> dict[str, float]:
-        scores = [task_metrics.compute(info.name, p, y)
-                  for p, y in scored(base, trainable_U, client_ids) if len(y)]  # fmt: skip
-        return _mean(scores)
-
     def local_stats(base, trainable_U, client_ids) -> list[dict[str, np.ndarray]]:
-        """Each client's confusion counts ``[K, K]`` on its held-out rows."""
-        return [{"confusion": task_metrics.confusion(p, y, info.num_labels)}
+        """Each client's sufficient statistics on its held-out rows (``metrics.stats``:
+        confusion counts ``[K, K]``; regression: centred sums ``[4]`` of its values and of
+        their ranks among its rows)."""
+        return [task_metrics.stats(info.name, p, y)
                 for p, y in scored(base, trainable_U, client_ids)]  # fmt: skip
 
     def combine(stats: list[dict[str, np.ndarray]]) -> dict[str, float]:
-        """The mean over clients with held-out rows of each one's scores from its counts."""
-        return _mean([task_metrics.from_confusion(info.name, np.asarray(s["confusion"]))
-                      for s in stats if np.sum(s["confusion"])])  # fmt: skip
+        """The mean over clients with held-out rows of each one's scores from its stats."""
+        return _mean([task_metrics.from_stats(info.name, s)
+                      for s in stats if task_metrics.stats_rows(s)])  # fmt: skip
 
     def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
         return combine(local_stats(base, trainable_U, client_ids))
@@ -263,9 +262,7 @@ def evaluator(model, info: glue.TaskInfo, train: Arrays, validation: Arrays | No
                                take.shape[1]))  # fmt: skip
         return out
 
-    if info.is_regression:
-        return Evaluator(global_eval, regression_eval, programs)
-    return Evaluator(global_eval, local_eval, programs, local_stats, combine)
+    return Evaluator(global_eval, local_eval, local_stats, combine, programs)
 
 
 def _mean(scores: list[dict[str, float]]) -> dict[str, float]:

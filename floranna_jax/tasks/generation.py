@@ -1,8 +1,9 @@
 """Generation-scored tasks for decoders: GSM8K math ("gsm8k") and code ("code": train on
 MBPP, evaluate on MBPP test and HumanEval).
 
-Data (``load``): ``data.source`` is ``"local"`` (``data.dir``, the layout of shared/data),
-``"hub"`` or ``"synthetic"`` (tiny problems in the same formats,
+Data (``load``; read and tokenized by :mod:`floranna_jax.tasks.problems`): ``data.source``
+is ``"local"`` (``data.dir``, the layout of shared/data), ``"hub"`` or ``"synthetic"`` (tiny
+problems in the same formats,
 :mod:`floranna_jax.data.synthetic_text`: ``data.num_train_examples`` training rows,
 ``data.num_eval_examples`` test rows). ``data.tokenizer`` is ``"model"`` (the model folder's
 own, transformers AutoTokenizer) or ``"bytes"`` (built in, for the tiny random model);
@@ -10,7 +11,8 @@ own, transformers AutoTokenizer) or ``"bytes"`` (built in, for the tiny random m
 Training rows: ``input_ids``, ``attention_mask``, ``loss_mask`` int32 ``[N, L]``, the loss on
 the target and its eos only; no ``"label"``, so only the iid and quantity partitions apply.
 The texts (questions, references, problems) stay in this task, keyed by the data fields of
-the config; the arrays hold tokens only.
+the config; the arrays hold tokens only. Federated evaluation: a client's sufficient
+statistics are its rows, its right answers per score and its answers' summed NLL and tokens.
 
 Targets: GSM8K: the worked answer without calculator annotations, ending "#### N"
 (``gsm8k.target``). Code: the reference solution in a fenced python block.
@@ -40,24 +42,25 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from floranna_jax import progress, sandbox
-from floranna_jax.data import code, completion, glue, gsm8k, synthetic_text
-from floranna_jax.errors import BadValue, ConfigError, first_line
+from floranna_jax.data import code, completion, gsm8k
+from floranna_jax.errors import BadValue, ConfigError
 from floranna_jax.models import decoder
-from floranna_jax.tasks.task import Arrays, Evaluator, Program, Task
+from floranna_jax.tasks.problems import Corpus, Item, corpus, item_arrays
+from floranna_jax.tasks.task import ROW_KEY, Arrays, Evaluator, Program, Task
 
 NAMES = ("gsm8k", "code")
 ALIASES = {"gsm8k": "gsm8k", "code": "code", "mbpp": "code"}
 SOURCES = ("local", "hub", "synthetic")
 TOKENIZERS = ("model", "bytes")
 MAIN_METRIC = {"gsm8k": "exact_match_flexible", "code": "pass@1"}
+STAT_SUMS = ("rows", "answer_nll", "answer_tokens")  # a client's stats that are not counts
 
 
 def knows(name: str) -> bool:
@@ -76,6 +79,8 @@ def make(name: str) -> Task:
         return item_arrays(c.train, c.length, m), item_arrays(c.tests[""], c.length, m)
 
     def make_evaluator(model, train, validation, holdout_index, config, rows=None) -> Evaluator:
+        if ROW_KEY in train:  # rows of the training split (a client's shard): their items
+            holdout_index = [np.asarray(train[ROW_KEY])[h] for h in holdout_index]
         return evaluator(task, model, corpus(task, config, cache), holdout_index, config)
 
     return Task(task, MAIN_METRIC[task], 0, load, loss_fn, make_evaluator, check,
@@ -131,148 +136,6 @@ def _check_sandbox(allow_weak: bool) -> None:
                        "--config.eval.code_allow_weak_sandbox=True")  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- data
-
-
-class Item(NamedTuple):
-    """One example: prompt and target ids (target ends in eos), and what scores it (a
-    ``gsm8k.Problem`` or a ``code.Problem``)."""
-
-    prompt: list[int]
-    target: list[int]
-    problem: Any
-
-
-class Corpus(NamedTuple):
-    """train: the training items (rows of the train arrays). tests: ``prefix -> items`` of
-    each global test set ("" first: the main one). length: ``L`` of every token row;
-    prompt_length: the generation prompts' padded length. codec: the tokenizer."""
-
-    train: list[Item]
-    tests: dict[str, list[Item]]
-    length: int
-    prompt_length: int
-    codec: completion.Codec
-
-
-def _codec(config) -> completion.Codec:
-    if config.data.tokenizer == "bytes":
-        return completion.byte_codec()
-    try:
-        return completion.hf_codec(glue.load_tokenizer(os.path.expanduser(config.model.path)))
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"config field model.path: cannot load a tokenizer from {config.model.path!r}: "
-            f"{first_line(e) or type(e).__name__}; offline? convert or fetch a local folder "
-            "and pass --config.model.path=<folder>"
-        ) from e
-
-
-def _problems(task: str, config) -> tuple[list, dict[str, list]]:
-    """(training problems, ``prefix -> test problems``) of ``data.source``."""
-    d, seed = config.data, config.train.seed
-    if d.source == "synthetic":
-        if task == "gsm8k":
-            test = synthetic_text.arithmetic(d.num_eval_examples, seed=seed + 1)
-            return synthetic_text.arithmetic(d.num_train_examples, seed=seed), {"": test}
-        return (synthetic_text.functions(d.num_train_examples, seed=seed), {
-            "": synthetic_text.functions(d.num_eval_examples, seed=seed + 1),
-            "humaneval_": synthetic_text.functions(d.num_eval_examples, seed=seed + 2,
-                                                   benchmark="humaneval")})  # fmt: skip
-    data_dir = os.path.expanduser(d.dir) if d.source == "local" else None
-    try:
-        if task == "gsm8k":
-            test = gsm8k.read("test", data_dir=data_dir)
-            return gsm8k.read("train", data_dir=data_dir), {"": test}
-        return code.read_mbpp("train", data_dir=data_dir), {
-            "": code.read_mbpp("test", data_dir=data_dir),
-            "humaneval_": code.read_humaneval(data_dir=data_dir)}  # fmt: skip
-    except ValueError as e:  # a malformed file: the message names the file and the line
-        raise ConfigError(first_line(e)) from e
-    except (OSError, RuntimeError) as e:
-        field = "data.dir" if data_dir else "data.source"
-        raise ConfigError(f"config field {field}: {first_line(e)}") from e
-
-
-def texts(problem) -> tuple[str, str]:
-    """(user text, target text) of a GSM8K or code problem."""
-    if isinstance(problem, gsm8k.Problem):
-        return f"Question: {problem.question}\nAnswer:\n", gsm8k.target(problem.answer)
-    if problem.benchmark == "humaneval":
-        user = f"Complete this Python function:\n```python\n{problem.prompt}```\n"
-        return user, f"```python\n{problem.prompt}{problem.solution.rstrip()}\n```"
-    tests = "\n".join(problem.test_list)
-    user = f"{problem.prompt}\nYour code should pass these tests:\n{tests}\n"
-    return user, f"```python\n{problem.solution.strip()}\n```"
-
-
-def _items(problems, codec, fmt: str) -> list[Item]:
-    out = []
-    for p in problems:
-        user, target = texts(p)
-        out.append(Item(completion.prompt_ids(codec, user, fmt),
-                        completion.target_ids(codec, target), p))  # fmt: skip
-    return out
-
-
-def _check_sets(task: str, train: list[Item], tests: dict[str, list[Item]], max_length: int):
-    """Raise ConfigError for an empty test set, or when ``max_length`` cuts every training
-    row before its completion starts (no loss token anywhere: loss 0, nothing learned)."""
-    for prefix, items in tests.items():
-        if not items:
-            name = prefix.rstrip("_") or task
-            raise ConfigError(f"config field data.dir: the {name} test set has no problems; "
-                              "give a data folder that holds them")  # fmt: skip
-    if train and all(len(i.prompt) >= max_length for i in train):
-        shortest = min(len(i.prompt) for i in train)
-        whole = max(len(i.prompt) + len(i.target) for i in train)
-        raise ConfigError(
-            f"config field data.max_length: {max_length} tokens cut every training example "
-            f"before its answer (prompts take {shortest}+ tokens), so nothing would be "
-            f"learned; raise it above {shortest} ({whole} keeps every answer whole)"
-        )
-
-
-def read_corpus(task: str, config) -> Corpus:
-    """The task's examples for ``config``, tokenized."""
-    codec = _codec(config)
-    try:
-        fmt = completion.resolve_format(codec, config.data.prompt)
-    except ValueError as e:
-        raise ConfigError(f"config field data.prompt: {e}") from e
-    train_problems, test_problems = _problems(task, config)
-    d, cap = config.data, config.eval.max_examples
-    if d.source != "synthetic" and d.max_train_examples:
-        train_problems = train_problems[: d.max_train_examples]
-    train = _items(train_problems, codec, fmt)
-    tests = {k: _items(v[:cap] if cap else v, codec, fmt) for k, v in test_problems.items()}
-    _check_sets(task, train, tests, d.max_length)
-    every = [*train, *(i for items in tests.values() for i in items)]
-    length = completion.row_length([len(i.prompt) + len(i.target) for i in every], d.max_length)
-    prompt_length = completion.row_length([len(i.prompt) for i in every], d.max_length)
-    cut = sum(len(i.prompt) + len(i.target) > length for i in every)
-    if cut:
-        logging.warning("%d of %d examples longer than data.max_length=%d are cut at the end",
-                        cut, len(every), d.max_length)  # fmt: skip
-    return Corpus(train, tests, length, prompt_length, codec)
-
-
-def corpus(task: str, config, cache: dict) -> Corpus:
-    """The task's examples for ``config``, read once per distinct data fields (``cache``:
-    the task instance's own)."""
-    key = (config.data.to_json(), config.model.path, config.model.source,
-           config.eval.max_examples, config.train.seed)  # fmt: skip
-    if key not in cache:
-        cache.clear()  # one corpus at a time: a task instance serves one run
-        cache[key] = read_corpus(task, config)
-    return cache[key]
-
-
-def item_arrays(items: list[Item], length: int, max_length: int) -> Arrays:
-    return completion.arrays([i.prompt for i in items], [i.target for i in items],
-                             max_length=max_length, length=length)  # fmt: skip
-
-
 # ----------------------------------------------------------------------------- loss
 
 
@@ -297,26 +160,32 @@ def loss_fn(model):
 class Judged(NamedTuple):
     """The scores of completions, and per completion the answer the scorer extracted, the
     reference answer and whether the completion counts as right (GSM8K: the flexible exact
-    match, the main metric; code: the extracted program passed its tests)."""
+    match, the main metric; code: the extracted program passed its tests); ``counts``: per
+    score, the completions it counts as right (each score is its count over the rows)."""
 
     metrics: dict[str, float]
     extracted: list
     gold: list
     correct: list[bool]
+    counts: dict[str, int]
 
 
 def judge(task: str, problems: list, completions: list[str], timeout_s: float) -> Judged:
     """The task's generation scores of ``completions`` (decoded text, one per problem)."""
     if task == "gsm8k":
         answers = [p.answer for p in problems]
-        right = gsm8k.exact_match(completions, answers)["flexible"]
+        match = gsm8k.exact_match(completions, answers)
         return Judged(gsm8k.score(completions, answers),
                       [gsm8k.extract_flexible(c) for c in completions],
-                      [gsm8k.reference(a) for a in answers], [bool(r) for r in right])  # fmt: skip
+                      [gsm8k.reference(a) for a in answers],
+                      [bool(r) for r in match["flexible"]],
+                      {f"exact_match_{k}": int(v.sum()) for k, v in match.items()})  # fmt: skip
     programs = [code.extract_code(c, stops=code.PROGRAM_STOPS) for c in completions]
     result = code.evaluate(problems, [[p] for p in programs], ks=(1,), timeout_s=timeout_s)
+    # One greedy sample a problem: pass@1 is the count of problems solved over the rows.
     return Judged(result.metrics, programs, [p.solution for p in problems],
-                  [bool(r) for r in result.passed[:, 0]])  # fmt: skip
+                  [bool(r) for r in result.passed[:, 0]],
+                  {"pass@1": int(result.passed[:, 0].sum())})  # fmt: skip
 
 
 def bucket(n: int, batch_size: int) -> int:
@@ -364,7 +233,8 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             tick()
         return out
 
-    def answer_loss(base, trainable, items: list[Item]) -> float:
+    def answer_nll(base, trainable, items: list[Item]) -> tuple[float, float]:
+        """The summed NLL of the reference answers' tokens, and their number."""
         arrays = item_arrays(items, corpus_.length, config.data.max_length)
         nll = tokens = 0.0
         for start, rows in calls(len(items), batch_size):
@@ -373,6 +243,10 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
             real = np.arange(start, start + rows) < len(items)
             nll += float(np.sum(np.asarray(n)[real]))
             tokens += float(np.sum(np.asarray(t)[real]))
+        return nll, tokens
+
+    def answer_loss(base, trainable, items: list[Item]) -> float:
+        nll, tokens = answer_nll(base, trainable, items)
         return nll / max(tokens, 1.0)
 
     def evaluate(base, trainable, items: list[Item], prefix: str, tick, keep: int = 0):
@@ -406,18 +280,40 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
                     record(records)
         return out
 
-    def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
+    def client_stats(base, trainable, items: list[Item], tick) -> dict[str, np.ndarray]:
+        """One client's sufficient statistics on its held-out ``items``: ``rows``, per score
+        its count of right completions, and ``answer_nll`` over ``answer_tokens``."""
+        if not items:
+            return {"rows": np.asarray(0)}
+        completions = generate(base, trainable["lora"], items, tick)
+        judged = judge(task, [i.problem for i in items], completions, e.code_timeout_s)
+        nll, tokens = answer_nll(base, trainable, items)
+        counts = {"rows": len(items), **judged.counts, "answer_nll": nll, "answer_tokens": tokens}
+        return {k: np.asarray(v) for k, v in counts.items()}
+
+    def local_stats(base, trainable_U, client_ids) -> list[dict[str, np.ndarray]]:
         held_out = [[corpus_.train[j] for j in holdout_index[int(u)]] for u in client_ids]
         total = sum(len(calls(len(items), batch_size)) for items in held_out)
-        scores = []
         with progress.bar("eval local", total, "batch") as tick:
-            for i, items in enumerate(held_out):
-                trainable = jax.tree.map(lambda x, i=i: x[i], trainable_U)
-                scores.append(evaluate(base, trainable, items, "", tick)[0])
-        scores = [s for s in scores if s]
+            return [client_stats(base, jax.tree.map(lambda x, i=i: x[i], trainable_U), items, tick)
+                    for i, items in enumerate(held_out)]  # fmt: skip
+
+    def combine(stats: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        """The mean over clients with held-out rows of each one's scores from its counts
+        (the same divisions as a score of its rows: ``judge``, ``answer_loss``)."""
+        scores = []
+        for s in stats:
+            n = int(s["rows"])
+            if n:
+                rates = {k: int(v) / n for k, v in s.items() if k not in STAT_SUMS}
+                loss = float(s["answer_nll"]) / max(float(s["answer_tokens"]), 1.0)
+                scores.append(rates | {"answer_loss": loss})
         if not scores:
             return {}
         return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+    def local_eval(base, trainable_U, client_ids) -> dict[str, float]:
+        return combine(local_stats(base, trainable_U, client_ids))
 
     def programs(base, trainable_U) -> list[Program]:
         """Greedy decoding ``[batch_size, P]`` and the answer-loss forward ``[batch_size,
@@ -437,4 +333,4 @@ def evaluator(task: str, model, corpus_: Corpus, holdout_index: list[np.ndarray]
                         runs, loop_trips=max_new - 1),
                 Program("answer loss", forward, (base, trainable, batch), runs)]  # fmt: skip
 
-    return Evaluator(global_eval, local_eval, programs)
+    return Evaluator(global_eval, local_eval, local_stats, combine, programs)

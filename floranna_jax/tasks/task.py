@@ -21,6 +21,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 Arrays = dict[str, np.ndarray]
+# In arrays of some rows of a task's training split (a client's shard), each row's index in
+# that split: a task that keeps its texts out of the arrays (generation) reads them by it.
+ROW_KEY = "row"
 
 
 class Program(NamedTuple):
@@ -45,7 +48,7 @@ class Evaluator(NamedTuple):
     [Program]``: the evaluation's compiled steps at the shapes they run with (one
     evaluation, global and local; ``trainable_U``: ``[U, ...]`` stacked trees).
 
-    Federated evaluation (a task that supports it; ``None`` otherwise):
+    Federated evaluation, which every task provides:
     ``local_stats(base, trainable_U, client_ids) -> [{name: array}]``, each client's
     sufficient statistics (counts and sums: what a Flower client sends back, never its
     rows), and ``combine(stats) -> {metric: float}``, which turns any clients' statistics
@@ -54,9 +57,9 @@ class Evaluator(NamedTuple):
 
     global_eval: Callable[..., dict[str, float]] | None
     local_eval: Callable[..., dict[str, float]]
+    local_stats: Callable[..., list[dict[str, np.ndarray]]]
+    combine: Callable[[list[dict[str, np.ndarray]]], dict[str, float]]
     programs: Callable[..., list[Program]] = lambda base, trainable_U: []
-    local_stats: Callable[..., list[dict[str, np.ndarray]]] | None = None
-    combine: Callable[[list[dict[str, np.ndarray]]], dict[str, float]] | None = None
 
 
 class Task(NamedTuple):
@@ -72,7 +75,8 @@ class Task(NamedTuple):
       what it averages over (real examples, or tokens), which does not depend on the
       parameters; micro-batches (``clients.make_local_update``) weigh their means by it.
     make_evaluator: ``(model, train, validation, holdout_index, config, rows=None) ->
-      Evaluator``; ``holdout_index[u]``: client ``u``'s held-out rows of ``train``;
+      Evaluator``; ``holdout_index[u]``: client ``u``'s held-out rows of ``train`` (whose
+      :data:`ROW_KEY` array, if any, gives their indices in the task's training split);
       ``validation``: ``None`` for an evaluator of clients only; ``config``: the run's
       config (section ``eval`` and ``train.clients_per_round``); ``rows``: the run's
       ``packing.Rows`` (default: ``packing.decide`` of these splits).
