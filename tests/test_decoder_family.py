@@ -390,18 +390,20 @@ class GenerateTest(chex.TestCase):
         ids[mask == 0] = 0
         return ids, mask
 
-    @parameterized.named_parameters(*WINDOWED_FAMILIES.items())
-    def test_greedy_equals_argmax_of_full_forward(self, config):
-        model = tiny_model(config)
+    @parameterized.product(family=tuple(WINDOWED_FAMILIES), base_dtype=("float32", "bfloat16"))
+    def test_greedy_equals_argmax_of_full_forward(self, family, base_dtype):
+        """With a float32 base the token loop runs the layers unrolled, with any other a
+        scan over the stacked layers; both decode what the full forward's argmax gives."""
+        model = tiny_model(WINDOWED_FAMILIES[family])
+        base = jax.tree.map(lambda w: w.astype(base_dtype), model.base)
         adapters = randomize_B(model.trainable, 1)["lora"]
         ids, mask = self._prompts()
-        new = decoder.generate(model, model.base, adapters, ids, mask, max_new_tokens=3,
-                               eos_ids=())  # fmt: skip
+        new = decoder.generate(model, base, adapters, ids, mask, max_new_tokens=3, eos_ids=())
         chex.assert_shape(new, (3, 3))
         self.assertEqual(new.dtype, jnp.int32)
         seq, seq_mask = ids, mask  # re-run the whole sequence each step, no cache
         for t in range(3):
-            logits = decoder.logits(model.config, model.base, adapters, seq, seq_mask,
+            logits = decoder.logits(model.config, base, adapters, seq, seq_mask,
                                     lora_scale=model.lora_scale)  # fmt: skip
             nxt = np.asarray(jnp.argmax(logits[:, -1], -1), np.int32)
             np.testing.assert_array_equal(new[:, t], nxt)

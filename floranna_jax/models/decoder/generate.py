@@ -67,8 +67,9 @@ def generate(model, base, adapters, prompt_ids, prompt_mask, *, max_new_tokens: 
     if ids.shape[1] + int(max_new_tokens) > cfg.max_positions:
         need = f"{ids.shape[1]} + {max_new_tokens} > {cfg.max_positions}"
         raise ValueError(f"prompt plus new tokens exceed the model's positions: {need}")
+    unrolled = all(jnp.dtype(w.dtype) == jnp.float32 for w in jax.tree.leaves(base["layers"]))
     run = _decoder(cfg, float(lora_scale), jnp.dtype(compute_dtype).name, int(max_new_tokens),
-                   greedy)  # fmt: skip
+                   greedy, unrolled)  # fmt: skip
     key = jax.random.key(0) if key is None else key
     return run(base, adapters or {}, ids, mask, jnp.asarray(eos, jnp.int32).reshape(-1),
                stop_table(stop_ids), jnp.int32(pad_id),
@@ -111,7 +112,16 @@ def _nucleus(logits, top_p):
 
 
 @functools.lru_cache(maxsize=32)
-def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, greedy: bool):
+def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, greedy: bool,
+             unrolled: bool):  # fmt: skip
+    """The jitted decoding program. ``unrolled``: the token loop runs the layers one after
+    another, each sliced from the stack once per call, instead of a scan over the stack.
+    On a CPU with a float32 base that is faster (a scan's slice copies every weight matrix
+    at every token; docs/decoder_benchmark.md, change 9). Any other base (bfloat16 or
+    quantized: accelerators, and saving memory) keeps the scan: unrolled, XLA:CPU holds a
+    float32 copy of every bfloat16 layer through the loop, so a plan made on a CPU read a
+    LLaMA-2-70B's generation on 8 devices 34 GB a device too high (README: GPUs and
+    pods), and on an accelerator the unrolled loop was never measured."""
     dtype = jnp.dtype(dtype)
 
     def head(base, x):  # [b, d] residual -> [b, V] float32 logits
@@ -127,6 +137,8 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         empty = ((0, 0), (0, 0), (0, 0), (0, max_new))
         caches = [tuple(jnp.pad(modules.cache_layout(c[i]), empty) for c in (k, v))
                   for i in range(cfg.num_layers)]  # fmt: skip
+        if not unrolled:  # one [N, b, KV, hd, S] stack each of keys and values, for the scan
+            caches = tuple(jnp.stack(c) for c in zip(*caches, strict=True))
         return head(base, x[:, -1]), caches
 
     def step(base, layers, token, t, caches, key_mask, key_positions, P):
@@ -139,6 +151,15 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         ctx = modules.context(cfg, position, key_positions, allowed, dtype, lora_scale)
         x = modules.embed(cfg, base, token[:, None])
         windows, local = modules.layer_plan(cfg)
+        if not unrolled:
+
+            def one(x, xs):
+                p, a, k, v, window, is_local = xs
+                here = modules.layer_view(cfg, ctx, window, is_local)
+                return modules.block(cfg, here, x, p, a, None, (k, v, slot))
+
+            x, caches = jax.lax.scan(one, x, (*layers, *caches, windows, local))
+            return head(base, x[:, 0]), caches, key_mask
         caches = list(caches)
         for i, (p, a) in enumerate(layers):  # unrolled: no layer's weights are sliced per token
             here = modules.layer_view(cfg, ctx, windows[i], local[i])
@@ -150,10 +171,11 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         b, P = ids.shape
         stacked = modules.stack_adapters(cfg, adapters)
         logits, cache = prefill(base, stacked, ids, mask)
-        # Each layer's weights and adapters sliced once per call, outside the token loop: a
-        # scan over the stacked layers copies every weight matrix out at every token.
-        layers = [jax.tree.map(lambda w, i=i: w[i], (base["layers"], stacked))
-                  for i in range(cfg.num_layers)]  # fmt: skip
+        # Unrolled, each layer's weights and adapters are sliced once per call, outside the
+        # token loop (see ``unrolled`` above).
+        layers = (base["layers"], stacked)
+        if unrolled:
+            layers = [jax.tree.map(lambda w, i=i: w[i], layers) for i in range(cfg.num_layers)]
         key_mask = jnp.pad(mask, ((0, 0), (0, max_new)))
         n_real = jnp.sum(mask, axis=1)
         key_positions = jnp.concatenate(
