@@ -135,10 +135,11 @@ def _decoder(cfg: DecoderConfig, lora_scale: float, dtype: str, max_new: int, gr
         x, (k, v) = modules.run_layers(cfg, ctx, base["layers"], stacked,
                                        modules.embed(cfg, base, ids), collect_kv=True)  # fmt: skip
         empty = ((0, 0), (0, 0), (0, 0), (0, max_new))
+        if not unrolled:  # one [N, b, KV, hd, S] stack each of keys and values, for the scan
+            stacks = tuple(jax.vmap(modules.cache_layout)(c) for c in (k, v))
+            return head(base, x[:, -1]), tuple(jnp.pad(c, ((0, 0), *empty)) for c in stacks)
         caches = [tuple(jnp.pad(modules.cache_layout(c[i]), empty) for c in (k, v))
                   for i in range(cfg.num_layers)]  # fmt: skip
-        if not unrolled:  # one [N, b, KV, hd, S] stack each of keys and values, for the scan
-            caches = tuple(jnp.stack(c) for c in zip(*caches, strict=True))
         return head(base, x[:, -1]), caches
 
     def step(base, layers, token, t, caches, key_mask, key_positions, P):
