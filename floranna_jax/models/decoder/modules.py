@@ -365,9 +365,9 @@ def layer_view(cfg: DecoderConfig, ctx: Context, window, local) -> Context:
 # What a layer keeps for the backward pass without remat: its matmul outputs and its LoRA
 # dropout masks (random draws cost more to redo than to keep). The elementwise work between
 # them (norms, rotary, activation, softmax, residual adds) is recomputed, which is cheap,
-# instead of storing every intermediate: SmolLM2 at 4 x 256 kept 2.4 GB of residuals, now
-# 0.9 GB, and each stored residual is written, zero-filled and copied once more per step
-# by the scan.
+# instead of storing every intermediate: SmolLM2 at 4 x 256 kept 2.6 GB of residuals, now
+# 1.2 GB (jax's saved_residuals, beyond the step's arguments), and each stored residual is
+# written, zero-filled and copied once more per step by the scan.
 KEEP_FOR_BACKWARD = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_saveable,
     jax.checkpoint_policies.save_only_these_names("lora_keep"),
