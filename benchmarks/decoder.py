@@ -114,8 +114,7 @@ def bench_training(a, model, local_update, peer) -> dict:
     shape = (a.rounds + 1, a.steps, a.batch_size, a.seq_len)
     ids = rng.integers(3, model.config["vocab_size"], shape).astype(np.int32)
     opt = clients.make_optimizer("adamw", a.learning_rate)
-    trainable = jax.tree.map(jnp.copy, model.trainable)  # the step donates it
-    state = (trainable, clients.init_opt_state(opt, trainable))
+    state = decoder_rows.donated_state(opt, model.trainable)
     step_mask, key = jnp.ones((a.steps,), jnp.float32), jax.random.key(0)
     run = jax.jit(local_update, donate_argnums=(1, 2))
     clocks, losses = {"project": Clock(), "peer": Clock()}, {"project": [], "peer": []}
@@ -134,6 +133,7 @@ def bench_training(a, model, local_update, peer) -> dict:
                 clocks["peer"].cpu += cpu
         print(f"training turn {r}: loss {losses['project'][-1]:.4f} (peer "
               f"{losses['peer'][-1] if peer else float('nan'):.4f})", flush=True)  # fmt: skip
+    decoder_rows.check_no_compiles(clocks["project"], "training on fixed rows")
     tokens = a.rounds * a.steps * a.batch_size * a.seq_len
     out = {side: figures(tokens, clocks[side]) | {"mean_loss_per_turn": losses[side]}
            for side in clocks if side == "project" or peer is not None}  # fmt: skip
@@ -172,6 +172,7 @@ def bench_generation(a, model, batch: int, peer) -> dict:
             if r:
                 clocks["peer"].wall += wall
                 clocks["peer"].cpu += cpu
+    decoder_rows.check_no_compiles(clocks["project"], f"generation at batch {batch}")
     count = a.gen_rounds * batch * a.max_new_tokens
     out = {"prompt_tokens": int(mask.sum()), "prompt_width": ids.shape[1]}
     out["project"] = figures(count, clocks["project"]) | {"first_call_s": first.wall}

@@ -62,6 +62,21 @@ def turns(rows: dict, lengths: np.ndarray, shape: tuple[int, int, int]) -> tuple
     return project, peer
 
 
+def donated_state(opt, trainable) -> tuple:
+    """Fresh adapters and optimizer state for a step that donates them, committed to the
+    device as the step's outputs are: with uncommitted inputs, the first timed call (fed
+    the warm-up's outputs) would compile the step a second time."""
+    device = jax.devices()[0]
+    trainable = jax.device_put(jax.tree.map(jax.numpy.copy, trainable), device)
+    return trainable, jax.device_put(clients.init_opt_state(opt, trainable), device)
+
+
+def check_no_compiles(clock: Clock, what: str) -> None:
+    """Timed calls must run compiled programs: a compilation inside them is a bench bug."""
+    if clock.compiles:
+        raise RuntimeError(f"{what}: {clock.compiles} XLA compilation(s) inside timed calls")
+
+
 def bench_real_training(a, model, local_update, peer) -> dict:
     """Turns of ``--steps`` steps of ``--real_batch_size`` GSM8K examples, project then
     peer; real tokens per second, and the tokens each side computes (padding included)."""
@@ -70,8 +85,7 @@ def bench_real_training(a, model, local_update, peer) -> dict:
     lengths = packing.token_lengths(rows)
     project, padded = turns(rows, lengths, shape)
     opt = clients.make_optimizer("adamw", a.learning_rate)
-    trainable = jax.tree.map(jax.numpy.copy, model.trainable)  # the step donates it
-    state = (trainable, clients.init_opt_state(opt, trainable))
+    state = donated_state(opt, model.trainable)
     step_mask, key = jax.numpy.ones((a.steps,), jax.numpy.float32), jax.random.key(0)
     run = jax.jit(local_update, donate_argnums=(1, 2))
     clocks, losses = {"project": Clock(), "peer": Clock()}, {"project": [], "peer": []}
@@ -90,6 +104,7 @@ def bench_real_training(a, model, local_update, peer) -> dict:
                 clocks["peer"].cpu += cpu
         print(f"real-rows turn {r}: loss {losses['project'][-1]:.4f} (peer "
               f"{losses['peer'][-1] if peer else float('nan'):.4f})", flush=True)  # fmt: skip
+    check_no_compiles(clocks["project"], "training on real rows")
     tokens = float(lengths[a.steps * a.real_batch_size :].sum())  # turns 1.., real tokens
     computed = {"project": sum(p["input_ids"].size for p in project[1:]),
                 "peer": sum(b["input_ids"].size for t in padded[1:] for b in t)}  # fmt: skip

@@ -31,6 +31,7 @@ import json
 import pathlib
 import time
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -64,18 +65,32 @@ def bench_config(a, overrides: dict):
     return c
 
 
+_COMPILES = [0]  # XLA compilations in this process so far
+
+
+def _count_compile(event: str, seconds: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
 class Clock:
-    """Wall and process CPU seconds (all threads) of what runs inside ``with clock:``."""
+    """Wall and process CPU seconds (all threads) of what runs inside ``with clock:``, and
+    the XLA compilations that happened there (``compiles``: a timed call should have none)."""
 
     def __init__(self) -> None:
         self.wall = self.cpu = 0.0
+        self.compiles = 0
 
     def __enter__(self):
-        self._t = (time.perf_counter(), time.process_time())
+        self._t = (time.perf_counter(), time.process_time(), _COMPILES[0])
 
     def __exit__(self, *exc):
         self.wall += time.perf_counter() - self._t[0]
         self.cpu += time.process_time() - self._t[1]
+        self.compiles += _COMPILES[0] - self._t[2]
 
 
 def project_round(run, state, clock: Clock):
