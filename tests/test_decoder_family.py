@@ -160,12 +160,41 @@ class DecoderTest(chex.TestCase):
             return jnp.sum(weights * (jax.nn.logsumexp(logits, axis=-1) - picked))
 
         def chunked(h):  # 3 positions a chunk: 10 positions pad to 12
-            nll = decoder.token_nll(h, stored, y, jnp.float32, 3, softcap, axes)
+            nll = decoder.token_nll(h, stored, y, weights != 0, jnp.float32, 3, softcap, axes)
             return jnp.sum(weights * nll)
 
         np.testing.assert_allclose(jax.jit(chunked)(h), full(h), rtol=1e-6)
         np.testing.assert_allclose(jax.grad(chunked)(h), jax.grad(full)(h), rtol=1e-5,
                                    atol=1e-6)  # fmt: skip
+
+    def test_loss_computes_only_chunks_with_active_positions(self):
+        """Inactive positions (prompt, padding) are moved behind the active ones and their
+        chunks are skipped: loss and gradient equal autodiff of the full logits over the
+        active positions, even with NaN hidden states where only skipped chunks read them."""
+        rng = np.random.default_rng(5)
+        h = rng.normal(size=(2, 6, 8)).astype(np.float32)
+        w = jnp.asarray(rng.normal(size=(8, 11)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 11, (2, 6)), jnp.int32)
+        active = np.zeros((2, 6), bool)
+        active[0, 4], active[1, [0, 5]] = True, True  # 3 of 12: one chunk of 3 runs
+        poisoned = np.where(active[..., None], h, np.nan)  # read by a skipped chunk: NaN
+        weights = jnp.asarray(active, jnp.float32)
+
+        def full(h):
+            logits = h @ w
+            picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+            return jnp.sum(weights * (jax.nn.logsumexp(logits, axis=-1) - picked))
+
+        def chunked(h):
+            return jnp.sum(weights * decoder.token_nll(h, w, y, active, jnp.float32, 3))
+
+        nll = jax.jit(decoder.token_nll, static_argnums=(4, 5))(
+            jnp.asarray(poisoned), w, y, active, jnp.float32, 3)  # fmt: skip
+        self.assertTrue(np.all(np.asarray(nll)[~active] == 0))
+        np.testing.assert_allclose(jax.jit(chunked)(poisoned), full(h), rtol=1e-6)
+        grad = np.asarray(jax.jit(jax.grad(chunked))(jnp.asarray(poisoned)))
+        self.assertTrue(np.all(grad[~active] == 0))
+        np.testing.assert_allclose(grad, jax.grad(full)(jnp.asarray(h)), rtol=1e-5, atol=1e-6)
 
     @parameterized.named_parameters(*WINDOWED_FAMILIES.items())
     def test_packed_equals_padded(self, config):

@@ -56,23 +56,32 @@ def chunk_length(rows: int, T: int, vocab: int, budget: int = LOSS_CHUNK_ELEMENT
     return min(rows * T, 1 << (fits.bit_length() - 1))
 
 
-def token_nll(h, kernel, labels, dtype, chunk: int, softcap: float | None = None,
+def token_nll(h, kernel, labels, active, dtype, chunk: int, softcap: float | None = None,
               axes: str = "dv") -> jax.Array:  # fmt: skip
-    """``[R, T]`` float32 ``-log softmax(h @ kernel)[labels]``, ``chunk`` positions at a time.
+    """``[R, T]`` float32 ``-log softmax(h @ kernel)[labels]`` where ``active`` is true, 0
+    elsewhere, ``chunk`` positions at a time.
 
     ``h [R, T, d]``, ``kernel`` (frozen: it gets no gradient) ``[d, V]``, or ``[V, d]``
-    with ``axes="vd"`` (a tied embedding, read in place), ``labels [R, T]``;
-    ``softcap``: the logits' soft-cap (Gemma 2), None for none. No pass holds more than one
-    chunk's ``[chunk, V]`` logits: the gradient of ``h`` is formed with them, in the same
-    pass (:func:`_chunked_nll`), so the backward pass never recomputes them.
+    with ``axes="vd"`` (a tied embedding, read in place), ``labels, active [R, T]``;
+    ``softcap``: the logits' soft-cap (Gemma 2), None for none. The active positions (those
+    whose loss counts: completion tokens) are gathered to the front, in order, and only
+    the chunks holding any are computed, so prompts and padding cost the head nothing. No
+    pass holds more than one chunk's ``[chunk, V]`` logits: the gradient of ``h`` is formed
+    with them, in the same pass (:func:`_chunked_nll`), so the backward pass never
+    recomputes them.
     """
     R, T, d = h.shape
     n = R * T
     k = -(-n // chunk)
-    h = jnp.pad(h.reshape(n, d), ((0, k * chunk - n), (0, 0))).reshape(k, chunk, d)
-    y = jnp.pad(labels.reshape(n), (0, k * chunk - n)).reshape(k, chunk)
-    nll = _chunked_nll(h, jax.lax.stop_gradient(kernel), y, jnp.dtype(dtype), softcap, axes)
-    return nll.reshape(k * chunk)[:n].reshape(R, T)
+    active = active.reshape(n)
+    order = jnp.pad(jnp.argsort(~active, stable=True), (0, k * chunk - n))  # active first
+    runs = (jnp.sum(active, dtype=jnp.int32) + chunk - 1) // chunk
+    hs = h.reshape(n, d)[order].reshape(k, chunk, d)
+    ys = labels.reshape(n)[order].reshape(k, chunk)
+    nll = _chunked_nll(hs, jax.lax.stop_gradient(kernel), ys, runs, jnp.dtype(dtype), softcap,
+                       axes)  # fmt: skip
+    nll = jnp.zeros(n, jnp.float32).at[order[:n]].set(nll.reshape(k * chunk)[:n])
+    return jnp.where(active, nll, 0.0).reshape(R, T)
 
 
 def _chunk_logits(h, w, y, dtype, softcap, axes):
@@ -85,38 +94,45 @@ def _chunk_logits(h, w, y, dtype, softcap, axes):
     return lse - picked, logits, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked_nll(h, w, y, dtype, softcap, axes):
-    """``[k, C]`` nll of ``h [k, C, d]`` chunk by chunk (``lax.map``); ``w`` as ``axes``."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_nll(h, w, y, runs, dtype, softcap, axes):
+    """``[k, C]`` nll of the first ``runs`` chunks of ``h [k, C, d]`` (a loop whose trip
+    count is ``runs``), zeros after them; ``w`` as ``axes``."""
     w = w.astype(dtype)
-    return jax.lax.map(lambda hy: _chunk_logits(hy[0], w, hy[1], dtype, softcap, axes)[0], (h, y))
+
+    def one(i, nll):
+        return nll.at[i].set(_chunk_logits(h[i], w, y[i], dtype, softcap, axes)[0])
+
+    return jax.lax.fori_loop(0, runs, one, jnp.zeros(y.shape, jnp.float32))
 
 
-def _chunked_nll_fwd(h, w, y, dtype, softcap, axes):
+def _chunked_nll_fwd(h, w, y, runs, dtype, softcap, axes):
     """The nll and, from the same logits, ``d nll / d h [k, C, d]``: ``(softmax - onehot)
     @ w.T`` (times the soft-cap's ``1 - (logits / cap)^2``); two head matmuls per token,
     where differentiating a rematerialized chunk takes three."""
     wd = w.astype(dtype)
 
-    def one(hy):
-        h_c, y_c = hy
-        nll, logits, lse = _chunk_logits(h_c, wd, y_c, dtype, softcap, axes)
-        hit = jnp.arange(logits.shape[-1])[None, :] == y_c[:, None]
+    def one(i, out):
+        nll, dh = out
+        c_nll, logits, lse = _chunk_logits(h[i], wd, y[i], dtype, softcap, axes)
+        hit = jnp.arange(logits.shape[-1])[None, :] == y[i][:, None]
         g = jnp.exp(logits - lse[:, None]) - hit
         if softcap is not None:
             g = g * (1.0 - jnp.square(logits / softcap))
-        dh = jnp.einsum(f"cv,{axes}->cd", g.astype(dtype), wd, preferred_element_type=jnp.float32)
-        return nll, dh.astype(h_c.dtype)
+        c_dh = jnp.einsum(f"cv,{axes}->cd", g.astype(dtype), wd, preferred_element_type=jnp.float32)
+        return nll.at[i].set(c_nll), dh.at[i].set(c_dh.astype(h.dtype))
 
-    nll, dh = jax.lax.map(one, (h, y))
+    empty = (jnp.zeros(y.shape, jnp.float32), jnp.zeros_like(h))
+    nll, dh = jax.lax.fori_loop(0, runs, one, empty)
     return nll, (dh, w)
 
 
 def _chunked_nll_bwd(dtype, softcap, axes, residuals, g):
-    """``h`` gets ``g * dh``; ``w`` zeros (frozen, behind stop_gradient); ``y`` none."""
+    """``h`` gets ``g * dh``; ``w`` zeros (frozen, behind stop_gradient); ``y``, ``runs``
+    none."""
     del dtype, softcap, axes
     dh, w = residuals
-    return g[..., None] * dh, jnp.zeros_like(w), None
+    return g[..., None] * dh, jnp.zeros_like(w), None, None
 
 
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
@@ -221,7 +237,7 @@ def make(
         h = modules.final_hidden(cfg, base, x)
         chunk = chunk_length(ids.shape[0], ids.shape[1], cfg.vocab_size, loss_chunk_elements)
         w, axes = modules.head_kernel(cfg, base)
-        nll = token_nll(h, w, labels, dtype, chunk, cfg.final_softcap, axes)
+        nll = token_nll(h, w, labels, weights != 0, dtype, chunk, cfg.final_softcap, axes)
         return sum_fn(nll * weights), sum_fn(weights)
 
     return Architecture(
