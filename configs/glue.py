@@ -113,6 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # vmap: clients trained at once (0 = all). Activations grow with it: 10 clients of
         # batch 128 would not fit a 24 GB machine; 2 is also the fastest on a 2-core CPU.
         clients_per_chunk=2,
+        # A "clients" bar counts the local steps (a host callback in the clients' program).
+        # False: no bar, and JAX's persistent compilation cache can keep that program.
+        step_progress=True,
     )
     c.dist = distributed.section()  # processes of the run: one, or a pod / cluster (BUILD.md)
     c.privacy = privacy.section()  # clipping and DP-FedAvg noise (floranna_jax/privacy.py); off

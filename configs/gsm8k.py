@@ -139,6 +139,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         shard_clients=False,  # shard the client axis over devices when more than one
         model_shards=1,  # >1: the frozen base split over that many devices, FSDP (fsdp.py)
         clients_per_chunk=1,  # vmap: clients trained at once (0 = all); a 7B client is big
+        # A "clients" bar counts the local steps (a host callback in the clients' program).
+        # False: no bar, and JAX's persistent compilation cache can keep that program.
+        step_progress=True,
     )
     c.dist = distributed.section()  # processes of the run: one, or a pod / cluster (BUILD.md)
     c.privacy = privacy.section()  # clipping and DP-FedAvg noise (floranna_jax/privacy.py); off

@@ -225,6 +225,8 @@ def validate(config) -> dict[str, Any]:
     _owned("train", lambda: clients.check_runner(t.client_mode, t.clients_per_chunk,
                                                  t.shard_clients or several, split),
            {"mode": "client_mode", "chunk": "clients_per_chunk"})  # fmt: skip
+    if "step_progress" in t:
+        _choice(config, "train.step_progress", (True, False))
     _int(config, "ckpt.every_rounds", 0)
     _int(config, "ckpt.keep")
     _int(config, "eval.every_rounds")

@@ -1,10 +1,11 @@
 """Which run a workdir holds, and whether a config may resume it.
 
 A workdir with a checkpoint resumes only the same experiment: its ``config.json`` says
-which, and only :data:`RESUMABLE_CHANGES` may differ (``train.num_rounds``, ``eval``,
-``ckpt``, ``dist``). Fields added after runs were saved (:data:`ADDED_FIELDS`) count as
-unchanged where the new value runs as the old run did. ``train.run`` checks this before
-building anything, whichever transport reaches the clients.
+which, and only :data:`RESUMABLE_CHANGES` may differ (``train.num_rounds``,
+``train.step_progress``, ``eval``, ``ckpt``, ``dist``). Fields added after runs were saved
+(:data:`ADDED_FIELDS`) count as unchanged where the new value runs as the old run did.
+``train.run`` checks this before building anything, whichever transport reaches the
+clients.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import numpy as np
 from floranna_jax import models
 from floranna_jax.errors import ConfigError
 
-# Fields a resumed run may change (dist: how many processes run it).
-RESUMABLE_CHANGES = ("train.num_rounds", "eval", "ckpt", "dist")
+# Fields a resumed run may change (dist: how many processes run it; step_progress: a bar).
+RESUMABLE_CHANGES = ("train.num_rounds", "train.step_progress", "eval", "ckpt", "dist")
 
 # Fields added after runs were saved, each with a test of a new value that runs as the
 # saved runs did (their config.json lacks the field): such a run resumes, and a committed
@@ -39,8 +40,11 @@ ADDED_FIELDS = {
 
 
 def _comparable(config_dict: dict) -> dict:
-    out = {k: dict(v) for k, v in config_dict.items() if k not in ("eval", "ckpt", "dist")}
-    out.get("train", {}).pop("num_rounds", None)
+    out = {k: dict(v) for k, v in config_dict.items() if k not in RESUMABLE_CHANGES}
+    for path in RESUMABLE_CHANGES:
+        section, _, field = path.partition(".")
+        if field:
+            out.get(section, {}).pop(field, None)
     return out
 
 

@@ -23,6 +23,7 @@ This module knows no method and no task by name: both are plug-ins (``server``, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, NamedTuple
@@ -121,14 +122,19 @@ def make_runner(config, loss_fn, method: server.Method, one_client: bool = False
     """``(runner, opt)``: the clients' optimizer and the runner of their ``local_update``
     (:func:`make_client_runner`) as the config's ``client`` and ``train`` sections say, or,
     with ``one_client``, the ``"loop"`` runner (a process that trains one client). While
-    it runs, a ``clients`` bar counts the local steps (:mod:`floranna_jax.progress`)."""
-    ticker = progress.Ticker()
-    local_update, opt = make_local_update(config, loss_fn, method, on_step=ticker.tick)
+    it runs, a ``clients`` bar counts the local steps (:mod:`floranna_jax.progress`).
+    ``train.step_progress=False`` drops that bar: its host callback is what keeps JAX's
+    persistent compilation cache from storing the runner's program, so without it a
+    later process can load the program instead of compiling it again."""
+    ticker = progress.Ticker() if config.train.get("step_progress", True) else None
+    local_update, opt = make_local_update(config, loss_fn, method,
+                                          on_step=ticker.tick if ticker else None)  # fmt: skip
     runner, mode, chunk = make_client_runner(config, local_update, one_client)
 
     def shown(base, trainable, opt_state, batches, step_mask, keys):
         U, S = step_mask.shape
-        with ticker.show("clients", S * clients.sequential_passes(U, mode, chunk), "step"):
+        steps = S * clients.sequential_passes(U, mode, chunk)
+        with ticker.show("clients", steps, "step") if ticker else contextlib.nullcontext():
             return jax.block_until_ready(runner(base, trainable, opt_state, batches,
                                                 step_mask, keys))  # fmt: skip
 

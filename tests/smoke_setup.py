@@ -18,11 +18,16 @@ def smoke_config(**overrides):
 
 
 def config_file(name: str, arg: str = "smoke", **overrides):
-    """configs/<name>:<arg> (unlocked) with ``{"section.field": value}`` overrides."""
+    """configs/<name>:<arg> (unlocked) with ``{"section.field": value}`` overrides.
+
+    Without the per-step bar (``train.step_progress=False`` unless overridden): its host
+    callback would keep the clients' program out of :func:`shared_compilation`'s cache, so
+    every run of every test would compile it again. test_train checks the bar."""
     spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", REPO / "configs" / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg)
+    config.train.step_progress = False
     for field, value in overrides.items():
         section, name = field.split(".")
         config[section][name] = value

@@ -57,6 +57,7 @@ CONFIG_CASES = [
     (["--config.server.learning_rate=nan"], ["server.learning_rate", "nan"]),
     (["--config.partition.alpha=0"], ["partition.alpha", "0"]),
     (["--config.train.clients_per_chunk=-1"], ["train.clients_per_chunk", "-1"]),
+    (["--config.train.step_progress=maybe"], ["train.step_progress", "maybe"]),
 ]  # fmt: skip
 
 

@@ -27,9 +27,10 @@ def _env(devices: int) -> dict[str, str]:
 
 
 def _launch(workdir, rounds: int, devices: int, *overrides: str) -> subprocess.Popen:
+    # No per-step bar: its host callback would keep the clients' program out of the cache.
     command = [
         sys.executable, "launch.py", "--config=configs/glue.py:smoke", f"--workdir={workdir}",
-        f"--config.train.num_rounds={rounds}", *overrides,
+        f"--config.train.num_rounds={rounds}", "--config.train.step_progress=False", *overrides,
     ]  # fmt: skip
     return subprocess.Popen(
         command, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -2,6 +2,7 @@
 round of every estimator with the method state it must keep."""
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,18 @@ def test_a_run_saved_before_a_field_existed_resumes_under_its_default():
     # A new value that would run differently from the saved run is still a change.
     new["client"]["micro_batch_size"] = 2
     assert resume.changed_fields(old, new) == ["client.micro_batch_size"]
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_step_progress_is_a_bar_or_a_cached_program(tmp_path, capfd, caplog, shown):
+    # With the bar, the clients' program holds its host callback, which JAX's persistent
+    # cache never stores; without it, the second run loads the program the first stored.
+    caplog.set_level(logging.DEBUG, logger="jax._src.compiler")
+    for i in range(2):
+        config = smoke_config(**{"train.num_rounds": 1, "train.step_progress": shown})
+        train.run(config, str(tmp_path / str(i)))
+    assert ("clients:" in capfd.readouterr().err) == shown
+    assert ("cache hit for 'jit_local_update'" in caplog.text) == (not shown)
+    # Only a bar: a run saved with either setting resumes under the other.
+    flipped = smoke_config(**{"train.step_progress": not shown})
+    assert resume.changed_fields(json.loads(config.to_json()), json.loads(flipped.to_json())) == []
