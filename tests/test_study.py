@@ -26,12 +26,15 @@ PUBLISHED = {"metrics.jsonl", "config.json", "summary.md"}
 
 
 def _study(arg="smoke"):
-    """configs/studies/evidence.py[:arg], unlocked (tests add grids), as the command loads it."""
+    """configs/studies/evidence.py[:arg], unlocked (tests add grids), as the command loads it,
+    but without the per-step bar, so cells share the clients' program (smoke_setup)."""
     path = REPO / "configs" / "studies" / "evidence.py"
     spec = importlib.util.spec_from_file_location("evidence_study", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    study = module.get_config(arg)
+    study.base.train.step_progress = False
+    return study
 
 
 def _with_grid(study, name, axes, fixed=None):
