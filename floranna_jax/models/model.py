@@ -195,34 +195,29 @@ def build_random(
     key: jax.Array | None = None,
     compute_dtype=jnp.float32,
     base_dtype=jnp.float32,
+    *,
+    shapes_only: bool = False,
     **options,
 ) -> Model:
     """A model with a random base (no files, no network); ``key=None`` means key(0); the
-    base drawn in float32, then cast to ``base_dtype``.
+    base drawn in float32, then cast to ``base_dtype``. ``shapes_only``: the base as
+    ``jax.ShapeDtypeStruct`` leaves instead (:func:`build_abstract`).
     ``options``: the family's own keyword arguments (see :func:`architecture`)."""
     arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
     k_base, k_head, k_lora = _keys(key)
-    base = jax.tree.map(lambda x: x.astype(base_dtype), arch.init_base(k_base))
-    head = arch.init_head(k_head)
-    return _assemble(arch, base, head, lora, k_lora, hf_config)
+    if shapes_only:
+        base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, base_dtype), arch.base_shapes)
+    else:
+        base = jax.tree.map(lambda x: x.astype(base_dtype), arch.init_base(k_base))
+    return _assemble(arch, base, arch.init_head(k_head), lora, k_lora, hf_config)
 
 
-def build_abstract(
-    hf_config: dict,
-    num_labels: int = 2,
-    lora: LoraSpec = LoraSpec(),  # noqa: B008 (immutable NamedTuple)
-    key: jax.Array | None = None,
-    compute_dtype=jnp.float32,
-    base_dtype=jnp.float32,
-    **options,
-) -> Model:
+def build_abstract(hf_config: dict, num_labels: int = 2, **kwargs) -> Model:
     """A model whose base is ``jax.ShapeDtypeStruct`` leaves in ``base_dtype`` (the shapes
     a checkpoint would fill; nothing allocated, nothing read), with real fresh adapters and
-    head: what a plan compiles ahead of time (:mod:`floranna_jax.plan`)."""
-    arch = architecture(hf_config, num_labels, lora, compute_dtype, **options)
-    _, k_head, k_lora = _keys(key)
-    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, base_dtype), arch.base_shapes)
-    return _assemble(arch, base, arch.init_head(k_head), lora, k_lora, hf_config)
+    head: what a plan compiles ahead of time (:mod:`floranna_jax.plan`). ``kwargs``: those
+    of :func:`build_random`."""
+    return build_random(hf_config, num_labels, shapes_only=True, **kwargs)
 
 
 def load_pretrained(

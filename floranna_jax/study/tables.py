@@ -152,22 +152,32 @@ def paired_table(runs, groups, baseline: str, paired, metric: str, group_axis: s
         "| rho_rel: mean ± std |",
         "|" + "---|" * 12,
     ]
+    for group, method, d in paired_rows(runs, groups, baseline, paired):
+        final, n = d["global_final"], len(d["global_final"])
+        if not n:
+            lines.append(f"| {show(group)} | {method} | 0 |" + " - |" * 9)
+            continue
+        std = f"{np.std(final, ddof=1):.4f}" if n > 1 else "-"
+        better = sum(x > 0 for x in final)
+        lines.append(
+            f"| {show(group)} | {method} | {n} | {np.mean(final):+.4f} | {std} "
+            f"| {min(final):+.4f} | {max(final):+.4f} | {better} of {n} "
+            f"| {show_interval(final)} | {gain(d['global_best'])} "
+            f"| {mean_std(d['rho_rel'], sign='+')} |"
+        )
+    return lines
+
+
+def paired_rows(runs: list[Run], groups, baseline: str, paired):
+    """``(group, method, differences)`` for each group and each method of ``paired``."""
     for group in groups:
         for method in paired:
-            d = differences(runs, group, baseline, method)
-            final, n = d["global_final"], len(d["global_final"])
-            if not n:
-                lines.append(f"| {show(group)} | {method} | 0 |" + " - |" * 9)
-                continue
-            std = f"{np.std(final, ddof=1):.4f}" if n > 1 else "-"
-            better = sum(x > 0 for x in final)
-            lines.append(
-                f"| {show(group)} | {method} | {n} | {np.mean(final):+.4f} | {std} "
-                f"| {min(final):+.4f} | {max(final):+.4f} | {better} of {n} "
-                f"| {show_interval(final)} | {mean_std(d['global_best'], sign='+')} "
-                f"| {show_interval(d['global_best'])} | {mean_std(d['rho_rel'], sign='+')} |"
-            )
-    return lines
+            yield group, method, differences(runs, group, baseline, method)
+
+
+def gain(values: list[float]) -> str:
+    """Paired differences as two cells: mean ± std, and the 95% interval of the mean."""
+    return f"{mean_std(values, sign='+')} | {show_interval(values)}"
 
 
 def baseline_rho(runs: list[Run], group, baseline: str) -> list[float]:
@@ -193,16 +203,13 @@ def dose_table(runs, groups, baseline: str, paired, metric: str, group_axis: str
         f"| gain, best {metric} | 95% CI |",
         "|" + "---|" * 9,
     ]
-    for group in groups:
+    for group, method, d in paired_rows(runs, groups, baseline, paired):
         base = baseline_rho(runs, group, baseline)
-        for method in paired:
-            d = differences(runs, group, baseline, method)
-            lines.append(
-                f"| {show(group)} | {mean_std(base)} | {method} | {len(d['rho_rel'])} "
-                f"| {reporting.format_value(rho_cut(base, d))} "
-                f"| {mean_std(d['global_final'], sign='+')} | {show_interval(d['global_final'])} "
-                f"| {mean_std(d['global_best'], sign='+')} | {show_interval(d['global_best'])} |"
-            )
+        lines.append(
+            f"| {show(group)} | {mean_std(base)} | {method} | {len(d['rho_rel'])} "
+            f"| {reporting.format_value(rho_cut(base, d))} "
+            f"| {gain(d['global_final'])} | {gain(d['global_best'])} |"
+        )
     return lines
 
 
