@@ -32,9 +32,8 @@ override of one the chosen method does not take is an error.
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from floranna_jax import distributed, privacy
+from floranna_jax import distributed, privacy, server
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -91,18 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         micro_batch_size=0,  # examples per micro-batch, a divisor of b (0: the whole batch)
         persistent_opt_state=False,  # keep each client's optimizer state across rounds
     )
-    c.server = dict(
-        name="floranna",  # estimator: fedit ffa fedsa flora fedex svd floranna
-        scope="layer",  # floranna: one (a, b) per "layer" (fits best, same cost) or "model"
-        target="weighted",  # floranna: fit sum p_u B_u A_u ("weighted") or 1/U ("uniform")
-        combine="factors",  # floranna: combine raw "factors" or "deltas" from the global
-        solver="adam",  # floranna: "adam" (AdamW, best iterate kept) or "als"
-        steps=200,  # floranna: solver iterations
-        learning_rate=1e-2,  # floranna: solver learning rate
-        end_learning_rate=config_dict.placeholder(float),  # floranna: cosine decay to this
-        weight_decay=0.0,  # floranna: solver weight decay
-        compare=(),  # also log rho_rel of these on each round's uploads: server.COMPARISONS
-    )
+    c.server = server.section()  # the estimator and its solver (server/registry.py)
     c.train = dict(
         seed=0,  # root of all randomness (sampling, data order, init, dropout)
         num_rounds=100,  # federated rounds

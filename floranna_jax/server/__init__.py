@@ -31,6 +31,7 @@ from floranna_jax.server.registry import (
     check_comparisons,
     make,
     make_compare,
+    section,
     serve,
 )
 
@@ -45,5 +46,6 @@ __all__ = [
     "check_comparisons",
     "make",
     "make_compare",
+    "section",
     "serve",
 ]

@@ -7,6 +7,7 @@
     aggregate(name, clients, weights, **hparams) -> Aggregate # one call, for scripts and tests
                                                           # (built once per name and hparams)
     compare(labels, uploads, weights) -> {label: rho_rel}     # COMPARISONS on the same uploads
+    section() -> ConfigDict                               # a run config's ``server`` defaults
 
 Validation is eager, on concrete arrays, before anything compiles: unknown names and
 hyperparameters, bad shapes, weights or NaNs raise ``ValueError`` naming the culprit.
@@ -19,7 +20,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
 from floranna_jax.server import common
 from floranna_jax.server.fedex import make_fedex
@@ -47,6 +50,24 @@ COMPARISONS: dict[str, tuple[str, dict[str, Any]]] = {
     "floranna_layer": ("floranna", {"scope": "layer"}),
     "floranna_model": ("floranna", {"scope": "model"}),
 }
+
+
+def section() -> ml_collections.ConfigDict:
+    """The ``server`` config section with its defaults: FLoRA-NA, one (a, b) per layer."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="floranna",  # estimator: fedit ffa fedsa flora fedex svd floranna
+            scope="layer",  # floranna: one (a, b) per "layer" (fits best, same cost) or "model"
+            target="weighted",  # floranna: fit sum p_u B_u A_u ("weighted") or 1/U ("uniform")
+            combine="factors",  # floranna: combine raw "factors" or "deltas" from the global
+            solver="adam",  # floranna: "adam" (AdamW, best iterate kept) or "als"
+            steps=200,  # floranna: solver iterations
+            learning_rate=1e-2,  # floranna: solver learning rate
+            end_learning_rate=config_dict.placeholder(float),  # floranna: cosine decay to this
+            weight_decay=0.0,  # floranna: solver weight decay
+            compare=(),  # also log rho_rel of these on each round's uploads: COMPARISONS
+        )
+    )
 
 
 def make(name: str, **hparams: Any) -> Method:
