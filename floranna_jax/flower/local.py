@@ -234,9 +234,24 @@ def stop_all(processes: list[subprocess.Popen], grace_s: float = 1.5) -> None:
     for p in processes:
         _signal_group(p, signal.SIGKILL)  # also the children of a leader that already exited
         p.wait()
-    for d in alive:  # not waited for: a child of another parent is reaped by that parent
+    for d in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             d.kill()
+    # A child of another parent is reaped by that parent (or by no one, in a container whose
+    # init does not): dead means gone or a zombie, which psutil.wait_procs would wait out.
+    deadline = time.monotonic() + 2.0
+    while not all(map(_dead, alive)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _dead(process) -> bool:
+    """Whether a ``psutil.Process`` has ended: gone, or a zombie not yet reaped."""
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
