@@ -1,15 +1,22 @@
-"""Test helpers for the run-level tests: the smoke config with overrides, and a shared
-XLA compilation cache so runs built by different tests with the same shapes compile once."""
+"""Test helpers for the run-level tests: the smoke config with overrides, launch.py as a
+user runs it, and a shared XLA compilation cache so runs built by different tests (in this
+process or in launched ones) with the same shapes compile once."""
 
 import contextlib
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 
 import jax
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 XLA_CACHE = pathlib.Path(tempfile.gettempdir()) / "floranna_jax_test_xla_cache"
+# A launched run without the per-step bar: its host callback would keep the clients' program
+# out of the cache (test_train checks the bar).
+NO_BAR = "--config.train.step_progress=False"
 
 
 def smoke_config(**overrides):
@@ -47,3 +54,16 @@ def shared_compilation():
     finally:
         for n, v in zip(names, before, strict=True):
             jax.config.update(n, v)
+
+
+def launch(*args: str, config: str = "configs/glue.py:smoke", workdir=None, timeout: int = 300,
+           **env: str) -> subprocess.CompletedProcess:  # fmt: skip
+    """``python launch.py --config=<config> [--workdir=<workdir>] <args>`` in the repository,
+    on the CPU and offline, with :data:`XLA_CACHE` as JAX's persistent compilation cache;
+    ``env``: more environment variables."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+               JAX_COMPILATION_CACHE_DIR=str(XLA_CACHE),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env)  # fmt: skip
+    where = [] if workdir is None else [f"--workdir={workdir}"]
+    cmd = [sys.executable, "launch.py", f"--config={config}", *where, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

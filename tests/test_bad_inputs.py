@@ -6,19 +6,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
-from smoke_setup import REPO
+from smoke_setup import NO_BAR, launch
 
 from floranna_jax import workdir_lock
-
-
-def _launch(*args: str, workdir) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "launch.py", "--config=configs/glue.py:smoke", f"--workdir={workdir}",
-           *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _snapshot(path):
@@ -64,14 +56,14 @@ CONFIG_CASES = [
 @pytest.mark.parametrize("args, words", CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
 def test_bad_config_is_one_line(args, words, tmp_path):
     workdir = tmp_path / "run"
-    _assert_one_line(_launch(*args, workdir=workdir), words)
+    _assert_one_line(launch(*args, workdir=workdir), words)
     assert not workdir.exists()
 
 
 def test_workdir_that_is_a_file_is_one_line(tmp_path):
     workdir = tmp_path / "a_file"
     workdir.write_text("keep me\n")
-    _assert_one_line(_launch(workdir=workdir), [str(workdir), "is a file"])
+    _assert_one_line(launch(workdir=workdir), [str(workdir), "is a file"])
     assert workdir.read_text() == "keep me\n"
 
 
@@ -94,7 +86,7 @@ def test_bad_data_file_is_one_line(case, tmp_path, minilm_dir):
     workdir = tmp_path / "run"
     args = ["--config.model.source=pretrained", f"--config.model.path={minilm_dir}",
             "--config.data.source=glue", f"--config.data.dir={tmp_path / 'glue'}"]  # fmt: skip
-    _assert_one_line(_launch(*args, workdir=workdir), words)
+    _assert_one_line(launch(*args, workdir=workdir), words)
     assert not workdir.exists()
 
 
@@ -104,18 +96,15 @@ def test_bad_data_file_is_one_line(case, tmp_path, minilm_dir):
      ("configs/glue.py:bogus", ["configs/glue.py", "'bogus'", "smoke"])],
 )  # fmt: skip
 def test_bad_config_file_is_one_line(config, words, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    _assert_one_line(proc, words)
+    _assert_one_line(launch(config=config, workdir=workdir), words)
     assert not workdir.exists()
 
 
 def test_a_workdir_in_use_is_one_line_naming_the_holder(tmp_path):
     workdir = tmp_path / "run"
     with workdir_lock.hold(str(workdir)):  # this test process is the first run
-        proc = _launch(workdir=workdir)
+        proc = launch(workdir=workdir)
     _assert_one_line(proc, [str(workdir), f"pid {os.getpid()}", "another --workdir"])
     assert not workdir.exists()  # the first run wrote nothing; its lock went with it
 
@@ -124,7 +113,7 @@ def test_a_workdir_in_use_is_one_line_naming_the_holder(tmp_path):
 def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path, where):
     (tmp_path / "a_file").write_text("keep me\n")
     workdir = "/proc/x" if where == "/proc" else str(tmp_path / "a_file" / "run")
-    _assert_one_line(_launch(workdir=workdir), [workdir, "cannot create", "choose a folder"])
+    _assert_one_line(launch(workdir=workdir), [workdir, "cannot create", "choose a folder"])
 
 
 def _gsm8k_folder(root, train_text=None, test_text=None):
@@ -142,10 +131,7 @@ def _gsm8k_folder(root, train_text=None, test_text=None):
 
 
 def _launch_gsm8k(*args, workdir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "launch.py", "--config=configs/gsm8k.py:smoke", f"--workdir={workdir}",
-           *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return launch(*args, config="configs/gsm8k.py:smoke", workdir=workdir)
 
 
 SURROGATE_ROW = '{"question": "What \\ud800 is 1 + 1?", "answer": "#### 2"}\n'
@@ -204,7 +190,7 @@ def test_a_truncated_safetensors_is_one_line(tmp_path, minilm_dir):
     with open(minilm_dir / "model.safetensors", "rb") as f:
         (folder / "model.safetensors").write_bytes(f.read(1 << 20))  # a download cut short
     args = ["--config.model.source=pretrained", f"--config.model.path={folder}"]
-    _assert_one_line(_launch(*args, workdir=tmp_path / "run"),
+    _assert_one_line(launch(*args, workdir=tmp_path / "run"),
                      ["model.safetensors", "truncated", "download or save it again"])  # fmt: skip
 
 
@@ -212,7 +198,7 @@ def test_a_truncated_safetensors_is_one_line(tmp_path, minilm_dir):
 def one_round(tmp_path_factory):
     """A smoke workdir holding the checkpoint of round 1."""
     workdir = tmp_path_factory.mktemp("one_round")
-    proc = _launch("--config.train.num_rounds=1", workdir=workdir)
+    proc = launch("--config.train.num_rounds=1", NO_BAR, workdir=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
@@ -233,7 +219,7 @@ def test_a_damaged_checkpoint_is_one_line(one_round, tmp_path, damage):
         _flip_a_bit(default)
     else:
         (default / "manifest.ocdbt").write_bytes(b"")
-    proc = _launch(workdir=workdir)
+    proc = launch(NO_BAR, workdir=workdir)
     # No "Event loop is closed" traceback from Orbax's threads after the line.
     _assert_one_line(proc, ["cannot resume from round 1", "DATA_LOSS", "remove checkpoints/1"])
 
@@ -253,20 +239,20 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_is_one_line_and_the_run_resumes(small_disk):
     workdir = small_disk / "run"
-    proc = _launch(workdir=workdir)
+    proc = launch(NO_BAR, workdir=workdir)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
     assert proc.returncode == 1, proc.stderr[-3000:]
     # Only the progress bar and one error line: no Orbax or TensorBoard thread tracebacks.
     assert len(errors) == 1 and errors[0].startswith("error: cannot write"), proc.stderr[-3000:]
     assert "No space left" in errors[0] and "run the same command again" in errors[0]
-    # The rest is progress bars (rounds, clients' steps, evaluation) and tqdm's cursor-ups.
-    bars = re.compile(r"^\s*(\x1b\[A)*\s*((rounds|clients|eval \w+):.*)?$")
+    # The rest is progress bars (rounds, evaluation) and tqdm's cursor-ups.
+    bars = re.compile(r"^\s*(\x1b\[A)*\s*((rounds|eval \w+):.*)?$")
     assert all(bars.match(line) or line.startswith("error: ") for line in lines), proc.stderr[
         -3000:
     ]
     subprocess.run(["mount", "-o", "remount,size=10m", str(small_disk)], check=True)
-    resumed = _launch(workdir=workdir)
+    resumed = launch(NO_BAR, workdir=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

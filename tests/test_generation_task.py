@@ -5,14 +5,11 @@ MBPP rows (with SmolLM2's chat template where its GGUF is at hand), the evaluato
 match is the hand-scored one of per-prompt greedy generations, and bad inputs are one line."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from smoke_setup import REPO, XLA_CACHE, config_file, shared_compilation
+from smoke_setup import NO_BAR, config_file, launch, shared_compilation
 
 from floranna_jax import checkpoint, config_check, keys, models, reporting, tasks, train
 from floranna_jax.data import code, completion, gsm8k
@@ -34,18 +31,10 @@ def _rows(workdir):
     ]
 
 
-def _launch(config: str, *args: str, workdir) -> subprocess.CompletedProcess:
-    """``python launch.py --config=<config> --workdir=<workdir> <args>``, as the README runs it
-    (sharing the tests' compilation cache)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-               JAX_COMPILATION_CACHE_DIR=str(XLA_CACHE),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
-    cmd = [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 def _launched(config: str, workdir) -> None:
-    proc = _launch(config, workdir=workdir)
+    """``python launch.py --config=<config> --workdir=<workdir>``, as the README runs it but
+    without the per-step bar (so the tests' compilation cache keeps every program)."""
+    proc = launch(NO_BAR, config=config, workdir=workdir, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -380,7 +369,7 @@ BAD = [
 
 @pytest.mark.parametrize("config, args, words", BAD, ids=[" ".join(b[1]) for b in BAD])
 def test_bad_input_is_one_line(config, args, words, tmp_path):
-    proc = _launch(config, *args, workdir=tmp_path / "run")
+    proc = launch(*args, config=config, workdir=tmp_path / "run")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("error: config field")

@@ -1,21 +1,10 @@
 """Tests of the entry point (launch.py): a malformed override is one clear line on
 stderr and exit code 2, before anything is built; the real defaults validate."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-from smoke_setup import REPO, smoke_config
+from smoke_setup import REPO, launch, smoke_config
 
 from floranna_jax import config_check
-
-
-def _launch(*overrides: str, tmp_path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "launch.py", "--config=configs/glue.py:smoke",
-           f"--workdir={tmp_path / 'run'}", *overrides]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -28,7 +17,7 @@ def _launch(*overrides: str, tmp_path) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_override_is_one_clear_line(override, words, tmp_path):
-    proc = _launch(override, tmp_path=tmp_path)
+    proc = launch(override, workdir=tmp_path / "run")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -39,8 +28,8 @@ def test_bad_override_is_one_clear_line(override, words, tmp_path):
 
 
 def test_missing_local_model_folder_is_named(tmp_path):
-    proc = _launch("--config.model.source=pretrained", f"--config.model.path={tmp_path}/nowhere",
-                   "--config.data.source=glue", tmp_path=tmp_path)  # fmt: skip
+    proc = launch("--config.model.source=pretrained", f"--config.model.path={tmp_path}/nowhere",
+                  "--config.data.source=glue", workdir=tmp_path / "run")  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.path" in proc.stderr and "nowhere" in proc.stderr
 
@@ -58,8 +47,8 @@ def test_reference_defaults_validate():
 
 
 def test_unreachable_hub_says_how_to_use_local_files(tmp_path):
-    proc = _launch("--config.model.source=pretrained", "--config.model.path=floranna-test/no-such",
-                   "--config.data.source=glue", tmp_path=tmp_path)  # fmt: skip
+    proc = launch("--config.model.source=pretrained", "--config.model.path=floranna-test/no-such",
+                  "--config.data.source=glue", workdir=tmp_path / "run")  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--config.model.path=" in proc.stderr and "--config.data.dir=" in proc.stderr
     assert not (tmp_path / "run").exists()
