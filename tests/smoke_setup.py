@@ -56,14 +56,13 @@ def shared_compilation():
             jax.config.update(n, v)
 
 
-def launch(*args: str, config: str = "configs/glue.py:smoke", workdir=None, timeout: int = 300,
-           **env: str) -> subprocess.CompletedProcess:  # fmt: skip
+def launch(*args: str, config: str = "configs/glue.py:smoke", workdir=None,
+           timeout: int = 300) -> subprocess.CompletedProcess:  # fmt: skip
     """``python launch.py --config=<config> [--workdir=<workdir>] <args>`` in the repository,
-    on the CPU and offline, with :data:`XLA_CACHE` as JAX's persistent compilation cache;
-    ``env``: more environment variables."""
+    on the CPU and offline, with :data:`XLA_CACHE` as JAX's persistent compilation cache."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
                JAX_COMPILATION_CACHE_DIR=str(XLA_CACHE),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env)  # fmt: skip
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
     where = [] if workdir is None else [f"--workdir={workdir}"]
     cmd = [sys.executable, "launch.py", f"--config={config}", *where, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
