@@ -26,21 +26,18 @@ SmolLM2-135M-Instruct converted as configs/gsm8k.py shows:
         --config.eval.max_examples=64
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
+
+from floranna_jax import config_check
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """configs/gsm8k.py's config (``arg``: "" or "smoke") with the code task."""
     if arg not in (None, "", "smoke"):
         raise ValueError(f"configs/code.py: unknown arg {arg!r}; valid: '' or 'smoke'")
-    path = pathlib.Path(__file__).resolve().with_name("gsm8k.py")
-    spec = importlib.util.spec_from_file_location("gsm8k_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
+    c = config_check.load_file(pathlib.Path(__file__).resolve().with_name("gsm8k.py"), arg)
     c.data.task = "code"
     c.eval.max_new_tokens = 384  # a whole function in a fenced block
     c.eval.stop = ()  # none: the fenced block is cut by code.extract_code (PROGRAM_STOPS)

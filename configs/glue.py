@@ -33,7 +33,7 @@ override of one the chosen method does not take is an error.
 
 import ml_collections
 
-from floranna_jax import distributed, privacy, server
+from floranna_jax import distributed, privacy, sections, server
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -49,14 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # CPU). Adapters, head and optimizer states stay float32.
         base_dtype="auto",
     )
-    c.lora = dict(
-        rank=16,  # r, adapter rank
-        alpha=16.0,  # LoRA alpha; scale s = alpha / r (alpha / sqrt(r) with rslora)
-        rslora=False,  # rank-stabilized scale
-        targets=("query", "value"),  # names of the adapted linear layers
-        dropout=0.05,  # dropout probability inside the adapter, training only
-        init_from="",  # a PEFT LoRA folder to start from ("": fresh); r, alpha, targets match
-    )
+    c.lora = sections.lora(targets=("query", "value"))  # r=16, alpha 16 (sections.py)
     c.data = dict(
         source="glue",  # "glue" (tokenized GLUE task) or "synthetic" (random tokens)
         task="sst2",  # GLUE task name (data.glue.TASKS)
@@ -72,75 +65,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_eval_examples=128,  # synthetic only: validation examples
         vocab_size=1000,  # synthetic only: token ids in [0, vocab_size)
     )
-    c.partition = dict(
-        scheme="dirichlet",  # client split: "dirichlet", "iid", "quantity" or "k_classes"
-        num_clients=10,  # total clients
-        alpha=0.5,  # Dirichlet concentration (smaller = more non-IID); quantity skew too
-        classes_per_client=2,  # k_classes only: labels held by each client
-        holdout_fraction=0.1,  # share of each client's data kept for local evaluation
-    )
-    c.client = dict(
-        optimizer="adamw",  # local optimizer name (clients.make_optimizer)
-        learning_rate=2e-2,  # local learning rate
-        weight_decay=0.0,  # decoupled weight decay
-        # Optimizer steps per client per round (S). A client holding fewer than S * b
-        # examples goes on with a fresh shuffle of its data (epochs): no masked steps.
-        local_steps=10,
-        batch_size=128,  # examples per local step (b)
-        micro_batch_size=0,  # examples per micro-batch, a divisor of b (0: the whole batch)
-        persistent_opt_state=False,  # keep each client's optimizer state across rounds
-    )
+    c.partition = sections.partition()  # 10 clients, Dirichlet(0.5) over the labels
+    c.client = sections.client()  # 10 AdamW steps of batch 128 at 2e-2 (METHOD.md)
     c.server = server.section()  # the estimator and its solver (server/registry.py)
-    c.train = dict(
-        seed=0,  # root of all randomness (sampling, data order, init, dropout)
-        num_rounds=100,  # federated rounds
-        clients_per_round=10,  # clients sampled per round (U)
-        client_mode="vmap",  # how clients run: "vmap" (stacked) or "loop"
-        shard_clients=False,  # shard the client axis over devices when more than one
-        model_shards=1,  # >1: the frozen base split over that many devices, FSDP (fsdp.py)
-        # vmap: clients trained at once (0 = all). Activations grow with it: 10 clients of
-        # batch 128 would not fit a 24 GB machine; 2 is also the fastest on a 2-core CPU.
-        clients_per_chunk=2,
-        # A "clients" bar counts the local steps (a host callback in the clients' program).
-        # False: no bar, and JAX's persistent compilation cache can keep that program.
-        step_progress=True,
-    )
+    c.train = sections.train()  # 100 rounds of 10 clients, vmapped 2 at a time
     c.dist = distributed.section()  # processes of the run: one, or a pod / cluster (BUILD.md)
     c.privacy = privacy.section()  # clipping and DP-FedAvg noise (floranna_jax/privacy.py); off
-    c.ckpt = dict(
-        every_rounds=10,  # save the round state every this many rounds (0 = never)
-        keep=2,  # checkpoints kept
-    )
-    c.eval = dict(
-        every_rounds=5,  # evaluate every this many rounds (and after the last)
-        batch_size=256,  # examples per evaluation batch
-        local=True,  # also evaluate each sampled client on its held-out split
-        at_start=False,  # also evaluate before round 1 (row "round": 0; local: every client)
-        max_local_examples=0,  # held-out rows per client in the local evaluation (0 = all)
-        # Evaluate the global model on the validation split, which the server holds; False:
-        # a server without data (a federation), whose summary says it has no global split.
-        global_split=True,
-    )
+    c.ckpt = sections.ckpt()  # every 10 rounds, the last 2 kept
+    c.eval = sections.evaluation()  # every 5 rounds, global and local, batches of 256
 
     if arg == "smoke":
-        c.model.source = "random"
-        c.model.path = ""
-        c.lora.rank = 4
-        c.lora.alpha = 8.0
-        c.data.source = "synthetic"
+        sections.smoke(c)  # random model, synthetic data, 2 rounds of 3 of 4 clients
         c.data.max_length = 16
         c.data.num_train_examples = 256
         c.data.num_eval_examples = 64
-        c.partition.num_clients = 4
-        c.client.local_steps = 3
         c.client.batch_size = 16
         c.client.learning_rate = 5e-2  # learns the synthetic task in 2 rounds
-        c.server.steps = 20
-        c.train.num_rounds = 2
-        c.train.clients_per_round = 3
-        c.train.clients_per_chunk = 0  # 3 tiny clients: all at once
-        c.ckpt.every_rounds = 1
-        c.eval.every_rounds = 1
         c.eval.batch_size = 32
     elif arg not in (None, ""):
         raise ValueError(f"configs/glue.py: unknown arg {arg!r}; valid: '' or 'smoke'")

@@ -50,7 +50,7 @@ evaluation).
 
 import ml_collections
 
-from floranna_jax import distributed, privacy, server
+from floranna_jax import distributed, privacy, sections, server
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -71,14 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # the step's temporary memory for 1.23x its time; a 7B step needs it to fit a GPU.
         remat=True,
     )
-    c.lora = dict(
-        rank=16,  # r, adapter rank
-        alpha=16.0,  # LoRA alpha; scale s = alpha / r (alpha / sqrt(r) with rslora)
-        rslora=False,  # rank-stabilized scale
-        targets=("q_proj", "v_proj"),  # names of the adapted linear layers
-        dropout=0.05,  # dropout probability inside the adapter, training only
-        init_from="",  # a PEFT LoRA folder to start from ("": fresh); r, alpha, targets match
-    )
+    c.lora = sections.lora(targets=("q_proj", "v_proj"))  # r=16, alpha 16 (sections.py)
     c.data = dict(
         task="gsm8k",  # "gsm8k" or "code" (tasks.generation)
         source="hub",  # "hub", "local" (data.dir) or "synthetic" (tiny rows, no files)
@@ -96,91 +89,47 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_train_examples=256,  # synthetic only: training problems
         num_eval_examples=64,  # synthetic only: test problems (per test set)
     )
-    c.partition = dict(
-        scheme="iid",  # client split: "iid" or "quantity" (the rows have no label)
-        num_clients=10,  # total clients
-        alpha=0.5,  # quantity skew (Dirichlet concentration of the client sizes)
-        classes_per_client=2,  # unused here (k_classes needs labels)
-        holdout_fraction=0.1,  # share of each client's data kept for local evaluation
-    )
-    c.client = dict(
-        optimizer="adamw",  # local optimizer name (clients.make_optimizer)
-        learning_rate=2e-2,  # local learning rate (METHOD.md's reference)
-        weight_decay=0.0,  # decoupled weight decay
-        # Optimizer steps per client per round (S). A client holding fewer than S * b
-        # examples goes on with a fresh shuffle of its data (epochs): no masked steps.
-        local_steps=10,
-        batch_size=128,  # examples per local step (b)
-        # Examples per micro-batch, a divisor of b (0: the whole batch); the step's gradient
-        # is their sum, so the training is the same. 16 (8 per step): with remat, a bf16
-        # base and one client at a time, the 7B client step plans 48.0 GB on one
-        # h100-80gb (README "GPUs and pods"); the whole 128 at once needs far more.
-        micro_batch_size=16,
-        persistent_opt_state=False,  # keep each client's optimizer state across rounds
-    )
+    # The rows have no label: "iid" or "quantity" only (a quantity skew of alpha).
+    c.partition = sections.partition(scheme="iid")
+    # METHOD.md's reference: 10 AdamW steps of batch 128 at 2e-2. Micro-batches of 16 (8 per
+    # step, the same gradient): with remat, a bf16 base and one client at a time, the 7B
+    # client step plans 48.0 GB on one h100-80gb (README "GPUs and pods"); the whole 128
+    # at once needs far more.
+    c.client = sections.client(micro_batch_size=16)
     c.server = server.section()  # the estimator and its solver (server/registry.py)
-    c.train = dict(
-        seed=0,  # root of all randomness (sampling, data order, init, dropout)
-        num_rounds=100,  # federated rounds
-        clients_per_round=10,  # clients sampled per round (U)
-        client_mode="vmap",  # how clients run: "vmap" (stacked) or "loop"
-        shard_clients=False,  # shard the client axis over devices when more than one
-        model_shards=1,  # >1: the frozen base split over that many devices, FSDP (fsdp.py)
-        clients_per_chunk=1,  # vmap: clients trained at once (0 = all); a 7B client is big
-        # A "clients" bar counts the local steps (a host callback in the clients' program).
-        # False: no bar, and JAX's persistent compilation cache can keep that program.
-        step_progress=True,
-    )
+    c.train = sections.train(clients_per_chunk=1)  # 100 rounds of 10; a 7B client is big
     c.dist = distributed.section()  # processes of the run: one, or a pod / cluster (BUILD.md)
     c.privacy = privacy.section()  # clipping and DP-FedAvg noise (floranna_jax/privacy.py); off
-    c.ckpt = dict(
-        every_rounds=10,  # save the round state every this many rounds (0 = never)
-        keep=2,  # checkpoints kept
-    )
-    c.eval = dict(
-        every_rounds=5,  # evaluate every this many rounds (and after the last)
+    c.ckpt = sections.ckpt()  # every 10 rounds, the last 2 kept
+    c.eval = sections.evaluation(
+        dict(
+            max_examples=0,  # test problems in the global evaluation, the first ones (0 = all)
+            max_new_tokens=256,  # greedy tokens generated per prompt (fixed: compiles once)
+            # A row also ends at these strings; the scorer sees the text before them. This is
+            # lm-evaluation-harness's gsm8k `until`: "Question:" starts an invented next
+            # problem (the plain prompt's own cue), "</s>" and "<|im_end|>" are Llama-2's and
+            # ChatML's end tokens, for a model that writes them as text or ends a turn
+            # before its eos.
+            stop=("Question:", "</s>", "<|im_end|>"),
+            log_generations=16,  # the first this many global problems' generations, each eval
+            code_timeout_s=10.0,  # code task: CPU seconds per sandboxed program (wall: 3x)
+            # code task: run generated code even where the kernel refuses namespaces
+            # (programs then see the host's files: floranna_jax/sandbox.py)
+            code_allow_weak_sandbox=False,
+        ),
         batch_size=16,  # prompts per generation call and rows per loss forward
-        local=True,  # also evaluate each sampled client on its held-out split
-        at_start=False,  # also evaluate before round 1 (row "round": 0; local: every client)
-        max_local_examples=32,  # held-out rows per client in the local evaluation (0 = all)
-        # Evaluate the global model on the validation split, which the server holds; False:
-        # a server without data (a federation), whose summary says it has no global split.
-        global_split=True,
-        max_examples=0,  # test problems in the global evaluation, the first ones (0 = all)
-        max_new_tokens=256,  # greedy tokens generated per prompt (fixed: compiles once)
-        # A row also ends at these strings; the scorer sees the text before them. This is
-        # lm-evaluation-harness's gsm8k `until`: "Question:" starts an invented next problem
-        # (the plain prompt's own cue), "</s>" and "<|im_end|>" are Llama-2's and ChatML's
-        # end tokens, for a model that writes them as text or ends a turn before its eos.
-        stop=("Question:", "</s>", "<|im_end|>"),
-        log_generations=16,  # the first this many global problems' generations, each eval
-        code_timeout_s=10.0,  # code task: CPU seconds per sandboxed program (wall: 3x)
-        code_allow_weak_sandbox=False,  # code task: run generated code even where the kernel
-        # refuses namespaces (programs then see the host's files: floranna_jax/sandbox.py)
+        max_local_examples=32,  # held-out rows per client in the local evaluation
     )
 
     if arg == "smoke":
-        c.model.source = "random"
-        c.model.path = ""
+        sections.smoke(c)  # random model, synthetic data, 2 rounds of 3 of 4 clients
         c.model.compute_dtype = "float32"
-        c.lora.rank = 4
-        c.lora.alpha = 8.0
-        c.data.source = "synthetic"
         c.data.tokenizer = "bytes"
         c.data.max_length = 64
         c.data.num_train_examples = 64
         c.data.num_eval_examples = 8
-        c.partition.num_clients = 4
-        c.client.local_steps = 3
         c.client.batch_size = 8
         c.client.micro_batch_size = 0
-        c.client.learning_rate = 2e-2
-        c.server.steps = 20
-        c.train.num_rounds = 2
-        c.train.clients_per_round = 3
-        c.train.clients_per_chunk = 0  # 3 tiny clients: all at once
-        c.ckpt.every_rounds = 1
-        c.eval.every_rounds = 1
         c.eval.batch_size = 8
         c.eval.max_local_examples = 4
         c.eval.max_new_tokens = 16

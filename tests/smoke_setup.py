@@ -3,7 +3,6 @@ user runs it, and a shared XLA compilation cache so runs built by different test
 process or in launched ones) with the same shapes compile once."""
 
 import contextlib
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -11,6 +10,8 @@ import sys
 import tempfile
 
 import jax
+
+from floranna_jax import config_check
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 XLA_CACHE = pathlib.Path(tempfile.gettempdir()) / "floranna_jax_test_xla_cache"
@@ -30,10 +31,7 @@ def config_file(name: str, arg: str = "smoke", **overrides):
     Without the per-step bar (``train.step_progress=False`` unless overridden): its host
     callback would keep the clients' program out of :func:`shared_compilation`'s cache, so
     every run of every test would compile it again. test_train checks the bar."""
-    spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", REPO / "configs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = config_check.load_file(REPO / "configs" / name, arg)
     config.train.step_progress = False
     for field, value in overrides.items():
         section, name = field.split(".")

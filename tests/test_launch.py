@@ -38,10 +38,7 @@ def test_reference_defaults_validate():
     config = smoke_config()
     hparams = config_check.validate(config)
     assert config.server.name == "floranna" and "steps" in hparams
-    spec = __import__("importlib.util").util.spec_from_file_location("g", REPO / "configs/glue.py")
-    module = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    reference = module.get_config()
+    reference = config_check.load_file(REPO / "configs/glue.py")
     assert reference.model.path == "FacebookAI/roberta-base" and reference.data.task == "sst2"
     config_check.validate(reference)  # a hub id is not a local path: valid without network
 
