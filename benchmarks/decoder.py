@@ -117,23 +117,15 @@ def bench_training(a, model, local_update, peer) -> dict:
     state = decoder_rows.donated_state(opt, model.trainable)
     step_mask, key = jnp.ones((a.steps,), jnp.float32), jax.random.key(0)
     run = jax.jit(local_update, donate_argnums=(1, 2))
-    clocks, losses = {"project": Clock(), "peer": Clock()}, {"project": [], "peer": []}
-    first = Clock()
-    for r in range(a.rounds + 1):  # round 0 compiles and warms up
-        with clocks["project"] if r else first:
-            *state, metrics = jax.block_until_ready(
-                run(model.base, *state, training_batches(ids[r]), step_mask, key)
-            )
-        losses["project"].append(float(metrics["loss"]))
-        if peer is not None:
-            out, wall, cpu = peer.call("train", ids[r])
-            losses["peer"].append(float(np.mean(out)))
-            if r:
-                clocks["peer"].wall += wall
-                clocks["peer"].cpu += cpu
-        print(f"training turn {r}: loss {losses['project'][-1]:.4f} (peer "
-              f"{losses['peer'][-1] if peer else float('nan'):.4f})", flush=True)  # fmt: skip
-    decoder_rows.check_no_compiles(clocks["project"], "training on fixed rows")
+
+    def project_turn(r):
+        nonlocal state
+        batches = training_batches(ids[r])
+        *state, metrics = jax.block_until_ready(run(model.base, *state, batches, step_mask, key))
+        return metrics["loss"]
+
+    peer_turn = None if peer is None else lambda r: peer.call("train", ids[r])
+    clocks, losses, first = decoder_rows.take_turns("fixed rows", a.rounds, project_turn, peer_turn)
     tokens = a.rounds * a.steps * a.batch_size * a.seq_len
     out = {side: figures(tokens, clocks[side]) | {"mean_loss_per_turn": losses[side]}
            for side in clocks if side == "project" or peer is not None}  # fmt: skip

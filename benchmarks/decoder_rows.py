@@ -77,6 +77,29 @@ def check_no_compiles(clock: Clock, what: str) -> None:
         raise RuntimeError(f"{what}: {clock.compiles} XLA compilation(s) inside timed calls")
 
 
+def take_turns(rows: str, rounds: int, project_turn, peer_turn) -> tuple[dict, dict, Clock]:
+    """Training turns 0..``rounds``, project then peer; turn 0 compiles and warms up, untimed.
+    ``project_turn(r)`` returns the turn's loss (computed); ``peer_turn(r)`` (None: no peer)
+    returns the peer's step losses and its own wall and CPU seconds. Returns each side's
+    clock of the timed turns, each side's loss per turn, and the project's clock of turn 0."""
+    clocks, losses = {"project": Clock(), "peer": Clock()}, {"project": [], "peer": []}
+    first = Clock()
+    for r in range(rounds + 1):
+        with clocks["project"] if r else first:
+            loss = project_turn(r)
+        losses["project"].append(float(loss))
+        if peer_turn is not None:
+            out, wall, cpu = peer_turn(r)
+            losses["peer"].append(float(np.mean(out)))
+            if r:
+                clocks["peer"].wall += wall
+                clocks["peer"].cpu += cpu
+        print(f"training on {rows}, turn {r}: loss {losses['project'][-1]:.4f} (peer "
+              f"{losses['peer'][-1] if peer_turn else float('nan'):.4f})", flush=True)  # fmt: skip
+    check_no_compiles(clocks["project"], f"training on {rows}")
+    return clocks, losses, first
+
+
 def bench_real_training(a, model, local_update, peer) -> dict:
     """Turns of ``--steps`` steps of ``--real_batch_size`` GSM8K examples, project then
     peer; real tokens per second, and the tokens each side computes (padding included)."""
@@ -88,23 +111,17 @@ def bench_real_training(a, model, local_update, peer) -> dict:
     state = donated_state(opt, model.trainable)
     step_mask, key = jax.numpy.ones((a.steps,), jax.numpy.float32), jax.random.key(0)
     run = jax.jit(local_update, donate_argnums=(1, 2))
-    clocks, losses = {"project": Clock(), "peer": Clock()}, {"project": [], "peer": []}
     if peer is not None:
         peer.call("reset")  # both sides start from a fresh adapter
-    for r in range(a.rounds + 1):  # round 0 compiles and warms up
-        with clocks["project"] if r else Clock():
-            *state, metrics = jax.block_until_ready(run(model.base, *state, project[r],
-                                                        step_mask, key))  # fmt: skip
-        losses["project"].append(float(metrics["loss"]))
-        if peer is not None:
-            out, wall, cpu = peer.call("train_batches", padded[r])
-            losses["peer"].append(float(np.mean(out)))
-            if r:
-                clocks["peer"].wall += wall
-                clocks["peer"].cpu += cpu
-        print(f"real-rows turn {r}: loss {losses['project'][-1]:.4f} (peer "
-              f"{losses['peer'][-1] if peer else float('nan'):.4f})", flush=True)  # fmt: skip
-    check_no_compiles(clocks["project"], "training on real rows")
+
+    def project_turn(r):
+        nonlocal state
+        *state, metrics = jax.block_until_ready(run(model.base, *state, project[r], step_mask,
+                                                    key))  # fmt: skip
+        return metrics["loss"]
+
+    peer_turn = None if peer is None else lambda r: peer.call("train_batches", padded[r])
+    clocks, losses, _ = take_turns("real rows", a.rounds, project_turn, peer_turn)
     tokens = float(lengths[a.steps * a.real_batch_size :].sum())  # turns 1.., real tokens
     computed = {"project": sum(p["input_ids"].size for p in project[1:]),
                 "peer": sum(b["input_ids"].size for t in padded[1:] for b in t)}  # fmt: skip

@@ -28,25 +28,33 @@ def available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "peft", "transformers"))
 
 
+def _peft_model(model_class: str, task: str, model_path: str, threads: int, **lora):
+    """``(torch, model)``: transformers' ``model_class`` of ``model_path`` in float32 (the
+    sequence classifier with 2 labels) wrapped by ``peft.LoraConfig(task_type=task, **lora)``,
+    seeded, on ``threads`` CPU threads."""
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    labels = {"num_labels": 2} if task == "SEQ_CLS" else {}
+    base = getattr(transformers, model_class).from_pretrained(
+        model_path, dtype=torch.float32, **labels
+    )
+    config = peft.LoraConfig(task_type=getattr(peft.TaskType, task), **lora)
+    return torch, peft.get_peft_model(base, config)
+
+
 class Peer:
     """A LoRA-wrapped BERT classifier on ``threads`` CPU threads."""
 
     def __init__(self, model_path: str, *, rank: int, alpha: float, dropout: float,
                  targets: tuple[str, ...], learning_rate: float, threads: int) -> None:  # fmt: skip
-        import peft
-        import torch
-        import transformers
-
-        torch.manual_seed(0)
-        torch.set_num_threads(threads)
-        base = transformers.AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=2
-        )
-        config = peft.LoraConfig(
+        self.torch, self.model = _peft_model(
+            "AutoModelForSequenceClassification", "SEQ_CLS", model_path, threads,
             r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-            task_type=peft.TaskType.SEQ_CLS,
         )  # fmt: skip
-        self.torch, self.model = torch, peft.get_peft_model(base, config)
         self.learning_rate = learning_rate
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.start = {n: p.detach().clone() for n, p in self.trainable.items()}
@@ -81,18 +89,10 @@ class DecoderPeer:
 
     def __init__(self, model_path: str, *, rank: int, alpha: float, dropout: float,
                  targets: tuple[str, ...], learning_rate: float, threads: int) -> None:  # fmt: skip
-        import peft
-        import torch
-        import transformers
-
-        torch.manual_seed(0)
-        torch.set_num_threads(threads)
-        base = transformers.LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        config = peft.LoraConfig(
+        self.torch, self.model = _peft_model(
+            "LlamaForCausalLM", "CAUSAL_LM", model_path, threads,
             r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-            task_type=peft.TaskType.CAUSAL_LM,
         )  # fmt: skip
-        self.torch, self.model = torch, peft.get_peft_model(base, config)
         self.learning_rate = learning_rate
         self.fresh = {n: p.detach().clone() for n, p in self.model.named_parameters()
                       if p.requires_grad}  # fmt: skip
