@@ -245,6 +245,15 @@ class ModelTest(chex.TestCase):
         with self.assertRaisesRegex(ValueError, "'gpt2' not supported.*bert.*roberta"):
             models.build_random({"model_type": "gpt2"})
 
+    @parameterized.parameters("bert", "llama")
+    def test_a_missing_size_field_is_named(self, model_type):
+        hf_config = models.tiny_config(model_type)
+        del hf_config["num_attention_heads"]
+        with self.assertRaisesRegex(
+            ValueError, rf"{model_type} config lacks \['num_attention_heads'\]"
+        ):
+            models.build_random(hf_config)
+
 
 # ---------------------------------------------------------------- parity with PyTorch
 

@@ -76,6 +76,23 @@ class Architecture(NamedTuple):
 _STACKED_NAME = re.compile(r"^(?P<stack>[^/]+)_(?P<index>[0-9]+)(?P<rest>/.*)?$")
 
 
+# What every family's config.json must give; a family checks its own fields beyond these.
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
+
+
+def check_required(hf_config: dict, model_type: str) -> None:
+    """Raise ``ValueError`` naming the :data:`REQUIRED_FIELDS` ``hf_config`` lacks."""
+    missing = [k for k in REQUIRED_FIELDS if k not in hf_config]
+    if missing:
+        raise ValueError(f"{model_type} config lacks {missing}")
+
+
 def split_stacked(name: str) -> tuple[str, int, str] | None:
     """``"layers_3/attn/q_proj"`` -> ``("layers", 3, "attn/q_proj")``; None for a name
     with no ``_{i}`` ending its first part. Whether ``"layers"`` is a stack is the

@@ -16,17 +16,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from floranna_jax.models import architecture
 from floranna_jax.models.decoder import rotary
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
-_REQUIRED = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-)
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
@@ -100,9 +94,7 @@ def layer_windows(hf_config: dict, layer_types: list[str], window) -> tuple[int 
 
 
 def _check_supported(hf_config: dict, model_type: str) -> None:
-    missing = [k for k in _REQUIRED if k not in hf_config]
-    if missing:
-        raise ValueError(f"{model_type} config lacks {missing}")
+    architecture.check_required(hf_config, model_type)
     if hf_config.get("mlp_bias"):
         raise ValueError("mlp_bias=true is not supported (MLP projections without bias only)")
     if int(hf_config.get("pretraining_tp", 1) or 1) != 1:

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import jax
 
+from floranna_jax.models import architecture
+
 MODEL_TYPES = ("bert", "roberta")
 ATTENTION_TARGETS = ("query", "key", "value", "attn_out")
 MLP_TARGETS = ("mlp_up", "mlp_down")
@@ -28,13 +30,6 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
-_REQUIRED = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-)
 
 
 class EncoderConfig(NamedTuple):
@@ -62,9 +57,7 @@ def parse_config(hf_config: dict) -> EncoderConfig:
     model_type = hf_config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not an encoder type {MODEL_TYPES}")
-    missing = [k for k in _REQUIRED if k not in hf_config]
-    if missing:
-        raise ValueError(f"{model_type} config lacks {missing}")
+    architecture.check_required(hf_config, model_type)
     if hf_config.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(
             f"position_embedding_type={hf_config['position_embedding_type']!r}: only 'absolute'"
