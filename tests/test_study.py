@@ -162,11 +162,11 @@ def test_report_from_committed_rows_alone(grid_run, tmp_path):
     committed = tmp_path / "docs"
     for cell in CELLS:  # only the cell folders: no checkpoints, no workdir, no grid tables
         shutil.copytree(grid_run.out / "smoke" / cell, committed / "smoke" / cell)
-    path = tmp_path / "evidence.md"
+    path = tmp_path / "new_folder" / "evidence.md"  # made, before the PNGs are written
     text = report.write_report(grid_run.study, str(committed), str(path), "evidence.py:smoke")
     assert path.read_text() == text
-    assert (tmp_path / "evidence_curves.png").stat().st_size > 0
-    assert (tmp_path / "evidence_rho_vs_accuracy.png").stat().st_size > 0
+    assert (path.parent / "evidence_curves.png").stat().st_size > 0
+    assert (path.parent / "evidence_rho_vs_accuracy.png").stat().st_size > 0
 
     rows = {c: reporting.read_rows(committed / "smoke" / c / "metrics.jsonl") for c in CELLS}
     by_hand = {}

@@ -239,6 +239,7 @@ def write_report(study, out: str, path: str, source: str) -> str:
     runs = load_runs(study, cells, out)
     metric = results.main_metric({"data": {"task": study.base.data.task}})
     groups = sorted({r.group for r in runs})
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # the PNGs are written first
     stem = os.path.splitext(path)[0]
     curves, scatter = f"{stem}_curves.png", f"{stem}_rho_vs_{metric}.png"
     dose = f"{stem}_gain_vs_rho_cut.png"
@@ -319,7 +320,6 @@ def write_report(study, out: str, path: str, source: str) -> str:
         plot_scatter(runs, groups, metric, ga, scatter)
         plot_dose(runs, groups, rc.baseline, rc.paired, metric, dose)
     text = "\n".join(lines)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
     return text
