@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import machine, real_data
-from floranna_jax import clients, keys, models
+from floranna_jax import clients, keys, models, runners
 from floranna_jax.tasks import classification
 
 DEFAULT_MODEL = pathlib.Path.home() / ".cache" / "floranna" / "models" / "all-MiniLM-L6-v2"
@@ -88,8 +88,8 @@ def round_args(model, opt, U: int, S: int, b: int, L: int) -> tuple:
     trainable = model.trainable
     return (
         model.base,
-        clients.broadcast(trainable, U),
-        clients.broadcast(clients.init_opt_state(opt, trainable), U),
+        runners.broadcast(trainable, U),
+        runners.broadcast(clients.init_opt_state(opt, trainable), U),
         make_batches(model.config["vocab_size"], U, S, b, L),
         jnp.ones((U, S), jnp.float32),
         keys.dropout_keys(keys.round_key(jax.random.key_data(keys.root(0)), 0), np.arange(U)),
@@ -137,18 +137,18 @@ def timed(runner, args) -> tuple[float, float, object]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
-def bench_modes(runners: dict, args, repeats: int) -> tuple[dict, dict]:
+def bench_modes(by_mode: dict, args, repeats: int) -> tuple[dict, dict]:
     """First-call (compile + run) and best-of-``repeats`` wall and CPU times per mode.
 
     The timed calls alternate between modes so that a change in machine load (this
     CPU may be shared) hits both modes alike; CPU seconds are less sensitive to it.
     """
     stats, outs = {}, {}
-    for mode, runner in runners.items():
+    for mode, runner in by_mode.items():
         first, _, outs[mode] = timed(runner, args)
         stats[mode] = {"first_call_s": first, "times_s": [], "cpu_s": []}
     for _ in range(repeats):
-        for mode, runner in runners.items():
+        for mode, runner in by_mode.items():
             wall, cpu, _ = timed(runner, args)
             stats[mode]["times_s"].append(wall)
             stats[mode]["cpu_s"].append(cpu)
@@ -195,14 +195,14 @@ def main(argv=None) -> dict:
     args = round_args(model, opt, U, S, b, L)
     examples = U * S * b
 
-    runners = {
-        "vmap": clients.make_runner(local_update, mode="vmap"),
-        "chunked": clients.make_runner(local_update, mode="vmap", chunk=a.chunk),
-        "loop": clients.make_runner(local_update, mode="loop"),
+    by_mode = {
+        "vmap": runners.make_runner(local_update, mode="vmap"),
+        "chunked": runners.make_runner(local_update, mode="vmap", chunk=a.chunk),
+        "loop": runners.make_runner(local_update, mode="loop"),
     }
-    compiled = {m: runners[m].lower(*args).compile() for m in ("vmap", "chunked")}
+    compiled = {m: by_mode[m].lower(*args).compile() for m in ("vmap", "chunked")}
     flops = step_flops(loss_fn, args) * S
-    stats, results = bench_modes(runners, args, a.repeats)
+    stats, results = bench_modes(by_mode, args, a.repeats)
     report["load_avg_1m_after_timing"] = os.getloadavg()[0]
     for mode, r in stats.items():
         r["examples_per_s"] = examples / r["best_s"]
@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
     big = round_args(model, opt, a.big_clients, S, b, L)
     report["memory"] = {}
     for mode in ("vmap", "chunked"):
-        big_compiled = runners[mode].lower(*big).compile()
+        big_compiled = by_mode[mode].lower(*big).compile()
         report["memory"][mode] = {
             U: memory(compiled[mode], args[0], U),
             a.big_clients: memory(big_compiled, big[0], a.big_clients),

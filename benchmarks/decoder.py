@@ -47,7 +47,7 @@ from absl import logging
 from benchmarks import clients as bench_clients
 from benchmarks import decoder_rows, machine, torch_peer
 from benchmarks.real_data import Clock
-from floranna_jax import clients, models
+from floranna_jax import clients, models, runners
 from floranna_jax.data import glue
 from floranna_jax.models import decoder
 from floranna_jax.tasks import generation
@@ -186,12 +186,12 @@ def compiled_memory(a, model, local_update) -> dict:
            training_batches(np.ones((1, a.batch_size, a.seq_len), np.int32)),
            jnp.ones((1,), jnp.float32), jax.random.key(0))  # fmt: skip
     U = a.clients
-    many = (*clients.broadcast(one[:4], U), jax.random.split(jax.random.key(0), U))
+    many = (*runners.broadcast(one[:4], U), jax.random.split(jax.random.key(0), U))
     programs = {
         "one client, one step": (jax.jit(local_update), one, 1),
-        f"{U} clients, vmap": (clients.make_runner(local_update, mode="vmap"), many, U),
+        f"{U} clients, vmap": (runners.make_runner(local_update, mode="vmap"), many, U),
         f"{U} clients, {a.chunk} at a time": (
-            clients.make_runner(local_update, mode="vmap", chunk=a.chunk), many, U),
+            runners.make_runner(local_update, mode="vmap", chunk=a.chunk), many, U),
     }  # fmt: skip
     out = {}
     for label, (fn, args, n) in programs.items():

@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks import machine
 from benchmarks.remat import decoder_config
-from floranna_jax import clients, fsdp, keys, models
+from floranna_jax import clients, fsdp, keys, models, runners
 from floranna_jax.models import decoder
 from floranna_jax.tasks import generation
 
@@ -61,7 +61,7 @@ def problem(a, layers: int):
     opt = clients.make_optimizer("sgd", learning_rate=0.1, weight_decay=0.0)
     update = clients.make_local_update(generation.loss_fn(model), opt)
     trainable = model.trainable
-    args = (clients.broadcast(trainable, U), clients.broadcast(opt.init(trainable), U),
+    args = (runners.broadcast(trainable, U), runners.broadcast(opt.init(trainable), U),
             batches, jnp.ones((U, S), jnp.float32), keys.dropout_keys(jax.random.key(0),
             np.arange(U)))  # fmt: skip
     return update, model.base, args
@@ -70,7 +70,7 @@ def problem(a, layers: int):
 def partitioner_only(update, mesh):
     """The vmapped update with the base constrained to its split and nothing else."""
     mapped = jax.vmap(update, in_axes=(None, 0, 0, 0, 0, 0))
-    data = NamedSharding(mesh, P(clients.CLIENTS_AXIS))
+    data = NamedSharding(mesh, P(runners.CLIENTS_AXIS))
 
     def run(base, *rows):
         base = jax.lax.with_sharding_constraint(base, fsdp.base_shardings(base, mesh, ("layers",)))
@@ -90,14 +90,14 @@ def figures(runner, base, args) -> dict:
 def measure(a, layers: int) -> dict:
     """The three programs' figures (see the module) at ``layers`` layers."""
     update, base, args = problem(a, layers)
-    split = clients.make_mesh(model_shards=MESH[1])
+    split = runners.make_mesh(model_shards=MESH[1])
     split_base = fsdp.place(base, split, ("layers",))
-    runners = {
-        "replicated": (clients.make_runner(update, mesh=clients.make_mesh(MESH[0])), base),
+    programs = {
+        "replicated": (runners.make_runner(update, mesh=runners.make_mesh(MESH[0])), base),
         "partitioner": (partitioner_only(update, split), split_base),
-        "layer gather": (clients.make_runner(update, mesh=split, stacked=("layers",)), split_base),
+        "layer gather": (runners.make_runner(update, mesh=split, stacked=("layers",)), split_base),
     }
-    out = {name: figures(run, b, args) for name, (run, b) in runners.items()}
+    out = {name: figures(run, b, args) for name, (run, b) in programs.items()}
     out["layer_bytes"] = sum(x[0].nbytes for x in jax.tree.leaves(base["layers"]) if x.ndim == 3)
     return out
 
@@ -114,7 +114,7 @@ def evaluation(a, layers: int) -> dict:
     forward = jax.jit(lambda base, t, batch: model.apply(base, t, batch))
     generate = jax.jit(lambda base, adapters, ids, mask: decoder.generate(
         model, base, adapters, ids, mask, max_new_tokens=a.new_tokens))  # fmt: skip
-    split = clients.make_mesh(model_shards=MESH[1])
+    split = runners.make_mesh(model_shards=MESH[1])
     split_base = fsdp.place(model.base, split, ("layers",))
     ways = {"replicated": (model.base, None), "partitioner": (split_base, None),
             "layer gather": (split_base, split)}  # fmt: skip

@@ -2,7 +2,7 @@
 
 ``validate(config)`` raises one ``ConfigError`` whose message names the field, the bad
 value and the valid values (launch.py prints it as a single line). Each component checks
-its own parameters (``clients.make_optimizer``, ``clients.check_runner``,
+its own parameters (``clients.make_optimizer``, ``runners.check_runner``,
 ``partition.check``, ``models.check_lora``, ``server.make``, ``tasks.get``); this module
 only calls those checks and names the config field (the task checks its own ``data.*`` and
 ``eval.*`` fields: ``Task.check``), plus the rules that belong to the run itself (rounds,
@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-from floranna_jax import clients, distributed, models, partition, privacy, server, tasks
+from floranna_jax import clients, distributed, models, partition, privacy, runners, server, tasks
 from floranna_jax.errors import BadValue, ConfigError
 from floranna_jax.models import decoder, quant
 from floranna_jax.server.method import no_base_delta
@@ -222,7 +222,7 @@ def validate(config) -> dict[str, Any]:
     if "model_shards" in t:  # the base split over devices (floranna_jax.fsdp)
         _int(config, "train.model_shards")
     split = t.get("model_shards", 1) > 1
-    _owned("train", lambda: clients.check_runner(t.client_mode, t.clients_per_chunk,
+    _owned("train", lambda: runners.check_runner(t.client_mode, t.clients_per_chunk,
                                                  t.shard_clients or several, split),
            {"mode": "client_mode", "chunk": "clients_per_chunk"})  # fmt: skip
     if "step_progress" in t:

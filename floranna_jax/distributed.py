@@ -6,7 +6,7 @@ Open MPI, or ``JAX_COORDINATOR_ADDRESS`` and friends) or ``"explicit"`` (the add
 process count and id from the config), :func:`initialize` starts the runtime before
 anything touches a device. From then on ``jax.devices()`` lists every device of every
 process: the client runner shards the clients axis over all of them, each process feeding
-only its own clients' batches (``clients.local_rows``), and every process gets all trained
+only its own clients' batches (``runners.local_rows``), and every process gets all trained
 uploads back, so the server step runs on each exactly as with one process and every
 process ends a round with the same state. Only process 0 writes files (:func:`is_primary`);
 every process takes part in saving and restoring checkpoints (Orbax coordinates them).

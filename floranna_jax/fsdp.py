@@ -1,6 +1,6 @@
 """The frozen base split over a ``"model"`` mesh axis (FSDP style), beside the clients axis.
 
-With :func:`floranna_jax.clients.make_mesh` given ``model_shards=m > 1`` the mesh is 2-D,
+With :func:`floranna_jax.runners.make_mesh` given ``model_shards=m > 1`` the mesh is 2-D,
 ``("clients", "model")``: clients are split over the first axis as before, and every
 frozen leaf of the base over the second, on its largest axis that ``m`` divides (never the
 stacked layer axis of a scanned family, so the layer scan still slices whole layers).

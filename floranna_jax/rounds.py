@@ -2,7 +2,7 @@
 
 ``round_fn = make_round(...)``; ``state, out = round_fn(state)`` runs round
 ``state.round + 1`` (1-based, as in ``metrics.jsonl``) and returns the state after it. The
-heavy parts are compiled once for the whole run: the client runner (``clients.make_runner``,
+heavy parts are compiled once for the whole run: the client runner (``runners.make_runner``,
 one jit over ``[U, S, b, ...]``), the base merge and the server step (``server.build``);
 the rest is host-side bookkeeping. The round itself is not one jit on purpose: batches
 are gathered from host numpy (clients differ in size), and the finiteness checks run
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floranna_jax import clients, distributed, keys, packing, server, transport
+from floranna_jax import distributed, keys, packing, runners, server, transport
 from floranna_jax.errors import RoundError
 
 PyTree = Any
@@ -88,7 +88,7 @@ def init_state(
     make = jax.eval_shape if abstract else (lambda f, x: f(x))
     opt_state = {}
     if opt is not None:
-        opt_state = make(lambda t: clients.broadcast(opt.init(t), num_clients), trainable)
+        opt_state = make(lambda t: runners.broadcast(opt.init(t), num_clients), trainable)
     return RoundState(
         round=np.asarray(0, np.int64),
         key=np.asarray(jax.random.key_data(keys.root(seed))),
@@ -206,13 +206,13 @@ def check_aggregate(round_number: int, agg: server.Aggregate, method_state: PyTr
 def start_trainable(state: RoundState, method, rkey: jax.Array, ids: np.ndarray) -> PyTree:
     """What the sampled clients start training from: ``{"lora", "head"}``, each ``[U, ...]``."""
     start = method.client_start(state.lora, state.method, ids, keys.init_key(rkey))
-    return {"lora": start, "head": clients.broadcast(state.head, len(ids))}
+    return {"lora": start, "head": runners.broadcast(state.head, len(ids))}
 
 
 def fresh_opt_state(opt, trainable: PyTree) -> PyTree:
     """``[U, ...]`` fresh optimizer states for stacked trainable trees ``[U, ...]``."""
     U = len(jax.tree.leaves(trainable)[0])
-    return clients.broadcast(opt.init(jax.tree.map(lambda x: x[0], trainable)), U)
+    return runners.broadcast(opt.init(jax.tree.map(lambda x: x[0], trainable)), U)
 
 
 def _start(state, method, rkey, ids, opt, persistent: bool) -> tuple[PyTree, PyTree]:
@@ -244,7 +244,7 @@ def train_clients(
     U = len(ids)
     # This process's block of the clients axis (all of it with one process); rows past U
     # pad the axis of several processes with copies of the last client that take no step.
-    rows = clients.local_rows(U)
+    rows = runners.local_rows(U)
     mine = np.minimum(rows, U - 1)
     batches, step_mask = client_batches(
         rkey, ids[mine], arrays, train_index, steps, batch, layout, micro

@@ -47,6 +47,7 @@ from floranna_jax import (
     reporting,
     resume,
     rounds,
+    runners,
     server,
     tasks,
     transport,
@@ -92,17 +93,17 @@ def make_local_update(config, loss_fn, method: server.Method, on_step=None):
 
 def make_client_runner(config, local_update, one_client: bool = False):
     """``(runner, mode, chunk)``: the jitted runner of ``local_update`` as the config's
-    ``train`` section says (``clients.make_runner``; what a plan compiles), or, with
+    ``train`` section says (``runners.make_runner``; what a plan compiles), or, with
     ``one_client``, the ``"loop"`` runner."""
     t = config.train
     mode, chunk = ("loop", 0) if one_client else (t.client_mode, t.clients_per_chunk)
     mesh = None if one_client else client_mesh(config)
-    runner = clients.make_runner(local_update, mode, mesh, chunk, stacked=STACKED)
+    runner = runners.make_runner(local_update, mode, mesh, chunk, stacked=STACKED)
     return runner, mode, chunk
 
 
 def client_mesh(config):
-    """The mesh the clients run on (``clients.make_mesh``), None for one device: with
+    """The mesh the clients run on (``runners.make_mesh``), None for one device: with
     ``train.model_shards > 1`` its model axis splits the base (:mod:`floranna_jax.fsdp`),
     over the first ``model_shards`` devices alone when clients run in chunks."""
     t = config.train
@@ -114,8 +115,8 @@ def client_mesh(config):
     if not (multi or ((t.shard_clients or split) and jax.device_count() > 1)):
         return None
     if split and t.clients_per_chunk:  # chunks one after another on one split base
-        return clients.make_mesh(t.model_shards, model_shards=t.model_shards)
-    return clients.make_mesh(model_shards=t.model_shards if split else 1)
+        return runners.make_mesh(t.model_shards, model_shards=t.model_shards)
+    return runners.make_mesh(model_shards=t.model_shards if split else 1)
 
 
 def make_runner(config, loss_fn, method: server.Method, one_client: bool = False):
@@ -133,7 +134,7 @@ def make_runner(config, loss_fn, method: server.Method, one_client: bool = False
 
     def shown(base, trainable, opt_state, batches, step_mask, keys):
         U, S = step_mask.shape
-        steps = S * clients.sequential_passes(U, mode, chunk)
+        steps = S * runners.sequential_passes(U, mode, chunk)
         with ticker.show("clients", steps, "step") if ticker else contextlib.nullcontext():
             return jax.block_until_ready(runner(base, trainable, opt_state, batches,
                                                 step_mask, keys))  # fmt: skip
@@ -245,7 +246,7 @@ def _start_row(run: Run, config, state, record) -> dict[str, float]:
     """``eval.at_start``: the global model before round 1 on validation and, as every
     client's model then, on every client's holdout."""
     ids = np.arange(config.partition.num_clients)
-    trainable = clients.broadcast({"lora": state.lora, "head": state.head}, len(ids))
+    trainable = runners.broadcast({"lora": state.lora, "head": state.head}, len(ids))
     delta = run.server_.method.base_delta(state.method)
     return _scores(run, config, state, ids, (trainable, delta), record)
 

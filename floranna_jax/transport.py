@@ -78,7 +78,7 @@ def in_process(
     train_index: list[np.ndarray], local_steps: int, batch_size: int, row_length: int | None,
     micro_batches: int = 1,
 ) -> Clients:  # fmt: skip
-    """Clients in this process: ``runner`` (``clients.make_runner``) trains them all at
+    """Clients in this process: ``runner`` (``runners.make_runner``) trains them all at
     once on their rows ``arrays[train_index[u]]`` (``rounds.train_clients``); a non-finite
     loss or upload raises ``RoundError``. ``row_length``: the run's ``packing.Rows.train``
     (``None``: padded). ``evaluator``: the task's; ``evaluate`` is its ``local_eval``.

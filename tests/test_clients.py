@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
-from floranna_jax import clients, lora
+from floranna_jax import clients, lora, runners
 from floranna_jax import keys as floranna_keys
 
 D_IN, D_H, R, C, B_SZ = 6, 5, 2, 3, 4
@@ -68,11 +68,11 @@ def run_clients(
     base, trainable, batches = make_problem(U, S)
     opt = clients.make_optimizer(opt_name, learning_rate=5e-2, weight_decay=1e-2)
     local_update = clients.make_local_update(make_loss(dropout), opt, frozen=frozen)
-    runner = clients.make_runner(local_update, mode=mode, mesh=mesh, chunk=chunk)
+    runner = runners.make_runner(local_update, mode=mode, mesh=mesh, chunk=chunk)
     state = clients.init_opt_state(opt, trainable)
     keys = floranna_keys.dropout_keys(jax.random.key(7), np.arange(U))
     mask = jnp.ones((U, S), jnp.float32)
-    args = (clients.broadcast(trainable, U), clients.broadcast(state, U), batches, mask, keys)
+    args = (runners.broadcast(trainable, U), runners.broadcast(state, U), batches, mask, keys)
     return runner(base, *args)
 
 
@@ -182,11 +182,11 @@ class LocalUpdateTest(chex.TestCase):
         base, trainable, batches = make_problem(U=2, S=2)
         batches["x"] = batches["x"].at[1, 0].set(jnp.inf)
         opt = clients.make_optimizer("sgd", learning_rate=1e-2)
-        runner = clients.make_runner(clients.make_local_update(make_loss(), opt))
-        state = clients.broadcast(clients.init_opt_state(opt, trainable), 2)
+        runner = runners.make_runner(clients.make_local_update(make_loss(), opt))
+        state = runners.broadcast(clients.init_opt_state(opt, trainable), 2)
         keys = jax.random.split(jax.random.key(0), 2)
         _, _, m = runner(
-            base, clients.broadcast(trainable, 2), state, batches, jnp.ones((2, 2)), keys
+            base, runners.broadcast(trainable, 2), state, batches, jnp.ones((2, 2)), keys
         )
         np.testing.assert_array_equal(np.isfinite(m["loss"]), [True, False])
 
@@ -194,9 +194,9 @@ class LocalUpdateTest(chex.TestCase):
         with self.assertRaisesRegex(ValueError, "adamw.*sgd"):
             clients.make_optimizer("adam", learning_rate=1e-3)
         with self.assertRaisesRegex(ValueError, "vmap.*loop"):
-            clients.make_runner(lambda *a: a, mode="pmap")
+            runners.make_runner(lambda *a: a, mode="pmap")
         with self.assertRaisesRegex(ValueError, "one device"):
-            clients.make_runner(lambda *a: a, mode="loop", mesh=clients.make_mesh())
+            runners.make_runner(lambda *a: a, mode="loop", mesh=runners.make_mesh())
 
 
 class RunnerTest(parameterized.TestCase):
@@ -217,17 +217,17 @@ class RunnerTest(parameterized.TestCase):
 
     def test_chunk_is_validated(self):
         with self.assertRaisesRegex(ValueError, "chunk: must be an int >= 0"):
-            clients.make_runner(lambda *a: a, chunk=-1)
+            runners.make_runner(lambda *a: a, chunk=-1)
         with self.assertRaisesRegex(ValueError, "one device"):
-            clients.make_runner(lambda *a: a, chunk=2, mesh=clients.make_mesh())
+            runners.make_runner(lambda *a: a, chunk=2, mesh=runners.make_mesh())
 
     def test_padded_client_returns_its_input_exactly(self):
         U, S = 3, 4
         base, trainable, batches = make_problem(U, S)
         opt = clients.make_optimizer("adamw", learning_rate=5e-2)
-        runner = clients.make_runner(clients.make_local_update(make_loss(0.2), opt))
-        tr_U = clients.broadcast(trainable, U)
-        st_U = clients.broadcast(clients.init_opt_state(opt, trainable), U)
+        runner = runners.make_runner(clients.make_local_update(make_loss(0.2), opt))
+        tr_U = runners.broadcast(trainable, U)
+        st_U = runners.broadcast(clients.init_opt_state(opt, trainable), U)
         mask = jnp.ones((U, S)).at[2].set(0.0)
         batches = jax.tree.map(lambda x: x.at[2].set(0), batches)  # padded client: no data
         keys = jax.random.split(jax.random.key(1), U)
@@ -237,7 +237,7 @@ class RunnerTest(parameterized.TestCase):
         np.testing.assert_array_equal(metrics["steps"], [S, S, 0])
         self.assertEqual(float(metrics["loss"][2]), 0.0)
         # The real clients are unaffected by the padded one.
-        solo = clients.make_runner(clients.make_local_update(make_loss(0.2), opt))
+        solo = runners.make_runner(clients.make_local_update(make_loss(0.2), opt))
         two = jax.tree.map(lambda x: x[:2], (tr_U, st_U, batches, mask, keys))
         chex.assert_trees_all_close(
             jax.tree.map(lambda x: x[:2], (new, state)), solo(base, *two)[:2], atol=1e-6
@@ -248,11 +248,11 @@ class RunnerTest(parameterized.TestCase):
         base, trainable, batches = make_problem(U, S)
         batches = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), batches)  # same data
         opt = clients.make_optimizer("sgd", learning_rate=0.1)
-        args = (clients.broadcast(trainable, U), clients.broadcast(opt.init(trainable), U))
+        args = (runners.broadcast(trainable, U), runners.broadcast(opt.init(trainable), U))
         keys = floranna_keys.dropout_keys(jax.random.fold_in(jax.random.key(0), 4), np.arange(U))
 
         def run(dropout, keys):
-            runner = clients.make_runner(clients.make_local_update(make_loss(dropout), opt))
+            runner = runners.make_runner(clients.make_local_update(make_loss(dropout), opt))
             return runner(base, *args, batches, jnp.ones((U, S)), keys)
 
         on, again = run(0.5, keys), run(0.5, keys)
@@ -266,17 +266,17 @@ class RunnerTest(parameterized.TestCase):
         U, S = 3, 4
         base, trainable, batches = make_problem(U, S)
         opt = clients.make_optimizer("adamw", learning_rate=5e-2)
-        state = clients.broadcast(clients.init_opt_state(opt, trainable), U)
+        state = runners.broadcast(clients.init_opt_state(opt, trainable), U)
         keys = jax.random.split(jax.random.key(2), U)
-        args = (base, clients.broadcast(trainable, U), state, batches, jnp.ones((U, S)), keys)
+        args = (base, runners.broadcast(trainable, U), state, batches, jnp.ones((U, S)), keys)
         steps = []
         outs = []
         for on_step in (None, steps.append):
             local_update = clients.make_local_update(make_loss(0.2), opt, on_step=on_step)
-            runner = clients.make_runner(local_update, mode=mode, chunk=chunk)
+            runner = runners.make_runner(local_update, mode=mode, chunk=chunk)
             outs.append(jax.block_until_ready(runner(*args)))
         chex.assert_trees_all_equal(*outs)  # bit-identical: the callback reads no parameter
-        passes = clients.sequential_passes(U, mode, chunk)
+        passes = runners.sequential_passes(U, mode, chunk)
         self.assertEqual(passes, {"vmap": 2 if chunk else 1, "loop": U}[mode])
         self.assertEqual(len(steps), S * passes)
         self.assertEqual(sorted(int(t) for t in steps), sorted(list(range(S)) * passes))
@@ -286,9 +286,9 @@ class RunnerTest(parameterized.TestCase):
         base, trainable, batches = make_problem(U=2, S=2)
         opt = clients.make_optimizer("adamw", learning_rate=1e-2)
         traced = chex.assert_max_traces(n=1)(clients.make_local_update(make_loss(0.1), opt))
-        runner = clients.make_runner(traced, mode=mode)
-        tr = clients.broadcast(trainable, 2)
-        st = clients.broadcast(opt.init(trainable), 2)
+        runner = runners.make_runner(traced, mode=mode)
+        tr = runners.broadcast(trainable, 2)
+        st = runners.broadcast(opt.init(trainable), 2)
         for seed in range(2):  # same shapes, new values: no retrace
             keys = jax.random.split(jax.random.key(seed), 2)
             tr, st, _ = runner(base, tr, st, batches, jnp.ones((2, 2)), keys)
@@ -314,7 +314,7 @@ class RunnerTest(parameterized.TestCase):
 
 def sharded_main():
     """Run in a subprocess with 4 fake CPU devices; prints one JSON line."""
-    mesh = clients.make_mesh()
+    mesh = runners.make_mesh()
     diffs = {}
     for U in (4, 6):  # 6 is not a multiple of 4: two padded clients are added and stripped
         one = run_clients(U=U, dropout=0.2, frozen=lambda p, _: p[-1] == "A")

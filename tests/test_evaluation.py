@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from smoke_setup import shared_compilation, smoke_config
 
-from floranna_jax import clients, train
+from floranna_jax import runners, train
 from floranna_jax.data import glue, metrics
 from floranna_jax.tasks import classification
 
@@ -31,7 +31,7 @@ def _direct_accuracy(model, base, trainable, arrays, rows):
 
 def _perturbed(trainable, n: int, seed: int):
     """``n`` copies of ``trainable`` with distinct heads, so a mix-up between clients shows."""
-    trainable_U = clients.broadcast(trainable, n)
+    trainable_U = runners.broadcast(trainable, n)
     head = trainable_U["head"]["classifier"]
     head["kernel"] = head["kernel"] + jax.random.normal(jax.random.key(seed), head["kernel"].shape)
     return trainable_U

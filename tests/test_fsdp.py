@@ -19,7 +19,7 @@ from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
 from smoke_setup import smoke_config
 
-from floranna_jax import clients, config_check, fsdp, keys, models, train
+from floranna_jax import clients, config_check, fsdp, keys, models, runners, train
 from floranna_jax.errors import ConfigError
 from floranna_jax.tasks import generation
 
@@ -35,7 +35,7 @@ class LeafSpecTest(absltest.TestCase):
 
     def test_model_shards_must_divide_the_devices(self):
         with self.assertRaisesRegex(ValueError, "model_shards=3 does not divide 1"):
-            clients.make_mesh(1, model_shards=3)
+            runners.make_mesh(1, model_shards=3)
 
     def test_config_model_shards_must_divide_the_devices(self):
         config = smoke_config(**{"train.model_shards": 3})
@@ -77,7 +77,11 @@ class LeafSpecTest(absltest.TestCase):
         ratio = report["arg_bytes_split"] / report["arg_bytes_replicated"]
         self.assertLess(ratio, 0.35, report)
         self.assertGreater(report["split_leaves"], 0)
-        self.assertLess(report["round_max_abs_diff"], 1e-5)
+        # A whole round (3 AdamW steps at 5e-2, then the server's 20 solver steps) carries
+        # float32 reduction-order noise further than one client program: 4.6e-6 on the VM
+        # this test was written on, 1.2e-5 on an AVX-512 one (FedIT alone: 1.1e-5), with
+        # factors of about 0.15; a split that read a wrong shard would be off by that much.
+        self.assertLess(report["round_max_abs_diff"], 1e-4)
         # FSDP: each stacked kernel is gathered one layer at a time, in the forward pass and
         # again in the recomputation of the backward pass; none is gathered whole.
         self.assertEqual(report["stack_gathers"], 0)
@@ -114,7 +118,7 @@ def problem(U: int = 4, S: int = 2, layers: int = 4, remat: bool = True):
     opt = clients.make_optimizer("sgd", learning_rate=0.5, weight_decay=0.0)
     update = clients.make_local_update(generation.loss_fn(model), opt)
     trainable = model.trainable
-    args = (clients.broadcast(trainable, U), clients.broadcast(opt.init(trainable), U),
+    args = (runners.broadcast(trainable, U), runners.broadcast(opt.init(trainable), U),
             jax.tree.map(jnp.asarray, batches), jnp.ones((U, S), jnp.float32),
             keys.dropout_keys(jax.random.key(7), np.arange(U)))  # fmt: skip
     return model.base, update, args
@@ -123,8 +127,8 @@ def problem(U: int = 4, S: int = 2, layers: int = 4, remat: bool = True):
 def main():
     """Run with 8 fake CPU devices; prints one JSON line."""
     base, update, args = problem()
-    one = clients.make_runner(update)(base, *args)
-    split_mesh = clients.make_mesh(model_shards=MESH[1])
+    one = runners.make_runner(update)(base, *args)
+    split_mesh = runners.make_mesh(model_shards=MESH[1])
     shardings = fsdp.base_shardings(base, split_mesh, stacked=("layers",))
     split_base = fsdp.place(base, split_mesh, stacked=("layers",))
     # As a run builds it: train.model_shards=4 of 8 devices makes the 2x4 mesh.
@@ -137,7 +141,7 @@ def main():
     chunked = train.make_client_runner(chunk_config, update)[0]
     chunk_base = fsdp.place(base, train.client_mesh(chunk_config), stacked=("layers",))
     chunked_diff = max_diff(one, chunked(chunk_base, *args))
-    whole = clients.make_runner(update, mesh=clients.make_mesh(MESH[0]))
+    whole = runners.make_runner(update, mesh=runners.make_mesh(MESH[0]))
     compiled = [run.lower(b, *args).compile() for run, b in ((split, split_base), (whole, base))]
     memory = [c.memory_analysis() for c in compiled]
     deeper, deeper_update, deeper_args = problem(layers=8)
@@ -197,7 +201,7 @@ def gathers(hlo: str, shapes: set[tuple[int, ...]]) -> int:
 
 
 def round_diff() -> float:
-    """The smoke config's first round (FedIT, a tiny BERT) with its base split 4 ways on a
+    """The smoke config's first round (FLoRA-NA, a tiny BERT) with its base split 4 ways on a
     2x4 mesh against one device: the largest difference of the global adapters."""
     states = []
     for shards in (1, MESH[1]):

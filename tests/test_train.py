@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from smoke_setup import shared_compilation, smoke_config
 
-from floranna_jax import clients, reporting, resume, server, train
+from floranna_jax import reporting, resume, runners, server, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,7 +61,7 @@ def test_at_start_evaluates_the_untrained_model_once(tmp_path):
     glob = run.evaluator.global_eval(run.exp.model.base, {"lora": state.lora, "head": state.head})
     assert rows[0]["eval/global/accuracy"] == glob["accuracy"]
     ids = np.arange(config.partition.num_clients)
-    trainable = clients.broadcast({"lora": state.lora, "head": state.head}, len(ids))
+    trainable = runners.broadcast({"lora": state.lora, "head": state.head}, len(ids))
     local = run.evaluator.local_eval(run.exp.model.base, trainable, ids)
     assert rows[0]["eval/local/accuracy"] == local["accuracy"]
     before = rows[0]["eval/global/accuracy"]

@@ -36,7 +36,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from floranna_jax import (
-    clients,
     config_check,
     experiment,
     keys,
@@ -44,6 +43,7 @@ from floranna_jax import (
     packing,
     privacy,
     rounds,
+    runners,
     server,
     tasks,
     train,
@@ -121,7 +121,7 @@ def train_round(msg: Message, context: Context) -> Message:
 
     received = wire.from_record(msg.content["start"])
     own = wire.from_record(context.state["private"]) if "private" in context.state else {}
-    start = clients.broadcast(wire.fill(model.trainable, {**own, **received}), 1)
+    start = runners.broadcast(wire.fill(model.trainable, {**own, **received}), 1)
     delta = msg.content["base"] if "base" in msg.content else ArrayRecord()
     base = job.base_for(wire.from_record(delta))
 
@@ -178,7 +178,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     else:
         raise ConfigError("evaluate: the server asked for this client's own model before it "
                           "trained one")  # fmt: skip
-    trainable = clients.broadcast(wire.fill(job.model.trainable, wire.from_record(tree)), 1)
+    trainable = runners.broadcast(wire.fill(job.model.trainable, wire.from_record(tree)), 1)
     base = job.base_for(wire.from_record(delta))
     evaluator = local_evaluator(experiment_json, context.node_config["data-path"],
                                 _row_length(msg))  # fmt: skip

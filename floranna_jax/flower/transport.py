@@ -38,7 +38,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from floranna_jax import clients, transport
+from floranna_jax import runners, transport
 from floranna_jax.errors import ConfigError, RoundError
 from floranna_jax.flower import wire
 
@@ -136,7 +136,7 @@ def _uploads(number, ids, starts, got, opts) -> transport.Uploads:
     m = {k: np.asarray([r.content["metrics"][k] for r in replies], np.float64)
          for k in ("loss", "steps", "examples", "num-examples")}  # fmt: skip
     return transport.Uploads(
-        np.asarray(ok, np.int64), clients.stack(uploads), {}, m["loss"], m["steps"],
+        np.asarray(ok, np.int64), runners.stack(uploads), {}, m["loss"], m["steps"],
         m["examples"], m["num-examples"], _flower_metrics(got, replies), None,
     )  # fmt: skip
 

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from floranna_jax.clients import broadcast
+from floranna_jax.runners import broadcast
 from floranna_jax.server import common
 
 MethodState = Any  # a pytree of arrays
