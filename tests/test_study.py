@@ -202,6 +202,20 @@ def test_report_command_writes_the_study_report(grid_run, tmp_path):
     assert (tmp_path / "docs" / "study" / "smoke" / "report_curves.png").is_file()
 
 
+def test_report_from_a_folder_without_the_study_is_one_line_and_writes_nothing(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    config = REPO / "configs" / "studies" / "evidence.py"
+    cmd = [sys.executable, "-m", "floranna_jax.study", "report", f"--config={config}:smoke",
+           "--out=docs/stduy"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr
+        == "error: --out=docs/stduy: no folder docs/stduy/smoke of the study's cells to report\n"
+    )
+    assert not any(tmp_path.iterdir())
+
+
 def test_report_keeps_the_handwritten_findings(grid_run, tmp_path):
     path = tmp_path / "evidence.md"
     report.write_report(grid_run.study, str(grid_run.out), str(path), "s.py")

@@ -14,6 +14,7 @@ fails is kept with its error and the study goes on, then exits with code 1.
 """
 
 import difflib
+import os
 import re
 import sys
 
@@ -90,6 +91,9 @@ def main(argv):
         _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}")
     try:
         if command == ["report"]:
+            rows = os.path.join(_OUT.value, study.name)
+            if not os.path.isdir(rows):  # a mistyped --out would write an empty report
+                _fail(f"--out={_OUT.value}: no folder {rows} of the study's cells to report")
             path = _REPORT.value or study.report.path
             report.write_report(study, _OUT.value, path, source)
             print(f"wrote {path}")
