@@ -6,14 +6,13 @@ an accelerator."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from smoke_setup import REPO, config_file
+from smoke_setup import config_file
+from smoke_setup import launch as launch_py
 
 import launch
 from floranna_jax import plan, rounds, train
@@ -183,11 +182,10 @@ def test_too_big_exits_2_with_one_line(tmp_path):
     allocated) on a 16 GB TPU v5e: exit 2, the verdict as the last line."""
     folder = _weightless_folder(tmp_path, vocab_size=2_000_000, hidden_size=2048,
                                 num_attention_heads=16, num_key_value_heads=16)  # fmt: skip
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "launch.py", "--config=configs/gsm8k.py:smoke", "--plan=tpu-v5e",
-           "--config.model.source=pretrained", f"--config.model.path={folder}",
-           "--config.data.tokenizer=bytes", "--config.eval.max_new_tokens=4"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch_py("--plan=tpu-v5e", "--config.model.source=pretrained",
+                     f"--config.model.path={folder}", "--config.data.tokenizer=bytes",
+                     "--config.eval.max_new_tokens=4", config="configs/gsm8k.py:smoke",
+                     timeout=600)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert re.match(r"^plan: does not fit: .+ needs [0-9.]+ GB of 16\.0 GB per device; try ", last)
