@@ -21,10 +21,10 @@ import re
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from floranna_jax import config_check, plan, train
+from floranna_jax import cli, config_check, plan, train
 from floranna_jax.errors import ConfigError, RoundError, WriteError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -122,10 +122,7 @@ def check_fits(config) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
-        logging.set_verbosity(logging.WARNING)
+    cli.begin(argv)
     config = _CONFIG.value
     try:  # config_flags defers a failed file load to the first access
         method, task = config.server.name, config.data.task

@@ -23,9 +23,9 @@ import os
 import shutil
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from floranna_jax import experiment, models, peft_folder, result
+from floranna_jax import cli, experiment, models, peft_folder, result
 from floranna_jax.errors import ConfigError
 from floranna_jax.models import loading
 
@@ -95,10 +95,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every restore at INFO
-        logging.set_verbosity(logging.WARNING)
+    cli.begin(argv)
     try:
         f = flags.FLAGS
         print(export(f.workdir, f.out, client=f.client, round_=f["round"].value,

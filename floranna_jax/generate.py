@@ -27,9 +27,9 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from floranna_jax import models, result
+from floranna_jax import cli, models, result
 from floranna_jax.data import completion, glue
 from floranna_jax.errors import ConfigError, first_line
 from floranna_jax.models import decoder, loading
@@ -158,10 +158,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every restore at INFO
-        logging.set_verbosity(logging.WARNING)
+    cli.begin(argv)
     f = flags.FLAGS
     try:
         _check(f)

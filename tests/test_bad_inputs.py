@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 from smoke_setup import NO_BAR, launch
@@ -58,6 +59,26 @@ def test_bad_config_is_one_line(args, words, tmp_path):
     workdir = tmp_path / "run"
     _assert_one_line(launch(*args, workdir=workdir), words)
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "module, flags", [("export", ["--out=out"]), ("generate", ["--prompt=hi"])]
+)
+def test_a_flag_without_its_dashes_is_refused(module, flags, tmp_path):
+    # "workdir=..." for "--workdir=...": absl would leave it as a positional argument.
+    cmd = [sys.executable, "-m", f"floranna_jax.{module}", "workdir=x", "--workdir=x", *flags]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "unexpected arguments: ['workdir=x']"
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_stray_argument_stops_a_run_before_it_starts(tmp_path):
+    proc = launch("workdir=x", workdir=tmp_path / "run")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "unexpected arguments: ['workdir=x']"
+    assert not (tmp_path / "run").exists()
 
 
 def test_workdir_that_is_a_file_is_one_line(tmp_path):

@@ -18,10 +18,10 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from floranna_jax import config_check
+from floranna_jax import cli, config_check
 from floranna_jax.errors import ConfigError, first_line
 from floranna_jax.study import grid as grid_lib
 from floranna_jax.study import report, runner
@@ -82,8 +82,7 @@ def main(argv):
     command = argv[1:] or ["run"]
     if command not in (["run"], ["report"]):
         raise app.UsageError(f"unknown command {' '.join(command)!r}; commands: run, report")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
-        logging.set_verbosity(logging.WARNING)
+    cli.begin(argv, positional=True)  # the command: run or report
     study, source = _CONFIG.value, flags.FLAGS["config"].config_filename
     try:
         study.name  # noqa: B018  (config_flags defers a failed file load to the first access)
