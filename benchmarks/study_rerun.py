@@ -21,13 +21,8 @@ import os
 import random
 
 from benchmarks import machine
-from floranna_jax import train
+from floranna_jax import reporting, train
 from floranna_jax.study import grid as grid_lib
-
-
-def _rows(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _timeless(row: dict) -> dict:
@@ -61,6 +56,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", default="/tmp/study_rerun", help="the re-run's folder")
     parser.add_argument("--json", default="bench_out/study_rerun.json")
     a = parser.parse_args(argv)
+    # Loaded by hand, not with config_check.load_file: older study commits do not have it.
     spec = importlib.util.spec_from_file_location("study_config", a.config)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -70,8 +66,9 @@ def main(argv=None) -> dict:
     print(f"{len(cells)} cells in grid {a.grid}; random.Random({a.seed}) picks {cell.name}")
     work = os.path.join(a.work, cell.name)
     train.run(cell.config, work)
-    committed = os.path.join(a.out, study.name, cell.name, "metrics.jsonl")
-    fields = compare(_rows(os.path.join(work, "metrics.jsonl")), _rows(committed))
+    committed = os.path.join(a.out, study.name, cell.name, reporting.METRICS_FILE)
+    rerun = reporting.read_rows(os.path.join(work, reporting.METRICS_FILE))
+    fields = compare(rerun, reporting.read_rows(committed))
     report = {"machine": machine.describe(), "cell": cell.name, "fields": fields}
     print("| field | rows | rows that differ | max relative difference |\n|---|---|---|---|")
     for key, f in fields.items():
